@@ -1,0 +1,321 @@
+"""The Tele-FLM decoder in plain PyTorch, with optional MSG growth masks.
+
+Llama blocks (RoPE in the HF half-split layout, RMSNorm, SwiGLU, GQA/MHA, no biases)
+with Tele-FLM's μP multipliers::
+
+    h      = embed_tokens(ids) * input_mult
+    h      = layers(h)
+    logits = lm_head(norm(h)) * (output_mult / mup_scale_factor)
+
+Module paths equal the HF Llama names (``model.layers.0.self_attn.q_proj.weight`` …), so
+``state_dict()`` keys are the on-disk names. Build under ``torch.device("meta")`` and load
+with ``load_state_dict(..., assign=True)`` to materialise only what is read.
+
+MSG masks (GROWTH_NOTES §3) are non-persistent buffers set from ``config.growth_mask``:
+``{"c": c, "hidden_size": h_old, "intermediate_size": f_old, "num_key_value_heads":
+kv_old, "new_layers": [i, ...]}`` — each entry optional but ``c``. New residual
+coordinates, FFN units and heads are multiplied by ``c``, norms use mask-weighted
+statistics, and a new layer adds ``c · block(h)``. Without a record every module takes
+its plain path (one ``is None`` check).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growth.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.mask: torch.Tensor | None = None  # MSG hidden mask, set by set_growth_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if self.mask is None:
+            var = x.pow(2).mean(-1, keepdim=True)
+        else:
+            m = self.mask.float()
+            var = (x.pow(2) * m).sum(-1, keepdim=True) / m.sum()
+        return self.weight * (x * torch.rsqrt(var + self.eps)).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (seq_len, head_dim) in the HF half-split layout, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
+                                .float() / head_dim))
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h = config.head_dim, config.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, d)
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.head_mask: torch.Tensor | None = None  # (num_heads,) MSG head mask
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.head_mask is not None:
+            y = y * self.head_mask.to(y.dtype).view(1, -1, 1, 1)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+        self.ffn_mask: torch.Tensor | None = None  # (f,) MSG FFN mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if self.ffn_mask is not None:
+            a = a * self.ffn_mask.to(a.dtype)
+        return self.down_proj(a)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.hidden_mask: torch.Tensor | None = None  # (h,) multiplies residual writes
+        self.layer_c: torch.Tensor | None = None  # scalar c for a layer added by MSG depth
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(h), cos, sin)
+        if self.hidden_mask is not None:
+            a = a * self.hidden_mask.to(a.dtype)
+        if self.layer_c is None:
+            h = h + a
+            m = self.mlp(self.post_attention_layernorm(h))
+            if self.hidden_mask is not None:
+                m = m * self.hidden_mask.to(m.dtype)
+            return h + m
+        m = self.mlp(self.post_attention_layernorm(h + a))
+        if self.hidden_mask is not None:
+            m = m * self.hidden_mask.to(m.dtype)
+        return h + self.layer_c.to(h.dtype) * (a + m)  # MSG depth: h + c·block(h)
+
+
+class TeleFLMModel(nn.Module):
+    """Embedding, decoder layers and final norm: the ``model.`` prefix of the HF names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hidden_mask: torch.Tensor | None = None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.config.embedding_scale != 1.0:
+            h = h * self.config.embedding_scale
+        if self.hidden_mask is not None:
+            h = h * self.hidden_mask.to(h.dtype)
+        return h
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        cos, sin = rope_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
+                                h.device, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+
+def scale_logits(config: ModelConfig, logits: torch.Tensor) -> torch.Tensor:
+    """μP logit scale, then −inf on padded vocab ids (kept out of the softmax)."""
+    if config.logit_scale != 1.0:
+        logits = logits * config.logit_scale
+    valid = config.valid_vocab_size
+    if valid is not None and valid < config.vocab_size:
+        logits = logits.clone()
+        logits[..., valid:] = float("-inf")
+    return logits
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy; ``labels`` are already the next tokens, -100 is ignored."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100)
+
+
+class TeleFLMForCausalLM(nn.Module):
+    """Decoder plus untied ``lm_head``; ``forward`` returns fp32-able logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = TeleFLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.growth_mask is not None and not _on_meta(self):
+            self.set_growth_mask(config.growth_mask)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return scale_logits(self.config, self.lm_head(self.model(input_ids)))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self(input_ids), labels)
+
+    # ------------------------------------------------------------------ MSG masks
+    def set_growth_mask(self, record: dict[str, Any] | None) -> None:
+        """Install (or with ``None`` remove) the MSG masks described by ``record``."""
+        self.config.growth_mask = None if record is None else dict(record)
+        self.config.validate()
+        device = self.lm_head.weight.device
+        masks = build_masks(self.config, device)
+        self.model.hidden_mask = masks["hidden"]
+        self.model.norm.mask = masks["hidden"]
+        for i, layer in enumerate(self.model.layers):
+            layer.hidden_mask = masks["hidden"]
+            layer.input_layernorm.mask = masks["hidden"]
+            layer.post_attention_layernorm.mask = masks["hidden"]
+            layer.self_attn.head_mask = masks["heads"]
+            layer.mlp.ffn_mask = masks["ffn"]
+            layer.layer_c = masks["c"] if i in masks["new_layers"] else None
+
+    @property
+    def growth_c(self) -> float | None:
+        mask = self.config.growth_mask
+        return None if mask is None else float(mask["c"])
+
+    def set_growth_c(self, c: float) -> None:
+        """Move the mask ramp to ``c`` in [0, 1] (the trainer calls this every step)."""
+        if self.config.growth_mask is None:
+            raise ValueError("this model has no growth masks to ramp")
+        self.set_growth_mask({**self.config.growth_mask, "c": float(c)})
+
+    def fold_growth_mask(self) -> None:
+        """Remove the masks at c = 1, leaving a plain model with the same function."""
+        c = self.growth_c
+        if c is None:
+            return
+        if c != 1.0:
+            raise ValueError(f"cannot fold growth masks at c = {c}: ramp c to 1 first")
+        self.set_growth_mask(None)
+
+
+def build_masks(config: ModelConfig, device: torch.device | str) -> dict[str, Any]:
+    """Mask vectors for ``config.growth_mask``: 1 on old parts, c on new parts."""
+    record = config.growth_mask
+    out: dict[str, Any] = {"hidden": None, "ffn": None, "heads": None, "c": None, "new_layers": set()}
+    if record is None:
+        return out
+    c = float(record["c"])
+    out["c"] = torch.tensor(c, device=device)
+
+    def vec(full: int, old: int | None) -> torch.Tensor | None:
+        if old is None or old >= full:
+            return None
+        m = torch.ones(full, device=device)
+        m[old:] = c
+        return m
+
+    out["hidden"] = vec(config.hidden_size, record.get("hidden_size"))
+    out["ffn"] = vec(config.intermediate_size, record.get("intermediate_size"))
+    kv_old = record.get("num_key_value_heads")
+    if kv_old is not None:
+        out["heads"] = vec(config.num_attention_heads, kv_old * config.num_key_value_groups)
+    out["new_layers"] = set(record.get("new_layers") or [])
+    return out
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+# ---------------------------------------------------------------------- initialisation
+MATRIX_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+def param_init_std(config: ModelConfig, name: str) -> float:
+    """Std of a fresh tensor: ``initializer_range``, divided by sqrt(mup_scale_factor)
+    for hidden matrices under μP (their fan-in grows with width); 0 for norms (ones)."""
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return 0.0
+    std = config.initializer_range
+    if config.use_mup and name.endswith(MATRIX_SUFFIXES):
+        std /= math.sqrt(config.mup_scale_factor)
+    return std
+
+
+def seeded_generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded by (seed, tensor name): the same tensor gets the same values
+    whatever order or process writes it."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def init_tensor(config: ModelConfig, name: str, shape: tuple[int, ...], seed: int,
+                dtype: torch.dtype = torch.float32, std: float | None = None) -> torch.Tensor:
+    """A freshly initialised parameter (normal(0, std) matrices, ones for norms), in fp32
+    then cast, deterministic in (seed, name)."""
+    std = param_init_std(config, name) if std is None else std
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return torch.ones(shape, dtype=dtype)
+    t = torch.empty(shape, dtype=torch.float32)
+    t.normal_(0.0, std, generator=seeded_generator(seed, name))
+    return t.to(dtype)
+
+
+def init_state_dict(config: ModelConfig, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every parameter freshly initialised (small configs; ``grow init`` streams instead)."""
+    return {n: init_tensor(config, n, s, seed, dtype) for n, s in config.tensor_shapes().items()}
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None,
+                seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> TeleFLMForCausalLM:
+    """A model on ``device``: from ``state_dict`` when given, else freshly initialised."""
+    with torch.device("meta"):
+        model = TeleFLMForCausalLM(config)
+    if state_dict is None:
+        state_dict = init_state_dict(config, seed, dtype)
+    model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, assign=True, strict=True)
+    if config.growth_mask is not None:
+        model.set_growth_mask(config.growth_mask)
+    return model
