@@ -38,6 +38,13 @@ INDEX_NAME = "model.safetensors.index.json"
 HISTORY_NAME = "growth.json"
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 FORMAT_VERSION = 1
+# Adam state next to the weights (written by a stage's final export, grown by `grow apply`):
+# DIR/optimizer/exp_avg/ and DIR/optimizer/exp_avg_sq/ are weight-less checkpoint layouts
+# (safetensors shards + index, HF names, fp32) and DIR/optimizer/state.json holds
+# {"step": int, "betas": [b1, b2], "eps": float, "weight_decay": float}.
+OPTIMIZER_DIR = "optimizer"
+OPTIMIZER_STATE_NAME = "state.json"
+MOMENT_KINDS = ("exp_avg", "exp_avg_sq")
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old HF Llama checkpoints carry this buffer
