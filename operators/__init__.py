@@ -18,6 +18,7 @@ Usage::
     plan.event()                     # JSON record for growth.json; GrowthPlan.from_event
 """
 
+from operators.mup import lr_groups, lr_multiplier
 from operators.spec import GrowthError, GrowthSpec
 
-__all__ = ["GrowthError", "GrowthSpec"]
+__all__ = ["GrowthError", "GrowthSpec", "lr_groups", "lr_multiplier"]
