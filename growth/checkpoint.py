@@ -335,7 +335,14 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write one safetensors file atomically (temp name, then rename)."""
     tmp = path.with_name(path.name + ".partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; shared checkpoints need the umask
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
@@ -359,6 +366,7 @@ def publish(tmp: Path, out: Path) -> None:
     """Rename a finished temporary directory into place."""
     if out.exists():
         out.rmdir()  # only ever an empty directory here (check_output_dir ran first)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700
     os.replace(tmp, out)
 
 
