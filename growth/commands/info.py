@@ -1,0 +1,140 @@
+"""`grow info FLAVOR|CONFIG_JSON|CHECKPOINT_DIR [--json]`: config, sizes, shards, history.
+
+Flavors and config files are described from the config alone (shapes are arithmetic, no
+tensor is built, not even on the meta device), so ``grow info 1t`` is instant. A directory
+is opened with :class:`growth.checkpoint.CheckpointReader`, which reads headers only and
+checks every tensor's shape against ``config.json``: ``grow info DIR`` is also the quick
+"is this checkpoint sound?" check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from growth.checkpoint import DTYPE_NAMES, CheckpointReader
+from growth.config import DTYPE_BYTES, FLAVORS, ModelConfig, resolve_config
+
+SIZE_DTYPES = ("float32", "bfloat16")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "info", help="show a flavor's, config's or checkpoint's shape, size and history",
+        description="Show the config, parameter count and bytes per dtype of a flavor, a "
+                    "config.json or a checkpoint directory; for a directory also its shards, "
+                    "dtypes and growth history. Reads headers only, never tensor data.")
+    p.add_argument("target", metavar="FLAVOR|CONFIG_JSON|CHECKPOINT_DIR",
+                   help=f"one of {', '.join(FLAVORS)}, a config.json, or a checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def describe_config(config: ModelConfig) -> dict[str, Any]:
+    """Counts that need only the config: params (and which vocab they used), bytes."""
+    params = config.params
+    return {
+        "params": params,
+        "vocab_size": config.vocab_size,
+        "num_tensors": len(config.tensor_shapes()),
+        "bytes": {d: params * DTYPE_BYTES[d] for d in SIZE_DTYPES},
+        "config": config.to_hf_dict(),
+    }
+
+
+def describe_checkpoint(directory: Path) -> dict[str, Any]:
+    """describe_config plus what is on disk: shards, stored dtypes, history."""
+    with CheckpointReader(directory) as reader:
+        info = describe_config(reader.config)
+        per_file: dict[str, dict[str, Any]] = {f: {"file": f, "tensors": 0} for f in reader.files}
+        for fname in reader.weight_map.values():
+            per_file[fname]["tensors"] += 1
+        for fname, entry in per_file.items():
+            entry["bytes"] = (directory / fname).stat().st_size
+        dtypes: dict[str, int] = {}
+        for name in reader.weight_map:
+            key = DTYPE_NAMES.get(reader.dtype(name), str(reader.dtype(name)))
+            dtypes[key] = dtypes.get(key, 0) + 1
+        info.update({
+            "tied_on_disk": reader.tied,
+            "shards": list(per_file.values()),
+            "tensor_bytes": reader.total_bytes,
+            "dtypes": dtypes,
+            "fingerprint": reader.fingerprint(),
+            "history": reader.history,
+        })
+    return info
+
+
+def describe(target: str) -> dict[str, Any]:
+    path = Path(target)
+    if target.lower() not in FLAVORS and path.is_dir():
+        return {"source": str(path), "kind": "checkpoint", **describe_checkpoint(path)}
+    kind = "flavor" if target.lower() in FLAVORS else "config"
+    return {"source": target, "kind": kind, **describe_config(resolve_config(target))}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def human_params(n: int) -> str:
+    """Billions above 1e9 (the seed table writes 1,083.74B, not 1.08T)."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:,.2f}{unit}"
+    return str(n)
+
+
+def render(info: dict[str, Any]) -> str:
+    c = info["config"]
+    lines = [
+        f"{info['kind']:<10} {info['source']}  ({c['model_type']})",
+        f"{'shape':<10} layers {c['num_hidden_layers']}, hidden {c['hidden_size']}, "
+        f"ffn {c['intermediate_size']}, heads {c['num_attention_heads']} "
+        f"(kv {c['num_key_value_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}"
+        + (f" ({c['valid_vocab_size']} valid)" if "valid_vocab_size" in c else ""),
+        f"{'':<10} rope_theta {c['rope_theta']:g}, rms_norm_eps {c['rms_norm_eps']:g}, "
+        f"tie_word_embeddings {str(c['tie_word_embeddings']).lower()}",
+    ]
+    if c["use_mup"]:
+        scale = c["output_mult"] / c["mup_scale_factor"]
+        lines.append(f"{'μP':<10} input_mult {c['input_mult']:g}, output_mult {c['output_mult']:g}, "
+                     f"mup_scale_factor {c['mup_scale_factor']:g} (logit scale {scale:.6g})")
+    if c.get("growth_mask"):
+        lines.append(f"{'masks':<10} MSG growth masks live: {json.dumps(c['growth_mask'])}")
+    lines.append(f"{'params':<10} {info['params']:,} ({human_params(info['params'])}, "
+                 f"counted with vocab {info['vocab_size']}, untied lm_head)")
+    lines.append(f"{'bytes':<10} " + ", ".join(f"{d} {human_bytes(b)}" for d, b in info["bytes"].items()))
+    if info["kind"] != "checkpoint":
+        return "\n".join(lines)
+    dtypes = ", ".join(f"{d} ×{n}" for d, n in sorted(info["dtypes"].items()))
+    lines.append(f"{'on disk':<10} {human_bytes(info['tensor_bytes'])} of tensors in "
+                 f"{len(info['shards'])} file(s); dtypes {dtypes}"
+                 + ("; tied embeddings (lm_head reads embed_tokens)" if info["tied_on_disk"] else ""))
+    for shard in info["shards"]:
+        lines.append(f"{'':<10} {shard['file']}  {human_bytes(shard['bytes'])}, {shard['tensors']} tensors")
+    events = info["history"].get("events", [])
+    lines.append(f"{'history':<10} format {info['history'].get('format_version')}, {len(events)} event(s)")
+    for i, event in enumerate(events):
+        rest = {k: v for k, v in event.items() if k not in ("kind", "time")}
+        summary = ", ".join(f"{k}={_short(v)}" for k, v in rest.items())
+        lines.append(f"{'':<10} {i}. {event.get('time', '?')} {event.get('kind', '?')}: {summary}")
+    return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.target)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
