@@ -59,8 +59,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and self.num_attention_heads:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim is None and all(isinstance(v, int) and v > 0 for v in
+                                         (self.hidden_size, self.num_attention_heads)):
+            self.head_dim = self.hidden_size // self.num_attention_heads  # else validate() names it
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -222,7 +223,7 @@ class ModelConfig:
         data = dict(raw)
         for required in ("hidden_size", "intermediate_size", "num_hidden_layers",
                          "num_attention_heads", "vocab_size"):
-            if required not in data:
+            if data.get(required) is None:
                 raise ConfigError(f"{source}: missing field '{required}'")
         rope = data.get("rope_parameters") or data.get("rope_scaling")
         if "rope_theta" not in data and isinstance(rope, dict) and "rope_theta" in rope:
