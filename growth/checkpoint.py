@@ -139,14 +139,18 @@ class CheckpointReader:
     and ``lm_head.weight`` reads the embedding (the import unties on the way).
     """
 
-    def __init__(self, directory: str | Path, check_shapes: bool = True):
+    def __init__(self, directory: str | Path, check_shapes: bool = True,
+                 config: ModelConfig | None = None):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a checkpoint directory")
-        try:
-            self.config = ModelConfig.load(self.directory / CONFIG_NAME)
-        except ConfigError as err:
-            raise CheckpointError(str(err)) from None
+        if config is not None:  # a config-less tensor directory, e.g. optimizer/exp_avg/
+            self.config = config.replace()
+        else:
+            try:
+                self.config = ModelConfig.load(self.directory / CONFIG_NAME)
+            except ConfigError as err:
+                raise CheckpointError(str(err)) from None
         self.tied = self.config.tie_word_embeddings
         self.config.tie_word_embeddings = False
         self.weight_map = self._weight_map()
