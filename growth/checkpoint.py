@@ -262,7 +262,10 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.directory / fname}: cannot open ({err})") from None
             self._handles[fname] = handle
         tensor = handle.get_tensor(stored)
-        return tensor if dtype is None else tensor.to(dtype)
+        # Note: safetensors hands out views of one private mmap per handle — the same name
+        # twice (or a tied lm_head and embed_tokens) alias, and in-place edits show up in
+        # later reads. Return an owned tensor (the cast already copies).
+        return tensor.clone() if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
 
     def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
