@@ -1,0 +1,125 @@
+"""Shared test helpers: tiny random configs, tiny checkpoints, the `grow` CLI in a subprocess.
+
+Keep this file small and its names stable — every test module may use them:
+
+- ``random_config(rng, gqa=False, mup=False, **overrides)``: a tiny random ModelConfig.
+- ``run_grow(*args, cwd=None, timeout=120)`` → ``(rc, stdout, stderr)``.
+- ``run_measured(argv, timeout=60)`` → ``(rc, stdout, stderr, seconds, max_rss_bytes)``.
+- fixtures ``rng`` (seeded ``random.Random``), ``tiny_config``, ``tiny_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from growth.config import ModelConfig, get_flavor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_config(rng: random.Random, gqa: bool = False, mup: bool = False, **overrides) -> ModelConfig:
+    """A small random Llama/Tele-FLM config: 1–3 layers, h ≤ 72, head_dim·heads ≠ h in general.
+
+    ``gqa`` picks fewer kv heads than query heads (at least 2 query heads); ``mup`` turns on
+    random μP multipliers. Sizes stay tiny so a forward pass takes milliseconds.
+    """
+    kv = rng.randint(1, 3)
+    heads = kv * (rng.randint(2, 3) if gqa else 1)
+    if not gqa and rng.random() < 0.5:
+        heads = kv = rng.randint(1, 4)
+    fields = dict(
+        hidden_size=heads * rng.choice([2, 4, 6, 8]),  # transformers ≥ 5 insists heads | hidden
+        intermediate_size=rng.randint(8, 72),
+        num_hidden_layers=rng.randint(1, 3),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=rng.choice([4, 8, 16]),
+        vocab_size=rng.randint(17, 97),
+        rms_norm_eps=rng.choice([1e-5, 1e-6]),
+        rope_theta=rng.choice([10000.0, 500000.0]),
+        max_position_embeddings=64,
+    )
+    if mup:
+        fields.update(use_mup=True, input_mult=rng.uniform(0.5, 4.0),
+                      output_mult=rng.uniform(0.5, 4.0), mup_scale_factor=rng.uniform(1.0, 16.0))
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_grow(*args: str | os.PathLike, cwd: str | os.PathLike | None = None,
+             timeout: float = 120) -> tuple[int, str, str]:
+    """Run ``python -m growth.cli ARGS`` in a fresh process: (returncode, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "growth.cli", *map(str, args)], cwd=cwd,
+                          env=_env(), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_measured(argv: list[str], timeout: float = 60) -> tuple[int, str, str, float, int]:
+    """Run ``argv``; also return its wall time in seconds and *its own* peak RSS in bytes.
+
+    Note: ``os.wait4`` reports the rusage of exactly this child, unlike
+    ``getrusage(RUSAGE_CHILDREN)``, which keeps the maximum over every child ever reaped.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=_env())
+        deadline = start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                os.waitpid(proc.pid, 0)
+                raise subprocess.TimeoutExpired(argv, timeout)
+            time.sleep(0.01)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return (proc.returncode, out.read().decode(), err.read().decode(), seconds,
+                usage.ru_maxrss * 1024)  # Linux reports kilobytes
+
+
+def assert_one_line_error(rc: int, stderr: str, *needles: str) -> None:
+    """A user error: rc != 0, exactly one line on stderr naming every needle, no traceback."""
+    assert rc != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(20240731)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return get_flavor("tiny")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A fresh fp32 `tiny` checkpoint (seed 0, one file) in tmp_path/tiny."""
+    from growth.init import init_checkpoint
+
+    return init_checkpoint(get_flavor("tiny"), tmp_path / "tiny", seed=0, source="tiny")
