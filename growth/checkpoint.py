@@ -236,7 +236,8 @@ class CheckpointReader:
                                       f"'{name}' (not a Tele-FLM/Llama parameter of this config)")
         for name, shape in expected.items():
             if name not in self.weight_map and not (name == "lm_head.weight" and self.tied):
-                raise CheckpointError(f"{self.directory}: tensor '{name}' is missing")
+                listing = INDEX_NAME if (self.directory / INDEX_NAME).is_file() else WEIGHTS_NAME
+                raise CheckpointError(f"{self.directory / listing}: tensor '{name}' is missing")
             if self.shape(name) != shape:
                 raise CheckpointError(f"{where(name)}: tensor '{name}' has shape {list(self.shape(name))}"
                                       f" but config.json implies {list(shape)}")
