@@ -4,7 +4,10 @@ Keep this file small and its names stable — every test module may use them:
 
 - ``random_config(rng, gqa=False, mup=False, **overrides)``: a tiny random ModelConfig.
 - ``run_grow(*args, cwd=None, timeout=120)`` → ``(rc, stdout, stderr)``.
+- ``grow_in_process(capsys, *args)`` → ``(rc, stdout, stderr)``: ``growth.cli.main`` in this
+  process (same code path, no 2 s torch import; use ``run_grow`` where the process matters).
 - ``run_measured(argv, timeout=60)`` → ``(rc, stdout, stderr, seconds, max_rss_bytes)``.
+- ``assert_one_line_error(rc, stderr, *needles)``: a user error, one line, no traceback.
 - fixtures ``rng`` (seeded ``random.Random``), ``tiny_config``, ``tiny_checkpoint``.
 """
 
@@ -68,6 +71,16 @@ def run_grow(*args: str | os.PathLike, cwd: str | os.PathLike | None = None,
                           env=_env(), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def grow_in_process(capsys: pytest.CaptureFixture, *args: str | os.PathLike) -> tuple[int, str, str]:
+    """``growth.cli.main(ARGS)`` here, with output captured by pytest's ``capsys``."""
+    from growth.cli import main
+
+    capsys.readouterr()  # drop whatever came before
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
 
 
 def run_measured(argv: list[str], timeout: float = 60) -> tuple[int, str, str, float, int]:

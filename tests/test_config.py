@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, random_config, run_grow, run_measured
+from conftest import assert_one_line_error, grow_in_process, random_config, run_grow, run_measured
 
 from growth.config import FLAVORS, ConfigError, ModelConfig, get_flavor, resolve_config
 
@@ -81,14 +81,14 @@ def test_grow_info_big_flavors_fast_and_small(name):
     assert rss < 1024**3, f"grow info {name} peaked at {rss / 2**20:.0f} MiB"
 
 
-def test_grow_info_text_and_errors(tmp_path):
-    rc, out, err = run_grow("info", "1t")
+def test_grow_info_text_and_errors(tmp_path, capsys):
+    rc, out, err = grow_in_process(capsys, "info", "1t")
     assert rc == 0, err
     assert "1,083,813,908,480" in out and "vocab 81920" in out
     rc, _, err = run_grow("info", "no-such-flavor")
     assert_one_line_error(rc, err, "no-such-flavor")
     get_flavor("tiny").save(tmp_path)
-    rc, out, err = run_grow("info", tmp_path / "config.json", "--json")
+    rc, out, err = grow_in_process(capsys, "info", tmp_path / "config.json", "--json")
     assert rc == 0, err
     assert json.loads(out)["params"] == get_flavor("tiny").params
 
