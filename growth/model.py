@@ -310,7 +310,11 @@ def init_state_dict(config: ModelConfig, seed: int = 0,
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None,
                 seed: int = 0, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> TeleFLMForCausalLM:
-    """A model on ``device``: from ``state_dict`` when given, else freshly initialised."""
+    """A model on ``device``: from ``state_dict`` when given, else freshly initialised.
+
+    Note: the parameters *are* the given tensors (``assign=True``, no copy, so a 100 GB
+    model is never held twice); training the model changes them in place.
+    """
     with torch.device("meta"):
         model = TeleFLMForCausalLM(config)
     if state_dict is None:

@@ -19,6 +19,8 @@ Usage::
 """
 
 from operators.mup import lr_groups, lr_multiplier
+from operators.plan import PROVENANCE, GrowthPlan, TensorOp, grow_state_dict, make_plan
 from operators.spec import GrowthError, GrowthSpec
 
-__all__ = ["GrowthError", "GrowthSpec", "lr_groups", "lr_multiplier"]
+__all__ = ["PROVENANCE", "GrowthError", "GrowthPlan", "GrowthSpec", "TensorOp", "grow_state_dict",
+           "lr_groups", "lr_multiplier", "make_plan"]

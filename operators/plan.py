@@ -1,0 +1,426 @@
+"""A growth plan: source config + target config + spec → grown config and per-tensor maps.
+
+``make_plan`` reads no weights (except for ``positions="distance"``), so 52B → 102B → 1T
+plans run on flavors alone. ``GrowthPlan.grow_tensor`` produces one target tensor from
+one source tensor; the streaming executor calls it tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from growth.config import ModelConfig
+from growth.model import init_tensor, param_init_std, seeded_generator
+from operators import axes as ax
+from operators.depth import make_layer_map, new_layer_indices
+from operators.mup import embedding_compensation, logit_compensation
+from operators.spec import GrowthError, GrowthSpec
+
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+KINDS = ("weight", "exp_avg", "exp_avg_sq")
+
+# Provenance codes (uint8) of every element of a grown tensor.
+COPIED, ZERO, INIT, CLONED, LAYER_COPY, MASKED = range(6)
+PROVENANCE = {COPIED: "copied", ZERO: "zero", INIT: "init", CLONED: "cloned",
+              LAYER_COPY: "layer-copy", MASKED: "masked"}
+
+
+@dataclass
+class TensorOp:
+    name: str
+    src_name: str | None  # None: built without reading (fresh init or zeros)
+    src_shape: tuple[int, ...] | None
+    shape: tuple[int, ...]
+    operator: str
+
+
+@dataclass
+class Axes:
+    """The maps of one plan, by role."""
+
+    hidden_write: ax.AxisMap
+    hidden_read: ax.AxisMap
+    ffn_write: ax.AxisMap  # gate/up rows
+    ffn_read: ax.AxisMap  # down_proj columns
+    q_write: ax.AxisMap  # q_proj rows (elements)
+    kv_write: ax.AxisMap  # k/v rows
+    heads_read: ax.AxisMap  # o_proj columns
+    vocab: ax.AxisMap
+    norm_scale: float  # zero hidden growth: gains × sqrt(h_old/h_new)
+
+
+class GrowthPlan:
+    def __init__(self, src: ModelConfig, target: ModelConfig, spec: GrowthSpec,
+                 get_tensor: Callable[[str], torch.Tensor] | None = None,
+                 layer_map: list[dict[str, Any]] | None = None):
+        spec.validate()
+        self.spec = spec
+        self.src_config = _folded_source(src)
+        self.target = target
+        _check_shapes(self.src_config, target, spec)
+        s, t = self.src_config, target
+        if layer_map is None:
+            layer_map, self.distances = make_layer_map(
+                s.num_hidden_layers, t.num_hidden_layers, spec.positions, spec.depth_source, get_tensor)
+        else:
+            self.distances = None
+        self.layer_map = layer_map
+        self.axes = self._axes()
+        self.config = self._grown_config()
+        self._shapes = self.config.tensor_shapes()
+        self._src_shapes = self.src_config.tensor_shapes()
+
+    # ------------------------------------------------------------------ construction
+    def _axes(self) -> Axes:
+        s, t, spec = self.src_config, self.target, self.spec
+        gen = seeded_generator(spec.seed, "operators:choices")
+        h0, h1 = s.hidden_size, t.hidden_size
+        if h1 == h0:
+            hw = hr = ax.identity(h0)
+            norm_scale = 1.0
+        elif spec.hidden == "clone":
+            src = ax.tiled(h0, h1)
+            hw, hr = ax.duplicated(src, divide=False), ax.duplicated(src, divide=True)
+            norm_scale = 1.0
+        else:
+            masked = spec.hidden == "masked"
+            hw = ax.padded(h0, h1, "init" if masked else "zero", masked)
+            hr = ax.padded(h0, h1, "init", masked)
+            norm_scale = 1.0 if masked else math.sqrt(h0 / h1)
+        f0, f1 = s.intermediate_size, t.intermediate_size
+        if f1 == f0:
+            fw = fr = ax.identity(f0)
+        elif spec.ffn == "split":
+            src = ax.extra_choice(f0, f1, gen)
+            fw, fr = ax.duplicated(src, divide=False), ax.duplicated(src, divide=True)
+        else:
+            masked = spec.ffn == "masked"
+            fw = ax.padded(f0, f1, "init", masked)
+            fr = ax.padded(f0, f1, "init" if masked else "zero", masked)
+        k0, k1, g = s.num_key_value_heads, t.num_key_value_heads, s.num_key_value_groups
+        if k1 == k0:
+            kvw = ax.identity(k0)
+            qw = ax.identity(k0 * g)
+            hr_heads = ax.identity(k0 * g)
+        elif spec.heads == "clone":
+            kv_src = ax.extra_choice(k0, k1, gen) if k1 % k0 else ax.tiled(k0, k1)
+            q_src = (kv_src[:, None] * g + torch.arange(g)).reshape(-1)
+            kvw, qw = ax.duplicated(kv_src, divide=False), ax.duplicated(q_src, divide=False)
+            hr_heads = ax.duplicated(q_src, divide=True)
+        else:
+            masked = spec.heads == "masked"
+            kvw = ax.padded(k0, k1, "init", masked)
+            qw = ax.padded(k0 * g, k1 * g, "init", masked)
+            hr_heads = ax.padded(k0 * g, k1 * g, "init" if masked else "zero", masked)
+        d = s.head_dim
+        vocab = (ax.identity(s.vocab_size) if t.vocab_size == s.vocab_size
+                 else ax.padded(s.vocab_size, t.vocab_size, "zero"))
+        return Axes(hw, hr, fw, fr, qw.expand(d), kvw.expand(d), hr_heads.expand(d), vocab, norm_scale)
+
+    def _grown_config(self) -> ModelConfig:
+        s, t, spec = self.src_config, self.target, self.spec
+        mask: dict[str, Any] = {}
+        if spec.hidden == "masked" and t.hidden_size > s.hidden_size:
+            mask["hidden_size"] = s.hidden_size
+        if spec.ffn == "masked" and t.intermediate_size > s.intermediate_size:
+            mask["intermediate_size"] = s.intermediate_size
+        if spec.heads == "masked" and t.num_key_value_heads > s.num_key_value_heads:
+            mask["num_key_value_heads"] = s.num_key_value_heads
+        if spec.depth == "masked" and t.num_hidden_layers > s.num_hidden_layers:
+            mask["new_layers"] = new_layer_indices(self.layer_map)
+        eps = s.rms_norm_eps * self.axes.norm_scale ** 2
+        valid = s.valid_vocab_size
+        if t.vocab_size > s.vocab_size and valid is None:
+            valid = s.vocab_size
+        return t.replace(rms_norm_eps=eps, rope_theta=s.rope_theta, valid_vocab_size=valid,
+                         tie_word_embeddings=False, growth_mask={"c": 0.0, **mask} if mask else None,
+                         extra=dict(t.extra))
+
+    # ------------------------------------------------------------------ per-tensor plan
+    def _route(self, name: str) -> tuple[str | None, str, dict[str, Any] | None]:
+        """(source name or None, suffix, layer-map entry) of a target tensor."""
+        m = LAYER_RE.match(name)
+        if not m:
+            return name, name, None
+        entry = self.layer_map[int(m.group(1))]
+        suffix = m.group(2)
+        if entry["src"] is None:
+            return None, suffix, entry
+        if entry["new"] and self.spec.depth == "zero" and suffix in ZEROED_IN_IDENTITY:
+            return None, suffix, entry
+        return f"model.layers.{entry['src']}.{suffix}", suffix, entry
+
+    def _maps(self, suffix: str) -> tuple[ax.AxisMap, ...]:
+        a = self.axes
+        table = {
+            "model.embed_tokens.weight": (a.vocab, a.hidden_write),
+            "lm_head.weight": (a.vocab, a.hidden_read),
+            "self_attn.q_proj.weight": (a.q_write, a.hidden_read),
+            "self_attn.k_proj.weight": (a.kv_write, a.hidden_read),
+            "self_attn.v_proj.weight": (a.kv_write, a.hidden_read),
+            "self_attn.o_proj.weight": (a.hidden_write, a.heads_read),
+            "mlp.gate_proj.weight": (a.ffn_write, a.hidden_read),
+            "mlp.up_proj.weight": (a.ffn_write, a.hidden_read),
+            "mlp.down_proj.weight": (a.hidden_write, a.ffn_read),
+        }
+        if suffix in table:
+            return table[suffix]
+        if suffix.endswith("layernorm.weight") or suffix == "model.norm.weight":
+            return (a.hidden_write,)
+        raise GrowthError(f"tensor '{suffix}': not a Tele-FLM/Llama parameter")
+
+    def tensor_ops(self) -> list[TensorOp]:
+        ops = []
+        for name, shape in self._shapes.items():
+            src_name, suffix, entry = self._route(name)
+            ops.append(TensorOp(name, src_name, self._src_shapes.get(src_name) if src_name else None,
+                                shape, self._describe(name, suffix, entry)))
+        return ops
+
+    def _describe(self, name: str, suffix: str, entry: dict[str, Any] | None) -> str:
+        parts = []
+        if entry is not None and entry["new"]:
+            src = "init" if entry["src"] is None else f"layer {entry['src']}"
+            parts.append(f"new layer ({self.spec.depth}) from {src}")
+            if self.spec.depth == "zero" and suffix in ZEROED_IN_IDENTITY:
+                return parts[0] + ", zero"
+        grows = {"hidden": self.target.hidden_size != self.src_config.hidden_size,
+                 "ffn": self.target.intermediate_size != self.src_config.intermediate_size,
+                 "heads": self.target.num_key_value_heads != self.src_config.num_key_value_heads}
+        touches = {"hidden": True, "ffn": suffix.startswith("mlp."),
+                   "heads": suffix.startswith("self_attn.")}
+        parts += [f"{dim}:{getattr(self.spec, dim)}" for dim in grows if grows[dim] and touches[dim]]
+        if "embed_tokens" in name or "lm_head" in name:
+            if self.target.vocab_size != self.src_config.vocab_size:
+                parts.append("vocab:pad")
+            comp = (embedding_compensation if "embed" in name else logit_compensation)(
+                self.src_config, self.config)
+            if comp != 1.0:
+                parts.append(f"mup×{comp:.6g}")
+        return ", ".join(parts) or "copy"
+
+    # ------------------------------------------------------------------ the math
+    def grow_tensor(self, name: str, get_src: Callable[[str], torch.Tensor],
+                    kind: str = "weight") -> torch.Tensor:
+        """Target tensor ``name`` (fp32) from its source, for weights or Adam moments."""
+        if kind not in KINDS:
+            raise GrowthError(f"unknown tensor kind {kind!r}; use one of {KINDS}")
+        if name not in self._shapes:
+            raise GrowthError(f"tensor '{name}': not in the target model")
+        shape = self._shapes[name]
+        src_name, suffix, entry = self._route(name)
+        if src_name is None:
+            if kind != "weight" or suffix in ZEROED_IN_IDENTITY:
+                return torch.zeros(shape)
+            return init_tensor(self.config, name, shape, self.spec.seed, std=self._std(name))
+        src = get_src(src_name)
+        expected = self._src_shapes[src_name]
+        if tuple(src.shape) != expected:
+            raise GrowthError(f"tensor '{src_name}': shape {list(src.shape)} does not match the "
+                              f"source config's {list(expected)}")
+        if kind != "weight" and entry is not None and entry["new"]:
+            return torch.zeros(shape)  # new layers start with zero moments
+        maps = self._maps(suffix)
+        out = self._gather(src.float(), maps, kind)
+        if kind == "weight":
+            self._fill_new(out, name, maps)
+            if self.spec.noise > 0:
+                self._add_pair_noise(out, name, maps)
+        comp = self._compensation(name)
+        if suffix.endswith("layernorm.weight") or suffix == "model.norm.weight":
+            comp *= self.axes.norm_scale
+        if comp != 1.0:
+            out.mul_(comp if kind != "exp_avg_sq" else comp * comp)
+        return out
+
+    def _std(self, name: str) -> float:
+        return self.spec.init_std if self.spec.init_std is not None else param_init_std(self.config, name)
+
+    def _compensation(self, name: str) -> float:
+        if name == "model.embed_tokens.weight":
+            return embedding_compensation(self.src_config, self.config)
+        if name == "lm_head.weight":
+            return logit_compensation(self.src_config, self.config)
+        return 1.0
+
+    @staticmethod
+    def _gather(src: torch.Tensor, maps: tuple[ax.AxisMap, ...], kind: str) -> torch.Tensor:
+        out = src
+        for dim, m in enumerate(maps):
+            if m.is_identity and m.size == src.shape[dim]:
+                continue
+            scale = m.scale if kind != "exp_avg_sq" else m.scale * m.scale
+            out = out.index_select(dim, m.src.clamp(min=0))
+            view = [1] * src.dim()
+            view[dim] = -1
+            out = out * torch.where(m.new, 0.0, scale).view(view)
+        return out if out is not src else src.clone()
+
+    def _fill_new(self, out: torch.Tensor, name: str, maps: tuple[ax.AxisMap, ...]) -> None:
+        """Fresh values where the map says ``init`` and no axis forces zero; norms: gain 1."""
+        if len(maps) == 1:
+            new = maps[0].new
+            if new.any():
+                out[new] = 1.0  # norm gains of new coordinates (× norm_scale later)
+            return
+        rows, cols = maps
+        new_r, new_c = rows.new, cols.new
+        if not (new_r.any() or new_c.any()):
+            return
+        zero_r = new_r if rows.fill == "zero" else torch.zeros_like(new_r)
+        zero_c = new_c if cols.fill == "zero" else torch.zeros_like(new_c)
+        std = self._std(name)
+        if new_r.any():  # whole new rows, generated as one block
+            block = torch.empty(int(new_r.sum()), out.shape[1])
+            block.normal_(0.0, std, generator=seeded_generator(self.spec.seed, name + ":rows"))
+            out[new_r] = block
+        if new_c.any():  # new columns of old rows
+            old_r = ~new_r
+            block = torch.empty(int(old_r.sum()), int(new_c.sum()))
+            block.normal_(0.0, std, generator=seeded_generator(self.spec.seed, name + ":cols"))
+            out[old_r.nonzero()[:, 0][:, None], new_c.nonzero()[:, 0][None, :]] = block
+        if zero_r.any():
+            out[zero_r] = 0.0
+        if zero_c.any():
+            out[:, zero_c] = 0.0
+
+    def _add_pair_noise(self, out: torch.Tensor, name: str, maps: tuple[ax.AxisMap, ...]) -> None:
+        """± noise on copies that share one source value: zero-sum over each source's copies,
+        so Σ_copies w·x is unchanged while the copies' inputs stay identical."""
+        for dim, m in enumerate(maps):
+            if not m.divided:
+                continue
+            noise = torch.empty(out.shape)
+            noise.normal_(0.0, self.spec.noise, generator=seeded_generator(self.spec.seed, name + ":noise"))
+            src = m.src.clamp(min=0)
+            n_src = int(src.max()) + 1
+            counts = torch.bincount(src, minlength=n_src).float()
+            sums = torch.zeros(*out.shape[:dim], n_src, *out.shape[dim + 1:]).index_add_(dim, src, noise)
+            mean = (sums / counts.view([-1 if d == dim else 1 for d in range(out.dim())]))
+            noise -= mean.index_select(dim, src)
+            keep = (counts[src] > 1) & ~m.new
+            view = [-1 if d == dim else 1 for d in range(out.dim())]
+            out.add_(noise * keep.float().view(view))
+
+    # ------------------------------------------------------------------ provenance / record
+    def provenance(self, name: str) -> torch.Tensor:
+        """uint8 map of ``name``'s target shape with PROVENANCE codes per element."""
+        shape = self._shapes[name]
+        src_name, suffix, entry = self._route(name)
+        if src_name is None:
+            code = ZERO if suffix in ZEROED_IN_IDENTITY else INIT
+            return torch.full(shape, code, dtype=torch.uint8)
+        maps = self._maps(suffix)
+        base = LAYER_COPY if entry is not None and entry["new"] else COPIED
+        out = torch.full(shape, base, dtype=torch.uint8)
+        for dim, m in enumerate(maps):
+            view = [1] * len(shape)
+            view[dim] = -1
+            dup = m.duplicate_mask().view(view).expand(shape)
+            out[dup & (out == COPIED)] = CLONED
+        for dim, m in enumerate(maps):
+            view = [1] * len(shape)
+            view[dim] = -1
+            new = m.new.view(view).expand(shape)
+            if len(maps) == 1:  # norm gains of new coordinates
+                out[new] = MASKED if m.masked else INIT
+                continue
+            code = ZERO if m.fill == "zero" else (MASKED if m.masked else INIT)
+            if code == ZERO:
+                out[new] = ZERO
+            else:
+                out[new & (out != ZERO)] = code
+        return out
+
+    def event(self) -> dict[str, Any]:
+        """JSON-safe record of this growth for growth.json (replayable with from_event)."""
+        return {
+            "kind": "grow",
+            "from_config": self.src_config.to_hf_dict(),
+            "target_config": self.target.to_hf_dict(),
+            "config": self.config.to_hf_dict(),
+            "spec": self.spec.to_dict(),
+            "layer_map": self.layer_map,
+            "layer_distances": self.distances,
+            "exact": self.spec.exact,
+            "operators": {op.name: op.operator for op in self.tensor_ops()
+                          if op.operator != "copy" and not LAYER_RE.match(op.name)
+                          or (LAYER_RE.match(op.name) and op.name.startswith("model.layers.0."))},
+        }
+
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> GrowthPlan:
+        return cls(ModelConfig.from_hf_dict(event["from_config"], "growth.json from_config"),
+                   ModelConfig.from_hf_dict(event["target_config"], "growth.json target_config"),
+                   GrowthSpec.from_dict(event["spec"]), layer_map=event["layer_map"])
+
+    def summary(self) -> dict[str, Any]:
+        s, c = self.src_config, self.config
+        return {"from_params": s.params, "to_params": c.params,
+                "layers": [s.num_hidden_layers, c.num_hidden_layers],
+                "hidden": [s.hidden_size, c.hidden_size],
+                "ffn": [s.intermediate_size, c.intermediate_size],
+                "heads": [s.num_attention_heads, c.num_attention_heads],
+                "vocab": [s.vocab_size, c.vocab_size],
+                "new_layers": new_layer_indices(self.layer_map),
+                "masked": c.growth_mask is not None, "exact": self.spec.exact}
+
+
+ZEROED_IN_IDENTITY = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def _folded_source(src: ModelConfig) -> ModelConfig:
+    mask = src.growth_mask
+    if mask is None:
+        return src
+    if float(mask["c"]) < 1.0:
+        raise GrowthError(f"field 'growth_mask.c': the source has an unfinished masked growth "
+                          f"(c = {mask['c']}); train until the ramp reaches c = 1 (the trainer folds "
+                          f"the masks) before growing again")
+    return src.replace(growth_mask=None)  # at c = 1 the masked model is the plain model
+
+
+def _check_shapes(s: ModelConfig, t: ModelConfig, spec: GrowthSpec) -> None:
+    if t.head_dim != s.head_dim:
+        raise GrowthError(f"field 'head_dim': growing head_dim ({s.head_dim} → {t.head_dim}) is not "
+                          f"exact under RoPE (rotation pairs move); keep head_dim and grow "
+                          f"num_attention_heads instead")
+    for field, a, b in (("hidden_size", s.hidden_size, t.hidden_size),
+                        ("intermediate_size", s.intermediate_size, t.intermediate_size),
+                        ("num_hidden_layers", s.num_hidden_layers, t.num_hidden_layers),
+                        ("num_attention_heads", s.num_attention_heads, t.num_attention_heads),
+                        ("num_key_value_heads", s.num_key_value_heads, t.num_key_value_heads),
+                        ("vocab_size", s.vocab_size, t.vocab_size)):
+        ax.check_grows(field, a, b)
+    if t.num_key_value_groups != s.num_key_value_groups:
+        raise GrowthError(
+            f"field 'num_key_value_heads': heads must grow by whole GQA groups of "
+            f"{s.num_key_value_groups} query heads per KV head (source {s.num_attention_heads}/"
+            f"{s.num_key_value_heads}, target {t.num_attention_heads}/{t.num_key_value_heads})")
+    if t.rope_theta != s.rope_theta:
+        raise GrowthError(f"field 'rope_theta': changing the RoPE base ({s.rope_theta} → {t.rope_theta}) "
+                          f"changes the function; keep it")
+    if spec.hidden == "clone" and t.hidden_size % s.hidden_size:
+        raise GrowthError(f"field 'hidden': clone needs an integer factor ({s.hidden_size} → "
+                          f"{t.hidden_size} is {t.hidden_size / s.hidden_size:g}×); use zero or masked")
+
+
+def make_plan(src: ModelConfig, target: ModelConfig, spec: GrowthSpec | None = None,
+              get_tensor: Callable[[str], torch.Tensor] | None = None) -> GrowthPlan:
+    """Plan growing ``src`` into ``target``'s shapes (see GrowthPlan)."""
+    return GrowthPlan(src, target, spec or GrowthSpec(), get_tensor)
+
+
+def grow_state_dict(state: dict[str, torch.Tensor], src: ModelConfig, target: ModelConfig,
+                    spec: GrowthSpec | None = None, kind: str = "weight"
+                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """In-memory growth of a whole state dict (small models, tests, notebooks)."""
+    plan = make_plan(src, target, spec, state.__getitem__)
+    return plan.config, {op.name: plan.grow_tensor(op.name, state.__getitem__, kind)
+                         for op in plan.tensor_ops()}
