@@ -1,0 +1,175 @@
+"""Tensor-at-a-time safetensors I/O for the streaming commands (apply, verify, export-hf).
+
+Reading: :class:`TensorSource` reads one tensor's bytes with ``readinto`` at the offsets
+``CheckpointReader`` already parsed, instead of ``safe_open``'s memory map. A map keeps
+every page it touched resident (and counted in RSS) until the file is closed, so reading a
+2 TB model through it looks like 2 TB of memory; a plain read holds one tensor only.
+
+Writing: :func:`write_shard_streaming` writes the header first (every shape is known in
+advance) and then each tensor's bytes as soon as it is produced, so a shard of any size
+costs one tensor of memory. The file is a standard safetensors file (8-byte little-endian
+header length, JSON header padded with spaces to 8 bytes, data in header order), written
+under a temporary name and renamed, so a shard either exists complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from growth.checkpoint import SAFETENSORS_DTYPES, CheckpointError, CheckpointReader, read_header
+
+ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+PARTIAL_SUFFIX = ".partial"
+CHUNK = 1 << 24  # elements cast and written at a time (64 MB of fp32)
+
+
+def nbytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class TensorSource:
+    """Read whole tensors of a checkpoint with plain file reads (no memory map).
+
+    ``get(name, dtype)`` has the signature of ``CheckpointReader.get``; a tied HF
+    checkpoint's ``lm_head.weight`` reads the embedding, as the reader does.
+    """
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+        self.directory = reader.directory
+        self._files: dict[str, BinaryIO] = {}
+        self._data_start: dict[str, int] = {}
+
+    def locate(self, name: str) -> tuple[str, str]:
+        """(stored name, file) of ``name``."""
+        wm = self.reader.weight_map
+        if name in wm:
+            return name, wm[name]
+        if name == "lm_head.weight" and self.reader.tied:
+            return "model.embed_tokens.weight", wm["model.embed_tokens.weight"]
+        raise CheckpointError(f"{self.directory}: tensor '{name}' is not in this checkpoint")
+
+    def _open(self, fname: str) -> BinaryIO:
+        fh = self._files.get(fname)
+        if fh is None:
+            fh = open(self.directory / fname, "rb")  # noqa: SIM115 (kept open until close())
+            (n,) = struct.unpack("<Q", fh.read(8))
+            self._files[fname], self._data_start[fname] = fh, 8 + n
+        return fh
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        stored, fname = self.locate(name)
+        info = self.reader.headers[fname][stored]
+        start, stop = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        fh = self._open(fname)
+        fh.seek(self._data_start[fname] + start)
+        if stop > start and fh.readinto(_as_bytes(out)) != stop - start:
+            raise CheckpointError(f"{self.directory / fname}: tensor '{stored}' is cut short "
+                                  f"(file changed while reading?)")
+        return out if dtype is None or dtype == out.dtype else out.to(dtype)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def shard_header(entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                 metadata: dict[str, str] | None = None) -> bytes:
+    """The length-prefixed, 8-byte padded safetensors header for ``entries`` in order."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = nbytes_of(shape, dtype)
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": [int(s) for s in shape],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                          produce: Callable[[str], torch.Tensor],
+                          after_tensor: Callable[[str, int], None] | None = None) -> None:
+    """Write a safetensors shard whose tensors ``produce(name)`` returns one at a time.
+
+    Each produced tensor must have the announced shape; it is cast to the announced dtype
+    piece by piece as it is written (so a float32 result costs no extra bf16 copy). The file is
+    written as ``<name>.partial`` and renamed when complete; on any error the partial file
+    is removed. ``after_tensor(name, nbytes)`` is called after each tensor is written.
+    """
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    name = None
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(shard_header(entries))
+            for name, shape, dtype in entries:
+                tensor = produce(name)
+                if tuple(tensor.shape) != tuple(shape):
+                    raise CheckpointError(f"{path}: tensor '{name}' came out {list(tensor.shape)}, "
+                                          f"expected {list(shape)}")
+                _write_tensor(fh, tensor, dtype, f"{path}: tensor '{name}'")
+                del tensor
+                if after_tensor is not None:
+                    after_tensor(name, nbytes_of(shape, dtype))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        where = f" while writing tensor '{name}'" if name else ""
+        wrapped = OSError(f"{path}: {err.strerror or err}{where}")
+        wrapped.errno = err.errno
+        raise wrapped from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_tensor(fh: BinaryIO, tensor: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    """Cast to ``dtype`` and write in CHUNK-element pieces (no full-size cast copy), refusing
+    NaN/inf so that an overflowing cast (e.g. to float16) or a broken source is caught."""
+    flat = tensor.contiguous().reshape(-1)
+    for chunk in flat.split(CHUNK):
+        out = chunk if chunk.dtype == dtype else chunk.to(dtype)
+        if out.is_floating_point() and not torch.isfinite(out).all():
+            raise CheckpointError(f"{where} holds NaN or inf as {str(dtype).replace('torch.', '')} "
+                                  f"(values out of the dtype's range, or NaN/inf in the source)")
+        fh.write(_as_bytes(out))
+
+
+def shard_complete(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> bool:
+    """True when ``path`` is a whole safetensors file holding exactly ``entries``.
+
+    Note: shards are renamed into place only when complete, so a header that parses and a
+    size that matches it mean the data was written in full by a run of the same plan.
+    """
+    if not path.is_file():
+        return False
+    try:
+        header, _ = read_header(path)
+    except CheckpointError:
+        return False
+    expected = {n: (tuple(s), ST_NAMES[d]) for n, s, d in entries}
+    return {n: (tuple(i["shape"]), i["dtype"]) for n, i in header.items()} == expected
