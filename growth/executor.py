@@ -1,0 +1,345 @@
+"""The streaming growth executor behind ``grow apply``.
+
+Scope: a source checkpoint directory (ours or HF Llama) plus a target config and a
+:class:`operators.GrowthSpec` → a new checkpoint directory, written shard by shard::
+
+    job = prepare(ApplyRequest(src, target, spec, out))  # all checks; nothing written
+    apply_growth(request, workers=4)                     # stage, write, finalise, publish
+
+How it stays bounded, resumable and parallel:
+
+- **Memory.** Target tensors are produced one at a time by ``GrowthPlan.grow_tensor`` and
+  streamed into a shard whose header was written first (:mod:`growth.tensor_io`); source
+  tensors are read with plain reads, not a memory map. Peak ≈ one source tensor + a few
+  fp32 copies of one target tensor, whatever the model size (:func:`peak_memory_estimate`).
+- **Determinism.** The shard plan depends only on target shapes, dtype and
+  ``--max-shard-size``; every tensor depends only on (seed, name) and its source. Shards
+  are therefore byte-identical across runs, worker counts and interruptions.
+- **Resume.** Work happens in ``staging_dir(out)``. Each shard is renamed into place when
+  complete, so after a kill the same command skips the shards that exist whole and writes
+  the rest. A manifest in the staging dir records the request; a different request
+  starts the staging dir afresh.
+- **Workers.** Shard i goes to worker ``i % N``: ``--workers N`` spawns N processes, and
+  under ``torchrun`` each rank (RANK / WORLD_SIZE, gloo) takes its share; rank 0 (or the
+  parent) sets up and finalises. Across nodes the output must be on a shared filesystem.
+- **Errors.** Input errors are raised by :func:`prepare` before anything is written. An
+  OSError (disk full, I/O) or an interrupt keeps the staging dir for a resume; any other
+  error removes it. OUT appears only at the final rename.
+
+Note: growth.json's event time is the time of the *first* attempt (kept in the manifest),
+or ``SOURCE_DATE_EPOCH`` when set (the reproducible-builds convention), so a resumed run
+is byte-identical to the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from growth.checkpoint import (
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
+    DTYPE_NAMES,
+    MOMENT_KINDS,
+    OPTIMIZER_DIR,
+    OPTIMIZER_STATE_NAME,
+    CheckpointError,
+    CheckpointReader,
+    append_event,
+    check_output_dir,
+    plan_shards,
+    publish,
+    shard_file_names,
+    staging_dir,
+    torch_dtype,
+    write_index,
+    write_metadata,
+)
+from growth.config import ModelConfig, resolve_config
+from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_streaming
+from operators import GrowthPlan, GrowthSpec, make_plan
+
+MANIFEST_NAME = ".grow-apply.json"
+GROW_EVENT = "grow"
+DELAY_ENV = "GROW_TEST_SHARD_DELAY"  # test hook: seconds to sleep after each shard written
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BASE_RSS = 600 * 1024**2  # python + torch + tqdm, measured by benchmarks/grow_io.py
+
+
+@dataclass(frozen=True)
+class ApplyRequest:
+    """Everything a worker needs to rebuild the job: plain, picklable values."""
+
+    src: str
+    target: str  # flavor name, config.json or checkpoint dir
+    spec: dict[str, Any]
+    out: str
+    dtype: str | None = None  # None: the source's dtype (it must have exactly one)
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+
+
+@dataclass
+class ShardTask:
+    path: str  # relative to the output root
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]]
+    kind: str  # weight | exp_avg | exp_avg_sq
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes_of(s, d) for _, s, d in self.entries)
+
+
+@dataclass
+class ApplyJob:
+    request: ApplyRequest
+    reader: CheckpointReader
+    plan: GrowthPlan
+    dtype: torch.dtype
+    tasks: list[ShardTask]
+    moments: dict[str, CheckpointReader] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.request.out)
+
+    @property
+    def staging(self) -> Path:
+        return staging_dir(self.out)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tasks)
+
+
+# ---------------------------------------------------------------------- preparation
+def output_dtype(reader: CheckpointReader, requested: str | None) -> torch.dtype:
+    """The dtype grown weights are written in: ``requested``, else the source's one dtype.
+
+    Note: a source with mixed dtypes is refused unless ``--dtype`` says what to write —
+    silently picking one would change some tensors' precision behind the user's back.
+    """
+    if requested is not None:
+        dtype = torch_dtype(requested)
+        if dtype not in OUTPUT_DTYPES:
+            raise CheckpointError(f"--dtype {requested}: use float32, bfloat16 or float16")
+        return dtype
+    names = list(reader.weight_map)
+    first = names[0]
+    for name in names[1:]:
+        if reader.dtype(name) != reader.dtype(first):
+            raise CheckpointError(
+                f"{reader.directory / reader.weight_map[name]}: tensor '{name}' is "
+                f"{_dtype_name(reader.dtype(name))} but '{first}' is {_dtype_name(reader.dtype(first))}; "
+                f"mixed dtypes: pass --dtype to choose the output dtype")
+    dtype = reader.dtype(first)
+    if dtype not in OUTPUT_DTYPES:
+        raise CheckpointError(f"{reader.directory / reader.weight_map[first]}: stored dtype "
+                              f"{_dtype_name(dtype)} is not written by grow; pass --dtype float32")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def open_moments(src: Path, config: ModelConfig) -> dict[str, CheckpointReader]:
+    """Readers for SRC/optimizer/{exp_avg,exp_avg_sq}, or {} when there is no optimizer dir."""
+    opt = src / OPTIMIZER_DIR
+    if not opt.is_dir():
+        return {}
+    state = opt / OPTIMIZER_STATE_NAME
+    try:
+        step = json.loads(state.read_text()).get("step")
+    except FileNotFoundError:
+        raise CheckpointError(f"{state}: missing (optimizer state needs step, betas, eps)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise CheckpointError(f"{state}: corrupt optimizer state (not a JSON object)") from None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{state}: field 'step' must be a non-negative integer, got {step!r}")
+    return {kind: CheckpointReader(opt / kind, config=config) for kind in MOMENT_KINDS}
+
+
+def shard_tasks(config: ModelConfig, dtype: torch.dtype, max_shard_size: int, root: str = "",
+                kind: str = "weight") -> list[ShardTask]:
+    """The deterministic shard plan of ``config`` in ``dtype``: names, shapes, file names."""
+    shapes = config.tensor_shapes()
+    groups = plan_shards(((n, nbytes_of(s, dtype)) for n, s in shapes.items()), max_shard_size)
+    return [ShardTask(root + fname, [(n, shapes[n], dtype) for n in names], kind)
+            for fname, names in zip(shard_file_names(len(groups)), groups, strict=True)]
+
+
+def prepare(request: ApplyRequest, check_out: bool = True) -> ApplyJob:
+    """Open and check the source, plan the growth and the shards. Writes nothing.
+
+    Raises CheckpointError / ConfigError / GrowthError with a one-line message naming the
+    file, tensor or field, before any byte is written.
+    """
+    if check_out:
+        check_output_dir(Path(request.out))
+    if request.max_shard_size <= 0:
+        raise CheckpointError(f"--max-shard-size must be positive, got {request.max_shard_size}")
+    src = Path(request.src)
+    reader = CheckpointReader(src)
+    dtype = output_dtype(reader, request.dtype)
+    target = resolve_config(request.target)
+    source = TensorSource(reader)
+    plan = make_plan(reader.config, target, GrowthSpec.from_dict(dict(request.spec)), get_tensor=source.get)
+    moments = open_moments(src, reader.config)
+    tasks = shard_tasks(plan.config, dtype, request.max_shard_size)
+    for kind in moments:
+        tasks += shard_tasks(plan.config, torch.float32, request.max_shard_size,
+                             f"{OPTIMIZER_DIR}/{kind}/", kind)
+    return ApplyJob(request, reader, plan, dtype, tasks, moments)
+
+
+# ---------------------------------------------------------------------- shard writing
+class ShardWriter:
+    """Produces the grown tensors of one job's shards (one instance per worker)."""
+
+    def __init__(self, job: ApplyJob, log: Callable[[str], None] | None = None):
+        self.job = job
+        self.log = log
+        self.sources = {"weight": TensorSource(job.reader),
+                        **{k: TensorSource(r) for k, r in job.moments.items()}}
+        self.ops = {op.name: op for op in job.plan.tensor_ops()}
+
+    def tensor(self, name: str, kind: str) -> torch.Tensor:
+        """The grown fp32 tensor (the shard writer casts it while writing)."""
+        source = self.sources[kind]
+        grown = self.job.plan.grow_tensor(name, lambda n: source.get(n, torch.float32), kind=kind)
+        if self.log is not None:
+            op = self.ops[name]
+            src = f"{op.src_name} {list(op.src_shape)}" if op.src_name else "(new)"
+            self.log(f"{kind:<10} {name} {list(op.shape)} <- {src}: {op.operator}")
+        return grown
+
+    def write(self, task: ShardTask, root: Path,
+              progress: Callable[[int], None] | None = None) -> bool:
+        """Write ``task`` under ``root`` unless a complete copy exists; True if written."""
+        path = root / task.path
+        if shard_complete(path, task.entries):
+            if progress is not None:
+                progress(task.nbytes)
+            return False
+        write_shard_streaming(path, task.entries, lambda n: self.tensor(n, task.kind),
+                              after_tensor=(lambda _n, size: progress(size)) if progress else None)
+        delay = float(os.environ.get(DELAY_ENV) or 0)
+        if delay:
+            time.sleep(delay)
+        return True
+
+    def close(self) -> None:
+        for s in self.sources.values():
+            s.close()
+
+
+def write_shards(job: ApplyJob, rank: int = 0, world: int = 1,
+                 progress: Callable[[int], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> int:
+    """Write this worker's shards (task i for i % world == rank); returns how many."""
+    writer = ShardWriter(job, log)
+    written = 0
+    try:
+        for i, task in enumerate(job.tasks):
+            if i % world == rank:
+                written += writer.write(task, job.staging, progress)
+    finally:
+        writer.close()
+    return written
+
+
+# ---------------------------------------------------------------------- staging
+def manifest_key(job: ApplyJob) -> dict[str, Any]:
+    r = job.request
+    return {"source": str(Path(r.src).resolve()), "source_fingerprint": job.reader.fingerprint(),
+            "target_config": job.plan.config.to_hf_dict(), "spec": job.plan.spec.to_dict(),
+            "dtype": _dtype_name(job.dtype), "max_shard_size": r.max_shard_size,
+            "moments": sorted(job.moments)}
+
+
+def open_staging(job: ApplyJob) -> dict[str, Any]:
+    """Create or resume the staging dir; returns its manifest (with the event time)."""
+    staging = job.staging
+    key = manifest_key(job)
+    manifest_path = staging / MANIFEST_NAME
+    if staging.is_dir():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and old.get("key") == key:
+            return old
+        print(f"grow: {staging} holds another request's partial output; starting afresh",
+              file=sys.stderr)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.datetime.fromtimestamp(int(epoch) if epoch else time.time(), datetime.timezone.utc)
+    manifest = {"key": key, "time": when.isoformat(timespec="seconds")}
+    tmp = staging / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def finalize(job: ApplyJob, manifest: dict[str, Any]) -> Path:
+    """Check every shard, write indexes, config, history and optimizer state; publish."""
+    staging = job.staging
+    for task in job.tasks:
+        if not shard_complete(staging / task.path, task.entries):
+            raise CheckpointError(f"{staging / task.path}: shard missing or incomplete after all "
+                                  f"workers finished; rerun the same command to resume")
+    roots = {"weight": ""} | {k: f"{OPTIMIZER_DIR}/{k}/" for k in job.moments}
+    for kind, root in roots.items():
+        tasks = [t for t in job.tasks if t.kind == kind]
+        weight_map = {n: Path(t.path).name for t in tasks for n, _, _ in t.entries}
+        write_index(staging / root, weight_map, sum(t.nbytes for t in tasks))
+    if job.moments:
+        shutil.copyfile(Path(job.request.src) / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME,
+                        staging / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME)
+    write_metadata(staging, job.plan.config, append_event(job.reader.history, grow_event(job, manifest)))
+    (staging / MANIFEST_NAME).unlink()
+    publish(staging, job.out)
+    return job.out
+
+
+def grow_event(job: ApplyJob, manifest: dict[str, Any]) -> dict[str, Any]:
+    event = job.plan.event()
+    event.update({
+        "kind": GROW_EVENT, "time": manifest["time"], "seed": job.plan.spec.seed,
+        "dtype": _dtype_name(job.dtype), "optimizer_state": bool(job.moments),
+        "parent": {"path": str(Path(job.request.src).resolve()),
+                   "fingerprint": manifest["key"]["source_fingerprint"],
+                   "config_sha256": _sha256(Path(job.request.src) / CONFIG_NAME)},
+    })
+    return event
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------- estimates
+def peak_memory_estimate(plan: GrowthPlan, src_dtype: torch.dtype, dtype: torch.dtype,
+                         workers: int = 1) -> int:
+    """Bytes of RAM ``grow apply`` needs: per worker BASE_RSS plus, for the worst tensor, its
+    source read and upcast to fp32, and two fp32 target-sized buffers inside the operator
+    (gather, then scale). The cast to ``dtype`` is done in 64 MB pieces while writing."""
+    def cost(op: Any) -> int:
+        src = 0
+        if op.src_name:
+            src = nbytes_of(op.src_shape, torch.float32) + (
+                nbytes_of(op.src_shape, src_dtype) if src_dtype != torch.float32 else 0)
+        return src + 2 * nbytes_of(op.shape, torch.float32)
+    return workers * (BASE_RSS + max(cost(op) for op in plan.tensor_ops()))

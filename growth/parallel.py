@@ -1,0 +1,199 @@
+"""Running one ``grow apply`` job in one process, N spawned workers, or torchrun ranks.
+
+All three call the same :func:`growth.executor.write_shards` with a (rank, world) pair,
+so their output is identical. The coordinator (the parent, or rank 0) validates, opens
+the staging dir, and finalises once every worker reported; workers rebuild the job from
+the picklable :class:`~growth.executor.ApplyRequest` (headers and plan only, cheap).
+
+Errors cross process boundaries as (type name, one-line message) and are raised again in
+the coordinator with the same type, so the CLI prints the same one-line error for any
+worker count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import shutil
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from growth.checkpoint import CheckpointError
+from growth.config import ConfigError
+from growth.executor import ApplyJob, ApplyRequest, finalize, open_staging, prepare, write_shards
+from operators import GrowthError
+
+PASSED_ERRORS = {e.__name__: e for e in (CheckpointError, ConfigError, GrowthError, OSError)}
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) when launched by torchrun with more than one rank, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and "RANK" in os.environ:
+        return int(os.environ["RANK"]), world
+    return 0, 1
+
+
+def apply_growth(request: ApplyRequest, workers: int = 1, progress: bool = False,
+                 log_tensors: bool = False) -> Path | None:
+    """Grow ``request.src`` into ``request.out``; returns the output (None on ranks > 0)."""
+    rank, world = torchrun_rank()
+    if world > 1:
+        if workers != 1:
+            raise CheckpointError("--workers cannot be combined with torchrun: the ranks are the workers")
+        return _apply_distributed(request, rank, world, progress, log_tensors)
+    if workers < 1:
+        raise CheckpointError(f"--workers must be at least 1, got {workers}")
+    job = prepare(request)
+    manifest = open_staging(job)
+    bar = _bar(job, progress or log_tensors)
+    log = bar.write if log_tensors else None
+    try:
+        if workers == 1:
+            write_shards(job, 0, 1, bar.update, log)
+        else:
+            _run_spawned(request, workers, bar.update, log)
+        return finalize(job, manifest)
+    except (OSError, KeyboardInterrupt):
+        raise  # resumable: keep the finished shards
+    except BaseException:
+        shutil.rmtree(job.staging, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+
+def _bar(job: ApplyJob, enabled: bool) -> tqdm:
+    return tqdm(total=job.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="grow",
+                disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------- spawned workers
+def _run_spawned(request: ApplyRequest, workers: int, progress: Callable[[int], None],
+                 log: Callable[[str], None] | None) -> None:
+    ctx = mp.get_context("spawn")
+    messages = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, daemon=True,
+                         args=(request, rank, workers, messages, os.getpid(), log is not None))
+             for rank in range(workers)]
+    for p in procs:
+        p.start()
+    finished: dict[int, tuple[str, str] | None] = {}
+    try:
+        while len(finished) < workers:
+            try:
+                kind, rank, payload = messages.get(timeout=0.5)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in finished]
+                if dead and messages.empty():
+                    r = dead[0]
+                    raise OSError(f"grow worker {r} died (exit code {procs[r].exitcode}) before "
+                                  f"finishing; rerun the same command to resume") from None
+                continue
+            if kind == "bytes":
+                progress(payload)
+            elif kind == "log" and log is not None:
+                log(payload)
+            elif kind in ("done", "error"):
+                finished[rank] = payload if kind == "error" else None
+    finally:
+        for p in procs:
+            if p.is_alive() and len(finished) < workers:
+                p.terminate()
+            p.join()
+    errors = [e for _, e in sorted(finished.items()) if e is not None]
+    if errors:
+        raise _rebuild(errors[0])
+
+
+def _worker_main(request: ApplyRequest, rank: int, world: int, messages: Any, parent: int,
+                 log_tensors: bool) -> None:
+    _die_with_parent(parent)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        job = prepare(request, check_out=False)
+        log = (lambda line: messages.put(("log", rank, line))) if log_tensors else None
+        write_shards(job, rank, world, lambda n: messages.put(("bytes", rank, n)), log)
+        messages.put(("done", rank, None))
+    except BaseException as err:  # reported to the coordinator, raised there
+        messages.put(("error", rank, _describe(err)))
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive a killed coordinator (it would race a rerun's writes)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _describe(err: BaseException) -> tuple[str, str]:
+    for base in type(err).__mro__:
+        if base.__name__ in PASSED_ERRORS:
+            return base.__name__, str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, KeyboardInterrupt):
+        return "OSError", "interrupted"
+    return "RuntimeError", "".join(traceback.format_exception(err))
+
+
+def _rebuild(error: tuple[str, str]) -> BaseException:
+    name, message = error
+    return PASSED_ERRORS.get(name, RuntimeError)(message)
+
+
+# ---------------------------------------------------------------------- torchrun ranks
+def _apply_distributed(request: ApplyRequest, rank: int, world: int, progress: bool,
+                       log_tensors: bool) -> Path | None:
+    """Every rank validates and writes its shards; rank 0 opens staging and finalises.
+
+    Each phase ends in an all_gather of (ok | error), so a failure on one rank is raised on
+    all of them instead of leaving the others waiting in a barrier.
+    """
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo")
+
+    def phase(fn: Callable[[], Any]) -> Any:
+        result, error = None, None
+        try:
+            result = fn()
+        except BaseException as err:  # noqa: B036 (shared with the other ranks, then re-raised)
+            error = _describe(err)
+        errors: list[Any] = [None] * world
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise _rebuild(first)
+        return result
+
+    try:
+        job = phase(lambda: prepare(request, check_out=True))
+        manifest = phase(lambda: open_staging(job) if rank == 0 else None)
+        bar = _bar(job, (progress or log_tensors) and rank == 0)
+        try:
+            phase(lambda: write_shards(job, rank, world, bar.update, bar.write if log_tensors else None))
+        except OSError:
+            raise
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(job.staging, ignore_errors=True)
+            raise
+        finally:
+            bar.close()
+        return phase(lambda: finalize(job, manifest) if rank == 0 else None)
+    finally:
+        if owned:
+            dist.destroy_process_group()
