@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -349,9 +350,7 @@ class GrowthPlan:
             "layer_map": self.layer_map,
             "layer_distances": self.distances,
             "exact": self.spec.exact,
-            "operators": {op.name: op.operator for op in self.tensor_ops()
-                          if op.operator != "copy" and not LAYER_RE.match(op.name)
-                          or (LAYER_RE.match(op.name) and op.name.startswith("model.layers.0."))},
+            "operators": dict(Counter(op.operator for op in self.tensor_ops())),  # operator → tensors
         }
 
     @classmethod
