@@ -187,8 +187,8 @@ class GrowthPlan:
     def _describe(self, name: str, suffix: str, entry: dict[str, Any] | None) -> str:
         parts = []
         if entry is not None and entry["new"]:
-            src = "init" if entry["src"] is None else f"layer {entry['src']}"
-            parts.append(f"new layer ({self.spec.depth}) from {src}")
+            src = "init" if entry["src"] is None else "neighbour"
+            parts.append(f"new layer ({self.spec.depth}, from {src})")
             if self.spec.depth == "zero" and suffix in ZEROED_IN_IDENTITY:
                 return parts[0] + ", zero"
         grows = {"hidden": self.target.hidden_size != self.src_config.hidden_size,
