@@ -1,0 +1,85 @@
+"""Learning-rate and MSG-mask schedules of one stage: pure functions of the optimizer step.
+
+Both are recomputed from the step before every update (no scheduler object holds state),
+so a resumed stage gets the same LR and mask value at the same step without restoring
+anything but the step.
+
+- warmup: linear from peak/warmup to peak over ``warmup_steps`` updates;
+- decay: ``cosine`` | ``linear`` | ``constant`` from the peak down to
+  ``min_lr_ratio × peak`` at the last step;
+- after growth (``lr_after_growth``): ``restart`` uses the stage's own peak and warmup
+  again (MSG, GROWTH_NOTES §3); ``rewarm`` lowers the peak to ``parent_lr ×
+  rewarm_peak_ratio`` and warms up over ``rewarm_steps`` (FLM-101B, §2).
+
+References: Loshchilov & Hutter 2017 (cosine), Yao et al. 2024 (MSG), Li et al. 2023
+(FLM-101B: 4e-4 → 3.4e-4 → 2e-4 with ~100 re-warm-up steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+DECAYS = ("cosine", "linear", "constant")
+AFTER_GROWTH = ("restart", "rewarm")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    peak: float  # LR at the end of the warmup (before μP per-width multipliers)
+    warmup_steps: int
+    total_steps: int
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.decay not in DECAYS:
+            raise ValueError(f"stage.decay must be one of {DECAYS}, got {self.decay!r}")
+        if not self.peak > 0 or self.warmup_steps < 0 or self.total_steps < 1:
+            raise ValueError(f"bad LR schedule {self}")
+
+    def factor(self, step: int) -> float:
+        """Multiplier on ``peak`` for the update that follows ``step`` completed updates."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        span = max(1, self.total_steps - 1 - self.warmup_steps)
+        p = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.min_lr_ratio
+        if self.decay == "linear":
+            return 1.0 - (1.0 - floor) * p
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    def lr(self, step: int) -> float:
+        return self.peak * self.factor(step)
+
+
+def stage_schedule(stage: dict[str, Any], grown: bool, parent_lr: float | None) -> LRSchedule:
+    """The schedule of a stage config (``StageCfg`` as a dict).
+
+    ``grown`` is true when the stage starts from a parent's checkpoint; ``parent_lr`` is
+    that parent's peak (None: fall back to this stage's own peak).
+    """
+    peak, warmup = float(stage["lr"]), int(stage["warmup_steps"])
+    mode = stage.get("lr_after_growth", "restart")
+    if mode not in AFTER_GROWTH:
+        raise ValueError(f"stage.lr_after_growth must be one of {AFTER_GROWTH}, got {mode!r}")
+    if grown and mode == "rewarm":
+        peak = (parent_lr if parent_lr is not None else peak) * float(stage["rewarm_peak_ratio"])
+        warmup = int(stage["rewarm_steps"])
+    return LRSchedule(peak=peak, warmup_steps=warmup, total_steps=int(stage["steps"]),
+                      decay=stage.get("decay", "cosine"), min_lr_ratio=float(stage["min_lr_ratio"]))
+
+
+def mask_c(step: int, ramp_steps: int, c_start: float = 0.0) -> float:
+    """MSG mask value for the update that follows ``step`` completed updates.
+
+    Linear from ``c_start`` (the c stored in the starting checkpoint, 0 right after a
+    growth) to 1 over ``ramp_steps`` updates; the first update runs at ``c_start``, so the
+    grown model's first loss is the parent's.
+    """
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, c_start + step / ramp_steps)

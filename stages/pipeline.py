@@ -1,0 +1,261 @@
+"""The DeepSpeed pipeline: a PipelineModule of Tele-FLM layers, and its one name adapter.
+
+Spec list (index = position in the list = DeepSpeed's ``layer_XX`` number)::
+
+    0          EmbeddingPipe      embed_tokens (× input_mult, hidden mask)
+    1 … L      DecoderLayerPipe   growth.model.DecoderLayer + its own RoPE tables
+    L + 1      HeadPipe           norm, lm_head (× logit scale, padded ids masked)
+
+The layers are the classes of growth.model (no second copy of the math), so MSG masks
+work the same way. The adapter (:data:`PIPE_KEYS`, :func:`pipe_to_hf`,
+:func:`hf_to_pipe`) is the only place that knows how spec indices map to HF names;
+DeepSpeed checkpoints store layer ``i`` in :func:`layer_file` ``(i)`` with the local
+key (``self_attn.q_proj.weight``), and ``named_parameters()`` prefixes it with ``i.``.
+
+Pipeline parallelism runs with ZeRO-0 or ZeRO-1 only (DeepSpeed refuses 2 and 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from growth.config import ModelConfig
+from growth.model import (
+    DecoderLayer,
+    RMSNorm,
+    TeleFLMModel,
+    build_masks,
+    causal_lm_loss,
+    init_tensor,
+    rope_cos_sin,
+    scale_logits,
+)
+from stages import optim_state
+from stages.engine import ds_config, make_optimizer
+
+# ---------------------------------------------------------------------- adapter
+# Spec role → (local key → HF name template); "{i}" is the decoder layer index.
+PIPE_KEYS: dict[str, dict[str, str]] = {
+    "embed": {"embed_tokens.weight": "model.embed_tokens.weight"},
+    "layer": {k: "model.layers.{i}." + k for k in (
+        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")},
+    "head": {"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"},
+}
+LAYER_FILE = "layer_{:02d}-model_states.pt"  # DeepSpeed's per-spec file (PipeDataParallelTopology)
+_HF_LAYER_PREFIX = "model.layers."
+
+
+def pipe_to_hf(name: str, num_layers: int) -> str:
+    """``'3.self_attn.q_proj.weight'`` → ``'model.layers.2.self_attn.q_proj.weight'``."""
+    idx_text, _, key = name.partition(".")
+    idx = int(idx_text)
+    if idx == 0:
+        role, layer = "embed", None
+    elif idx <= num_layers:
+        role, layer = "layer", idx - 1
+    elif idx == num_layers + 1:
+        role, layer = "head", None
+    else:
+        raise KeyError(f"pipeline spec index {idx} is outside 0..{num_layers + 1}")
+    if key not in PIPE_KEYS[role]:
+        raise KeyError(f"pipeline parameter '{name}' is not a {role} parameter")
+    return PIPE_KEYS[role][key].format(i=layer)
+
+
+def hf_to_pipe(name: str, num_layers: int) -> str:
+    """``'model.layers.2.self_attn.q_proj.weight'`` → ``'3.self_attn.q_proj.weight'``."""
+    if name.startswith(_HF_LAYER_PREFIX):
+        layer_text, _, key = name[len(_HF_LAYER_PREFIX):].partition(".")
+        layer = int(layer_text)
+        if not 0 <= layer < num_layers or key not in PIPE_KEYS["layer"]:
+            raise KeyError(f"'{name}' is not a parameter of a {num_layers}-layer model")
+        return f"{layer + 1}.{key}"
+    for role, idx in (("embed", 0), ("head", num_layers + 1)):
+        for key, hf in PIPE_KEYS[role].items():
+            if hf == name:
+                return f"{idx}.{key}"
+    raise KeyError(f"'{name}' is not a Tele-FLM/Llama parameter name")
+
+
+def layer_file(spec_index: int) -> str:
+    return LAYER_FILE.format(spec_index)
+
+
+# ---------------------------------------------------------------------- layers
+class EmbeddingPipe(nn.Module):
+    """Spec 0: token ids (B, T) → hidden states (B, T, h)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.hidden_mask: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return TeleFLMModel.embed(self, input_ids)  # the plain model's own code path
+
+
+class DecoderLayerPipe(DecoderLayer):
+    """Specs 1…L: a decoder layer that builds its RoPE tables from the input length."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        cos, sin = rope_cos_sin(h.shape[1], self.head_dim, self.rope_theta, h.device, h.dtype)
+        return super().forward(h, cos, sin)
+
+
+class HeadPipe(nn.Module):
+    """Spec L+1: final norm and lm_head → logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return scale_logits(self.config, self.lm_head(self.norm(h)))
+
+
+def pipe_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return causal_lm_loss(logits, labels)
+
+
+def checkpointed(function: Any, *args: torch.Tensor) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+def build_pipeline_module(config: ModelConfig, num_stages: int, activation_checkpointing: bool = False):
+    """The PipelineModule; each rank builds only its own stage's layers."""
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    specs = [LayerSpec(EmbeddingPipe, config)]
+    specs += [LayerSpec(DecoderLayerPipe, config) for _ in range(config.num_hidden_layers)]
+    specs.append(LayerSpec(HeadPipe, config))
+    return PipelineModule(layers=specs, num_stages=num_stages, loss_fn=pipe_loss,
+                          partition_method="type:DecoderLayerPipe",
+                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                          activation_checkpoint_func=checkpointed,
+                          checkpointable_layers=["DecoderLayerPipe"])
+
+
+def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[str, Any] | None) -> None:
+    """Install MSG masks on this rank's layers (the pipeline form of
+    ``TeleFLMForCausalLM.set_growth_mask``)."""
+    config.growth_mask = None if record is None else dict(record)
+    config.validate()
+    masks = build_masks(config, next(module.parameters()).device)
+    num_layers = config.num_hidden_layers
+    for name, layer in module.named_children():
+        if not name.isdigit():
+            continue
+        idx = int(name)
+        if isinstance(layer, EmbeddingPipe):
+            layer.hidden_mask = masks["hidden"]
+        elif isinstance(layer, HeadPipe):
+            layer.norm.mask = masks["hidden"]
+        elif isinstance(layer, DecoderLayerPipe) and 1 <= idx <= num_layers:
+            layer.hidden_mask = masks["hidden"]
+            layer.input_layernorm.mask = masks["hidden"]
+            layer.post_attention_layernorm.mask = masks["hidden"]
+            layer.self_attn.head_mask = masks["heads"]
+            layer.mlp.ffn_mask = masks["ffn"]
+            layer.layer_c = masks["c"] if idx - 1 in masks["new_layers"] else None
+
+
+# ---------------------------------------------------------------------- engine
+class PipeStageEngine:
+    """The PipelineEngine behind the worker's engine interface (see stages.engine)."""
+
+    pipeline = True
+
+    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor] | None, seed: int,
+                 ds: dict[str, Any], stage: dict[str, Any]):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.config = config
+        stages = int(ds.get("pipeline_stages", 2))
+        world = dist.get_world_size()
+        if world % stages:
+            raise ValueError(f"deepspeed.pipeline_stages ({stages}) must divide nproc ({world})")
+        module = build_pipeline_module(config, stages, bool(ds.get("activation_checkpointing")))
+        self.module = module
+        L = config.num_hidden_layers
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                hf = pipe_to_hf(name, L)
+                value = state_dict[hf] if state_dict is not None else \
+                    init_tensor(config, hf, tuple(p.shape), seed)
+                p.copy_(value)
+        if config.growth_mask is not None:
+            set_pipe_growth_mask(module, config, config.growth_mask)
+        named = list(module.named_parameters())
+        optimizer = make_optimizer(named, config, stage)
+        self.dp_world = world // stages
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
+        self.dp_rank = self.engine.grid.data_parallel_id
+        self.accum = int(stage["grad_accum"])
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(HF name, param) for this rank's stage."""
+        for name, p in self.module.named_parameters():
+            yield pipe_to_hf(name, self.config.num_hidden_layers), p
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        self.engine.train()
+        return float(self.engine.train_batch(data_iter=iter(batches)))
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        loss = self.engine.eval_batch(data_iter=iter(batches), num_micro_batches=len(batches),
+                                      bcast_loss=True)
+        return float(loss)
+
+    def set_growth_mask(self, record: dict[str, Any] | None) -> None:
+        set_pipe_growth_mask(self.module, self.config, record)
+
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_steps
+
+    def gather(self, kind: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Full fp32 tensors (weights, or moment ``kind``) in canonical order, on rank 0.
+
+        The owning stage gathers over its data-parallel group; its data-parallel rank 0
+        sends the tensor to global rank 0. Other ranks get ``None``.
+        """
+        import torch.distributed as dist
+
+        L = self.config.num_hidden_layers
+        rank = dist.get_rank()
+        local = dict(self.named_params())
+        for name, shape in self.config.tensor_shapes().items():
+            spec = int(hf_to_pipe(name, L).split(".", 1)[0])
+            owner_stage = self.module.stage_owner(spec)
+            owner = self.engine.grid.stage_to_global(owner_stage, data=0)
+            t = None
+            if name in local:
+                t = optim_state.get_full(self.optimizer, local[name], kind)
+                if rank == owner and owner != 0:
+                    dist.send(t.contiguous(), 0)
+            if rank == 0 and owner != 0:
+                t = torch.empty(shape, dtype=torch.float32, device=self.engine.device)
+                dist.recv(t, owner)
+            yield name, (t.cpu() if rank == 0 else None)

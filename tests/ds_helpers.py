@@ -1,0 +1,124 @@
+"""Helpers for the real-DeepSpeed tests: a stage_config.json, torchrun launches, logs.
+
+Each run is ``torchrun --nproc_per_node 2 -m stages.worker STAGE_DIR/stage_config.json``
+on CPU (gloo), exactly what the orchestrator starts, with a tiny model and short
+sequences so a run takes a few seconds after imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from growth.config import get_flavor
+from stages.config import RESOLVED_NAME, TrainConfig, to_plain
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_CFG = {"source": "embedded", "tokenizer": "byte", "eval_fraction": 0.02, "max_bytes": 300_000,
+            "jsonl_field": "text", "cache_dir": None}
+# A tiny stage: 2 layers (one per pipeline stage), 20 steps of 2 ranks × 4 × 32 tokens.
+TINY_STAGE = {"model": "tiny-s1", "steps": 20, "micro_batch_size": 4, "grad_accum": 1,
+              "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "eval_batches": 2, "save_every": 10,
+              "ramp_steps": 5}
+
+
+def prepare_data(cache_dir: Path) -> dict[str, Any]:
+    from stages.data import prepare_corpus
+
+    return prepare_corpus(DATA_CFG, cache_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_stage_config(stage_dir: Path, data: dict[str, Any], *, zero: int = 1, pipeline: bool = False,
+                       precision: str = "fp32", init_checkpoint: Path | None = None,
+                       resume: bool = False, parent_lr: float | None = None,
+                       parent_eval_loss_end: float | None = None, model_config: dict | None = None,
+                       **stage: Any) -> Path:
+    """Write ``stage_dir/stage_config.json`` as the orchestrator would; returns its path."""
+    cfg = to_plain(TrainConfig())
+    cfg["stage"].update({"name": stage_dir.name, **TINY_STAGE, **stage})
+    cfg["deepspeed"].update({"name": "pipe" if pipeline else f"zero{zero}", "zero_stage": zero,
+                             "pipeline": pipeline, "pipeline_stages": 2, "precision": precision})
+    cfg.update({"nproc": 2, "run_dir": str(stage_dir.parent), "resume": resume,
+                "stage_dir": str(stage_dir.resolve()),
+                "init_checkpoint": None if init_checkpoint is None else str(Path(init_checkpoint).resolve()),
+                "model_config": model_config or get_flavor(cfg["stage"]["model"]).to_hf_dict(),
+                "parent_eval_loss_end": parent_eval_loss_end, "data": data, "parent_lr": parent_lr})
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path = stage_dir / RESOLVED_NAME
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def torchrun_argv(config_path: Path, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", "stages.worker", str(config_path)]
+
+
+def run_worker(config_path: Path, env: dict[str, str] | None = None, timeout: float = 180,
+               nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run a stage to completion; raises with the output tail when it fails."""
+    proc = subprocess.run(torchrun_argv(config_path, nproc), env=_env(env), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise AssertionError(f"worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_and_kill(config_path: Path, pause_after: int, timeout: float = 180) -> None:
+    """Start a stage that pauses after step ``pause_after``; SIGKILL its whole process
+    group (torchrun and every rank) once the pause mark appears."""
+    from stages.worker import PAUSE_AFTER_ENV, PAUSED_MARK
+
+    mark = config_path.parent / PAUSED_MARK
+    mark.unlink(missing_ok=True)
+    proc = subprocess.Popen(torchrun_argv(config_path), env=_env({PAUSE_AFTER_ENV: str(pause_after)}),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not mark.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited early (rc {proc.returncode}): "
+                                     f"{proc.stderr.read()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("worker never reached the pause mark")
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    mark.unlink()
+
+
+def read_log(stage_dir: Path) -> list[dict[str, Any]]:
+    from stages.worker import TRAIN_LOG_NAME
+
+    return [json.loads(ln) for ln in (stage_dir / TRAIN_LOG_NAME).read_text().splitlines() if ln]
+
+
+def read_summary(stage_dir: Path) -> dict[str, Any]:
+    from stages.worker import SUMMARY_NAME
+
+    return json.loads((stage_dir / SUMMARY_NAME).read_text())
