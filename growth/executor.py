@@ -268,6 +268,13 @@ def manifest_key(job: ApplyJob) -> dict[str, Any]:
             "moments": sorted(job.moments)}
 
 
+def event_time() -> str:
+    """Now (UTC, ISO 8601), or ``SOURCE_DATE_EPOCH`` when set, for reproducible outputs."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.datetime.fromtimestamp(int(epoch) if epoch else time.time(), datetime.timezone.utc)
+    return when.isoformat(timespec="seconds")
+
+
 def open_staging(job: ApplyJob) -> dict[str, Any]:
     """Create or resume the staging dir; returns its manifest (with the event time)."""
     staging = job.staging
@@ -284,9 +291,7 @@ def open_staging(job: ApplyJob) -> dict[str, Any]:
               file=sys.stderr)
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = datetime.datetime.fromtimestamp(int(epoch) if epoch else time.time(), datetime.timezone.utc)
-    manifest = {"key": key, "time": when.isoformat(timespec="seconds")}
+    manifest = {"key": key, "time": event_time()}
     tmp = staging / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, manifest_path)

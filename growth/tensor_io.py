@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -82,6 +82,22 @@ class TensorSource:
             raise CheckpointError(f"{self.directory / fname}: tensor '{stored}' is cut short "
                                   f"(file changed while reading?)")
         return out if dtype is None or dtype == out.dtype else out.to(dtype)
+
+    def chunks(self, name: str, elements: int = 1 << 24) -> Iterator[torch.Tensor]:
+        """``name`` flattened, in pieces of at most ``elements`` (stored dtype): bounded
+        memory for statistics over tensors of any size."""
+        stored, fname = self.locate(name)
+        info = self.reader.headers[fname][stored]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, stop = info["data_offsets"]
+        size = torch.empty((), dtype=dtype).element_size()
+        fh = self._open(fname)
+        for first in range(0, (stop - start) // size, elements):
+            piece = torch.empty(min(elements, (stop - start) // size - first), dtype=dtype)
+            fh.seek(self._data_start[fname] + start + first * size)
+            if fh.readinto(_as_bytes(piece)) != piece.numel() * size:
+                raise CheckpointError(f"{self.directory / fname}: tensor '{stored}' is cut short")
+            yield piece
 
     def close(self) -> None:
         for fh in self._files.values():

@@ -1,0 +1,41 @@
+"""`grow export-hf DIR --out OUT`: a plain Llama checkpoint transformers loads as is.
+
+μP multipliers, finished MSG masks and vocab padding are folded into the weights; see
+:mod:`growth.hf_export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from growth.checkpoint import DEFAULT_MAX_SHARD_SIZE
+from growth.config import ModelConfig
+from growth.hf_export import export_hf
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export-hf", help="write a plain HF Llama checkpoint (μP, masks, vocab padding folded)",
+        description="Write DIR as a plain transformers LlamaForCausalLM checkpoint: embed_tokens "
+                    "× input_mult, lm_head × output_mult / mup_scale_factor, vocab cropped to "
+                    "valid_vocab_size, MSG masks dropped at c = 1 (refused while c < 1). "
+                    "Streams tensor by tensor; an existing non-empty OUT is never overwritten.")
+    p.add_argument("directory", metavar="DIR", help="checkpoint directory")
+    p.add_argument("--out", required=True, metavar="OUT", help="new HF checkpoint directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype on disk (default: the source's)")
+    p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE), metavar="SIZE",
+                   help="largest shard (default 5GiB)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_hf(args.directory, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"wrote {out} (plain Llama; load with transformers.LlamaForCausalLM.from_pretrained)")
+    config = ModelConfig.load(out)
+    if config.hidden_size % config.num_attention_heads:
+        print(f"grow: note: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+              f"{config.num_attention_heads}; transformers >= 5 refuses such Llama configs even with an "
+              f"explicit head_dim", file=sys.stderr)
+    return 0
