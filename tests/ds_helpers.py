@@ -7,12 +7,15 @@ sequences so a run takes a few seconds after imports.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -122,3 +125,57 @@ def read_summary(stage_dir: Path) -> dict[str, Any]:
     from stages.worker import SUMMARY_NAME
 
     return json.loads((stage_dir / SUMMARY_NAME).read_text())
+
+
+# ---------------------------------------------------------------------- shared runs
+# Runs several test modules compare against, made once per pytest process.
+SHARED_RUNS: dict[str, dict[str, Any]] = {
+    "zero1": {"zero": 1},
+    "zero2-bf16": {"zero": 2, "precision": "bf16"},
+    "zero3": {"zero": 3},
+    "pipe": {"pipeline": True},
+}
+_state: dict[str, Any] = {"base": None, "data": None, "runs": {}}
+
+
+def base_dir() -> Path:
+    if _state["base"] is None:
+        base = Path(tempfile.mkdtemp(prefix="flm-ds-tests-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        _state["base"] = base
+    return _state["base"]
+
+
+def data_info() -> dict[str, Any]:
+    if _state["data"] is None:
+        _state["data"] = prepare_data(base_dir() / "data")
+    return _state["data"]
+
+
+def shared_run(name: str) -> Path:
+    """The stage dir of the shared run ``name`` (trained on first use)."""
+    if name not in _state["runs"]:
+        stage_dir = base_dir() / name
+        run_worker(write_stage_config(stage_dir, data_info(), **SHARED_RUNS[name]))
+        _state["runs"][name] = stage_dir
+    return _state["runs"][name]
+
+
+def new_stage_dir(name: str) -> Path:
+    path = base_dir() / name
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def eval_loss_of_checkpoint(directory: Path, seq_len: int = 32, micro_batch_size: int = 4,
+                            n: int = 2) -> float:
+    """The worker's eval loss, recomputed in this process from a canonical checkpoint."""
+    import torch
+
+    from growth.checkpoint import load_model
+    from stages.data import eval_batches
+
+    model = load_model(directory)
+    with torch.no_grad():
+        losses = [model.loss(x, y) for x, y in eval_batches(data_info(), seq_len, micro_batch_size, n)]
+    return float(torch.stack(losses).double().mean())
