@@ -63,13 +63,25 @@ def apply_growth(request: ApplyRequest, workers: int = 1, progress: bool = False
         else:
             _run_spawned(request, workers, bar.update, log)
         return finalize(job, manifest)
-    except (OSError, KeyboardInterrupt):
-        raise  # resumable: keep the finished shards
+    except OSError as err:  # disk full, I/O, a lost worker: keep the finished shards
+        raise _resumable(err, job) from None
+    except KeyboardInterrupt:
+        raise
     except BaseException:
         shutil.rmtree(job.staging, ignore_errors=True)
         raise
     finally:
         bar.close()
+
+
+def _resumable(err: OSError, job: ApplyJob) -> OSError:
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if err.filename and str(err.filename) not in message:
+        message = f"{err.filename}: {message}"
+    wrapped = OSError(f"{message}; finished shards are kept in {job.staging}: fix the cause and "
+                      f"rerun the same command to resume")
+    wrapped.errno = err.errno
+    return wrapped
 
 
 def _bar(job: ApplyJob, enabled: bool) -> tqdm:
@@ -185,7 +197,9 @@ def _apply_distributed(request: ApplyRequest, rank: int, world: int, progress: b
         bar = _bar(job, (progress or log_tensors) and rank == 0)
         try:
             phase(lambda: write_shards(job, rank, world, bar.update, bar.write if log_tensors else None))
-        except OSError:
+        except OSError as err:
+            raise _resumable(err, job) from None
+        except KeyboardInterrupt:
             raise
         except BaseException:
             if rank == 0:
