@@ -6,7 +6,8 @@ Keep this file small and its names stable — every test module may use them:
 - ``run_grow(*args, cwd=None, timeout=120)`` → ``(rc, stdout, stderr)``.
 - ``grow_in_process(capsys, *args)`` → ``(rc, stdout, stderr)``: ``growth.cli.main`` in this
   process (same code path, no 2 s torch import; use ``run_grow`` where the process matters).
-- ``run_measured(argv, timeout=60)`` → ``(rc, stdout, stderr, seconds, max_rss_bytes)``.
+- ``run_measured(argv, timeout=60)`` → ``Measured(rc, stdout, stderr, seconds, cpu_seconds,
+  max_rss_bytes)`` (a named tuple).
 - ``assert_one_line_error(rc, stderr, *needles)``: a user error, one line, no traceback.
 - fixtures ``rng`` (seeded ``random.Random``), ``tiny_config``, ``tiny_checkpoint``.
 """
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -83,8 +85,17 @@ def grow_in_process(capsys: pytest.CaptureFixture, *args: str | os.PathLike) -> 
     return rc, captured.out, captured.err
 
 
-def run_measured(argv: list[str], timeout: float = 60) -> tuple[int, str, str, float, int]:
-    """Run ``argv``; also return its wall time in seconds and *its own* peak RSS in bytes.
+class Measured(NamedTuple):
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float  # wall clock
+    cpu_seconds: float  # user + system of the child: what it cost, whatever else runs
+    max_rss: int  # bytes
+
+
+def run_measured(argv: list[str], timeout: float = 60) -> Measured:
+    """Run ``argv``; also return its wall and CPU time and *its own* peak RSS in bytes.
 
     Note: ``os.wait4`` reports the rusage of exactly this child, unlike
     ``getrusage(RUSAGE_CHILDREN)``, which keeps the maximum over every child ever reaped.
@@ -106,8 +117,8 @@ def run_measured(argv: list[str], timeout: float = 60) -> tuple[int, str, str, f
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return (proc.returncode, out.read().decode(), err.read().decode(), seconds,
-                usage.ru_maxrss * 1024)  # Linux reports kilobytes
+        return Measured(proc.returncode, out.read().decode(), err.read().decode(), seconds,
+                        usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)  # Linux: KiB
 
 
 def assert_one_line_error(rc: int, stderr: str, *needles: str) -> None:

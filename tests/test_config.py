@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 
@@ -69,16 +70,20 @@ def test_meta_model_has_config_params(name):
 
 @pytest.mark.parametrize("name", ["52b", "102b", "1t"])
 def test_grow_info_big_flavors_fast_and_small(name):
-    rc, out, err, seconds, rss = run_measured(
-        [sys.executable, "-m", "growth.cli", "info", name, "--json"])
-    assert rc == 0, err
-    info = json.loads(out)
+    argv = [sys.executable, "-m", "growth.cli", "info", name, "--json"]
+    m = run_measured(argv)
+    if m.seconds >= 5 and os.getloadavg()[0] > (os.cpu_count() or 1):
+        m = run_measured(argv)  # a busy machine (parallel test runs) stretches wall time; retry once
+    assert m.rc == 0, m.stderr
+    info = json.loads(m.stdout)
     assert abs(info["params"] / SEED_PARAMS[name] - 1) < 0.002, info["params"]
     assert info["params"] == get_flavor(name).params
     assert info["vocab_size"] == get_flavor(name).vocab_size
     assert info["bytes"]["bfloat16"] == 2 * info["params"]
-    assert seconds < 5, f"grow info {name} took {seconds:.2f}s"
-    assert rss < 1024**3, f"grow info {name} peaked at {rss / 2**20:.0f} MiB"
+    assert m.cpu_seconds < 5, f"grow info {name} used {m.cpu_seconds:.2f}s of CPU"
+    loaded = os.getloadavg()[0] > (os.cpu_count() or 1)
+    assert m.seconds < 5 or loaded, f"grow info {name} took {m.seconds:.2f}s on an idle machine"
+    assert m.max_rss < 1024**3, f"grow info {name} peaked at {m.max_rss / 2**20:.0f} MiB"
 
 
 def test_grow_info_text_and_errors(tmp_path, capsys):
