@@ -164,6 +164,8 @@ def embedded_files(max_bytes: int) -> tuple[Path, list[Path]]:
 def source_files(source: str) -> tuple[Path, list[Path]]:
     """A file, a directory (searched recursively) or a glob → sorted text/jsonl files."""
     suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
+    if not source.strip():
+        raise DataError("data.source is empty: give data.source=PATH (a text/jsonl file, a directory or a glob)")
     if any(ch in source for ch in "*?["):
         files = sorted(Path(p).resolve() for p in glob.glob(source, recursive=True) if Path(p).is_file())
         root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
@@ -219,7 +221,8 @@ def is_eval_document(identity: str, seed: int, fraction: float) -> bool:
 
 
 # ---------------------------------------------------------------------- preparation
-def _corpus_files(data_cfg: dict[str, Any]) -> tuple[Path, list[Path], bool]:
+def corpus_files(data_cfg: dict[str, Any]) -> tuple[Path, list[Path], bool]:
+    """(root, files, strict) of ``data_cfg``: the listing only, nothing read."""
     source = data_cfg.get("source", "embedded")
     if source == "embedded":
         root, files = embedded_files(int(data_cfg.get("max_bytes", 8_000_000)))
@@ -257,7 +260,7 @@ def prepare_corpus(data_cfg: dict[str, Any], out_dir: str | Path, seed: int = 0)
     if not 0.0 < fraction < 1.0:
         raise DataError(f"data.eval_fraction must be in (0, 1), got {fraction}")
     tokenizer = load_tokenizer(data_cfg)
-    root, files, strict = _corpus_files(data_cfg)
+    root, files, strict = corpus_files(data_cfg)
     key = _cache_key(data_cfg, tokenizer, files, seed)
     out_dir = Path(out_dir).resolve()
     final = out_dir / key

@@ -37,7 +37,7 @@ from growth.checkpoint import OPTIMIZER_DIR, CheckpointError, CheckpointReader
 from growth.config import ConfigError, ModelConfig, resolve_config
 from operators import GrowthError, GrowthSpec
 from stages.config import RESOLVED_NAME, StageConfigError, check_config, to_plain
-from stages.data import DataError, load_tokenizer, prepare_corpus
+from stages.data import DataError, corpus_files, load_tokenizer, prepare_corpus
 
 SUMMARY_NAME = "summary.json"
 FINAL_DIR = "final"
@@ -120,7 +120,7 @@ def plan_stage(cfg: dict[str, Any]) -> StagePlan:
         raise StageError(f"stage.model: {err}") from None
     plan = StagePlan(cfg=cfg, run_dir=run_dir, stage_dir=stage_dir, target=target)
     _check_launch(cfg, target)
-    _check_tokenizer(cfg, target)
+    _check_data(cfg, target)
     if (stage_dir / SUMMARY_NAME).is_file() and (stage_dir / FINAL_DIR).is_dir():
         if not cfg["resume"]:
             raise StageError(f"stage {plan.name} already finished in {stage_dir}; use another run_dir, "
@@ -184,7 +184,8 @@ def _check_launch(cfg: dict[str, Any], target: ModelConfig) -> None:
         raise StageError(f"worker_module: cannot find module {cfg['worker_module']!r}")
 
 
-def _check_tokenizer(cfg: dict[str, Any], target: ModelConfig) -> None:
+def _check_data(cfg: dict[str, Any], target: ModelConfig) -> None:
+    corpus_files(cfg["data"])  # the source exists and holds text (listing only)
     vocab = load_tokenizer(cfg["data"]).vocab_size
     usable = target.valid_vocab_size or target.vocab_size
     if vocab > usable:
@@ -236,7 +237,8 @@ def grow_into(plan: StagePlan) -> Path:
     is finished by the executor's own resume. Adam moments come along when the source
     has them and ``stage.growth.optimizer_state`` is true.
     """
-    from growth.executor import ApplyRequest, apply_growth
+    from growth.executor import ApplyRequest
+    from growth.parallel import apply_growth
 
     out = plan.stage_dir / INIT_DIR
     if out.is_dir() and any(out.iterdir()):
@@ -250,7 +252,7 @@ def grow_into(plan: StagePlan) -> Path:
     print(f"[{plan.name}] growing {plan.source} → {out} "
           f"({plan.spec.hidden}/{plan.spec.ffn}/{plan.spec.heads}/{plan.spec.depth})", flush=True)
     request = ApplyRequest(src=str(src), target=target_spec(plan), spec=plan.spec.to_dict(), out=str(out))
-    apply_growth(request)
+    apply_growth(request, progress=True)
     return out
 
 
@@ -287,9 +289,13 @@ def parent_eval_loss(plan: StagePlan) -> float | None:
 
 
 def parent_peak_lr(plan: StagePlan) -> float | None:
-    """The peak LR the parent actually trained at (its own re-warmed peak if it was grown)."""
+    """The peak LR the parent actually trained at (its own re-warmed peak if it was grown):
+    the worker's ``lr_peak`` in the parent's summary, else recomputed from its config."""
     if plan.parent_dir is None:
         return None
+    peak = (read_json(plan.parent_dir / SUMMARY_NAME) or {}).get("lr_peak")
+    if peak is not None:
+        return float(peak)
     resolved = read_json(plan.parent_dir / RESOLVED_NAME)
     if resolved is None:
         return None
