@@ -45,7 +45,8 @@ def free_port() -> int:
 
 
 def write_stage_config(stage_dir: Path, data: dict[str, Any], *, zero: int = 1, pipeline: bool = False,
-                       precision: str = "fp32", init_checkpoint: Path | None = None,
+                       precision: str = "fp32", activation_checkpointing: bool = False,
+                       init_checkpoint: Path | None = None,
                        resume: bool = False, parent_lr: float | None = None,
                        parent_eval_loss_end: float | None = None, model_config: dict | None = None,
                        **stage: Any) -> Path:
@@ -53,7 +54,8 @@ def write_stage_config(stage_dir: Path, data: dict[str, Any], *, zero: int = 1, 
     cfg = to_plain(TrainConfig())
     cfg["stage"].update({"name": stage_dir.name, **TINY_STAGE, **stage})
     cfg["deepspeed"].update({"name": "pipe" if pipeline else f"zero{zero}", "zero_stage": zero,
-                             "pipeline": pipeline, "pipeline_stages": 2, "precision": precision})
+                             "pipeline": pipeline, "pipeline_stages": 2, "precision": precision,
+                             "activation_checkpointing": activation_checkpointing})
     cfg.update({"nproc": 2, "run_dir": str(stage_dir.parent), "resume": resume,
                 "stage_dir": str(stage_dir.resolve()),
                 "init_checkpoint": None if init_checkpoint is None else str(Path(init_checkpoint).resolve()),
@@ -132,8 +134,8 @@ def read_summary(stage_dir: Path) -> dict[str, Any]:
 SHARED_RUNS: dict[str, dict[str, Any]] = {
     "zero1": {"zero": 1},
     "zero2-bf16": {"zero": 2, "precision": "bf16"},
-    "zero3": {"zero": 3},
-    "pipe": {"pipeline": True},
+    "zero3": {"zero": 3, "activation_checkpointing": True},
+    "pipe": {"pipeline": True, "activation_checkpointing": True},
 }
 _state: dict[str, Any] = {"base": None, "data": None, "runs": {}}
 
