@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from growth.runs import Curve
 from operators import PROVENANCE
@@ -44,12 +45,14 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def plot_provenance(codes: torch.Tensor | np.ndarray, title: str | None = None,
-                    index: Sequence[torch.Tensor | np.ndarray] | None = None) -> Figure:
+                    index: Sequence[torch.Tensor | np.ndarray] | None = None,
+                    counts: dict[str, int] | None = None) -> Figure:
     """Map of one tensor's provenance codes (a 1-D tensor is drawn as one row).
 
     ``index`` (the row and column indices a preview or block sampled, as returned by
     :func:`growth.provenance.provenance_preview`) labels the axes with the tensor's own
-    indices. The legend gives each code's share of the map.
+    indices. The legend gives each code's share of the map, or of ``counts`` (e.g. the
+    exact :func:`growth.provenance.provenance_counts` of the tensor a preview samples).
     """
     data = np.asarray(codes, dtype=np.uint8)
     if data.ndim == 1:
@@ -67,9 +70,11 @@ def plot_provenance(codes: torch.Tensor | np.ndarray, title: str | None = None,
     ax.imshow(data, cmap=cmap, norm=norm, interpolation="nearest", aspect="auto", extent=extent)
     ax.set_xlabel("column (input)")
     ax.set_ylabel("row (output)")
-    counts = np.bincount(data.reshape(-1), minlength=len(names))
-    handles = [Patch(facecolor=PROVENANCE_COLORS[n], edgecolor="0.4", label=f"{n} {counts[c] / data.size:.1%}")
-               for c, n in enumerate(names) if counts[c]]
+    if counts is None:
+        counts = dict(zip(names, np.bincount(data.reshape(-1), minlength=len(names)).tolist(), strict=True))
+    total = sum(counts.values())
+    handles = [Patch(facecolor=PROVENANCE_COLORS[n], edgecolor="0.4", label=f"{n} {counts[n] / total:.1%}")
+               for n in names if counts.get(n)]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
               title="provenance")
     if title:
@@ -103,7 +108,8 @@ def plot_norm_profile(rows: Sequence[dict[str, Any]], stat: str = "norm",
                 label="grown")
         kept = [r for r in mine if r["parent"] is not None]
         ax.plot([r["layer"] for r in kept], [r["parent"] for r in kept], "x", color="black", ms=7,
-                label="parent (same layer)")
+                label="parent (the layer it kept)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(tensors[k], fontsize="small")
         ax.set_xlabel("grown layer")
         ax.set_ylabel(stat)
@@ -137,16 +143,22 @@ def plot_schedule_loss(curve: Curve, eval_curve: Curve | None = None, title: str
 
 def plot_mask_ramp(points: Sequence[tuple[int, float]], ramp_steps: int | None = None,
                    title: str | None = None) -> Figure:
-    """MSG mask value c against step: 0 right after growth, linear to 1, then folded."""
+    """MSG mask value c against the logged step: 0 right after growth, linear to 1, then folded.
+
+    Note: the trainer logs update k (k = 1 is the first) with the c it ran at,
+    ``stages.lr.mask_c(k − 1, ramp_steps)``, so c first reaches 1 on update ``ramp_steps + 1``;
+    that is where the dotted line goes.
+    """
     fig = _figure(5.0, 3.0)
     ax = fig.add_subplot()
     steps = [s for s, _ in points]
     ax.plot(steps, [c for _, c in points], ".-", color="#c44e52", label="c")
     ax.axhline(1.0, color="0.6", lw=0.8)
     if ramp_steps:
-        ax.axvline(ramp_steps, color="0.3", ls=":", lw=1, label=f"ramp_steps = {ramp_steps}")
+        ax.axvline(ramp_steps + 1, color="0.3", ls=":", lw=1,
+                   label=f"ramp_steps = {ramp_steps}: c = 1 from update {ramp_steps + 1}")
     ax.set_ylim(-0.05, 1.1)
-    ax.set_xlabel("optimizer step (stage)")
+    ax.set_xlabel("optimizer update (stage)")
     ax.set_ylabel("mask c")
     ax.legend(fontsize="x-small")
     if title:

@@ -293,6 +293,7 @@ def test_run_dir_orders_stages_and_marks_growth_points(tmp_path):
     line = fig.axes[0].lines[0]
     assert list(line.get_xdata()) == [1, 2, 3, 4, 5, 6]
     assert list(line.get_ydata()) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    assert fig.axes[0].lines[2].get_xdata()[0] == 5  # c = 1 from update ramp_steps + 1
 
 
 def test_run_layout_names_match_the_trainer():
