@@ -20,7 +20,6 @@ import hydra
 from omegaconf import DictConfig
 
 from stages.config import register_configs
-from stages.orchestrate import USER_ERRORS, run_stage
 
 register_configs()
 # conf/ sits at the repository root (next to stages/, the "../conf" of this file). The path
@@ -36,6 +35,8 @@ def report(err: BaseException) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> Any:
+    from stages.orchestrate import USER_ERRORS, run_stage  # torch: after Hydra's own checks
+
     try:
         return run_stage(cfg)
     except USER_ERRORS as err:
