@@ -180,9 +180,6 @@ def check_config(cfg: dict[str, Any]) -> None:
                                f"got {stage['rewarm_peak_ratio']}")
     if not all(0.0 <= b < 1.0 for b in stage["betas"]) or len(stage["betas"]) != 2:
         raise StageConfigError(f"field 'stage.betas' must be two numbers in [0, 1), got {stage['betas']}")
-    if stage["warmup_steps"] > stage["steps"]:
-        raise StageConfigError(f"field 'stage.warmup_steps' ({stage['warmup_steps']}) exceeds "
-                               f"stage.steps ({stage['steps']})")
     if stage["parent"] is not None and stage["init_from"] is not None:
         raise StageConfigError("fields 'stage.parent' and 'stage.init_from' are both set; a stage "
                                "starts from one of them (or neither, for a fresh init)")

@@ -212,6 +212,11 @@ def prepare_stage(plan: StagePlan) -> Path:
             model_config = reader.config
     else:
         model_config = plan.target
+    mask = model_config.growth_mask
+    if mask is not None and cfg["stage"]["steps"] < cfg["stage"]["ramp_steps"] * (1.0 - float(mask["c"])):
+        print(f"[{plan.name}] warning: stage.steps {cfg['stage']['steps']} ends the MSG ramp before c "
+              f"reaches 1 (stage.ramp_steps {cfg['stage']['ramp_steps']}); final/ keeps its masks and "
+              f"cannot be grown again until a stage finishes the ramp", flush=True)
     resolved = dict(cfg)
     resolved.update({
         "run_dir": str(plan.run_dir),
