@@ -144,9 +144,9 @@ class CheckpointView:
         n, total, squares, zeros, absmax, finite = 0, 0.0, 0.0, 0, 0.0, True
         for piece in self._source_for(kind).chunks(name):
             x = piece.to(torch.float64)
-            ok = torch.isfinite(x)
-            if not ok.all():
-                finite = False
+            if not torch.isfinite(x.sum()):  # cheap test first; isfinite() only when needed
+                ok = torch.isfinite(x)
+                finite = finite and bool(ok.all())
                 x = x[ok]
             n += piece.numel()
             total += x.sum().item()

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -135,27 +136,35 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
     piece by piece as it is written (so a float32 result costs no extra bf16 copy). The file is
     written as ``<name>.partial`` and renamed when complete; on any error the partial file
     is removed. ``after_tensor(name, nbytes)`` is called after each tensor is written.
+
+    Note: one background thread writes tensor k while ``produce`` computes tensor k + 1
+    (both release the GIL), so I/O and growth math overlap; one finished tensor is in
+    flight at a time, never more.
     """
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    name = None
     try:
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb") as fh, ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as pool:
             fh.write(shard_header(entries))
+            pending: tuple[Future, str, int] | None = None
             for name, shape, dtype in entries:
                 tensor = produce(name)
                 if tuple(tensor.shape) != tuple(shape):
                     raise CheckpointError(f"{path}: tensor '{name}' came out {list(tensor.shape)}, "
                                           f"expected {list(shape)}")
-                _write_tensor(fh, tensor, dtype, f"{path}: tensor '{name}'")
+                if pending is not None:
+                    _finish(pending, after_tensor)
+                pending = (pool.submit(_write_tensor, fh, tensor, dtype, path, name), name,
+                           nbytes_of(shape, dtype))
                 del tensor
-                if after_tensor is not None:
-                    after_tensor(name, nbytes_of(shape, dtype))
+            if pending is not None:
+                _finish(pending, after_tensor)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        where = f" while writing tensor '{name}'" if name else ""
-        wrapped = OSError(f"{path}: {err.strerror or err}{where}")
+        if str(path) in str(err):
+            raise
+        wrapped = OSError(f"{path}: {err.strerror or err}")
         wrapped.errno = err.errno
         raise wrapped from None
     except BaseException:
@@ -163,16 +172,31 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
         raise
 
 
-def _write_tensor(fh: BinaryIO, tensor: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+def _finish(pending: tuple[Future, str, int], after_tensor: Callable[[str, int], None] | None) -> None:
+    future, name, size = pending
+    future.result()
+    if after_tensor is not None:
+        after_tensor(name, size)
+
+
+def _write_tensor(fh: BinaryIO, tensor: torch.Tensor, dtype: torch.dtype, path: Path, name: str) -> None:
     """Cast to ``dtype`` and write in CHUNK-element pieces (no full-size cast copy), refusing
     NaN/inf so that an overflowing cast (e.g. to float16) or a broken source is caught."""
     flat = tensor.contiguous().reshape(-1)
     for chunk in flat.split(CHUNK):
         out = chunk if chunk.dtype == dtype else chunk.to(dtype)
-        if out.is_floating_point() and not torch.isfinite(out).all():
-            raise CheckpointError(f"{where} holds NaN or inf as {str(dtype).replace('torch.', '')} "
-                                  f"(values out of the dtype's range, or NaN/inf in the source)")
-        fh.write(_as_bytes(out))
+        # A sum is finite iff every element is (weights never overflow an fp32 sum), and it
+        # is ~10× cheaper than isfinite().all(), which materialises a bool tensor.
+        if not torch.isfinite(out.sum(dtype=torch.float32)) and not torch.isfinite(out).all():
+            raise CheckpointError(f"{path}: tensor '{name}' holds NaN or inf as "
+                                  f"{str(dtype).replace('torch.', '')} (values out of the dtype's "
+                                  f"range, or NaN/inf in the source)")
+        try:
+            fh.write(_as_bytes(out))
+        except OSError as err:  # disk full, file size limit, I/O error
+            wrapped = OSError(f"{path}: {err.strerror or err} while writing tensor '{name}'")
+            wrapped.errno = err.errno
+            raise wrapped from None
 
 
 def shard_complete(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> bool:

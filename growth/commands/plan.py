@@ -63,10 +63,11 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     if args.src.lower() not in FLAVORS and src_path.is_dir():
         reader = CheckpointReader(src_path)
         src_config = reader.config
-        src_dtype = output_dtype(reader, args.src_dtype if len(reader.dtypes) > 1 else None)
+        dtype = output_dtype(reader, args.dtype)  # refuses what apply would refuse (mixed dtypes)
+        src_dtype = max(reader.dtypes, key=lambda d: torch.empty((), dtype=d).element_size())
     else:
         src_config, src_dtype = resolve_config(args.src), torch_dtype(args.src_dtype)
-    dtype = torch_dtype(args.dtype) if args.dtype else src_dtype
+        dtype = torch_dtype(args.dtype) if args.dtype else src_dtype
     plan = make_plan(src_config, resolve_config(args.target), spec_from_args(args))
     moments = args.optimizer or (reader is not None and (src_path / OPTIMIZER_DIR).is_dir())
     rows = [_row(op, reader, src_dtype, dtype) for op in plan.tensor_ops()]
@@ -81,7 +82,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     limit = parse_size(args.max_shard_size)
     return {
         "source": args.src, "target": args.target, "spec": plan.spec.to_dict(),
-        "summary": plan.summary(), "source_dtype": DTYPE_NAMES[src_dtype], "dtype": DTYPE_NAMES[dtype],
+        "summary": plan.summary(), "source_dtype": DTYPE_NAMES.get(src_dtype, str(src_dtype)),
+        "dtype": DTYPE_NAMES[dtype],
         "optimizer_state": moments, "tensors": rows,
         "shards": len(shard_tasks(plan.config, dtype, limit)),
         "bytes_read": read, "bytes_written": written,
