@@ -332,19 +332,24 @@ def compare(parent: CheckpointView | str | Path, grown: CheckpointView | str | P
     The layer map is ``plan``'s, else the grown checkpoint's last growth. ``stat`` is a
     :class:`TensorStats` field or ``spectral``.
     """
-    p = parent if isinstance(parent, CheckpointView) else open_checkpoint(parent)
-    g = grown if isinstance(grown, CheckpointView) else open_checkpoint(grown)
-    layer_map = plan.layer_map if plan is not None else g.layer_map
+    opened = [open_checkpoint(x) for x in (parent, grown) if not isinstance(x, CheckpointView)]
+    p = parent if isinstance(parent, CheckpointView) else opened[0]
+    g = grown if isinstance(grown, CheckpointView) else opened[-1]
 
     def value(view: CheckpointView, name: str) -> float:
         return view.spectral(name, kind) if stat == "spectral" else getattr(view.stats(name, kind), stat)
 
     rows = []
-    for i, entry in enumerate(layer_map):
-        for suffix in tensors:
-            old = None if entry["new"] or entry["src"] is None else value(p, f"model.layers.{entry['src']}.{suffix}")
-            new = value(g, f"model.layers.{i}.{suffix}")
-            rows.append({"layer": i, "src": entry["src"], "new": bool(entry["new"]), "tensor": suffix,
-                         "parent": old, "grown": new,
-                         "ratio": new / old if old not in (None, 0.0) else None})
+    try:
+        for i, entry in enumerate(plan.layer_map if plan is not None else g.layer_map):
+            for suffix in tensors:
+                old = (None if entry["new"] or entry["src"] is None
+                       else value(p, f"model.layers.{entry['src']}.{suffix}"))
+                new = value(g, f"model.layers.{i}.{suffix}")
+                rows.append({"layer": i, "src": entry["src"], "new": bool(entry["new"]), "tensor": suffix,
+                             "parent": old, "grown": new,
+                             "ratio": new / old if old not in (None, 0.0) else None})
+    finally:
+        for view in opened:  # only the views opened here
+            view.close()
     return rows
