@@ -47,6 +47,16 @@ def flat_partitions(opt: Any) -> list[torch.Tensor] | None:
     return None
 
 
+def _fp32_twin(opt: Any, p: nn.Parameter) -> torch.Tensor | None:
+    """The fp32 master of ``p`` under FP16_UnfusedOptimizer (ZeRO-0 + bf16: one full fp32
+    copy per parameter on every rank, no flat partitions)."""
+    for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+        for lp, hp in zip(lp_group, hp_group, strict=True):
+            if lp is p:
+                return hp
+    return None
+
+
 def _state_targets(opt: Any) -> list[torch.Tensor]:
     flats = flat_partitions(opt)
     if flats is not None:
@@ -98,6 +108,7 @@ def get_full(opt: Any, p: nn.Parameter, kind: str | None = None) -> torch.Tensor
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
         t = safe_get_full_fp32_param(p) if kind is None else safe_get_full_optimizer_state(p, kind)
         return t.float()
+    p = _fp32_twin(opt, p) if hasattr(opt, "fp32_groups") else p
     if kind is None:
         return p.detach().float()
     state = base_optimizer(opt).state.get(p, {})
@@ -114,7 +125,9 @@ def set_full(opt: Any, p: nn.Parameter, value: torch.Tensor, kind: str | None = 
             safe_set_full_fp32_param(p, value)
         else:
             safe_set_full_optimizer_state(p, value, kind)
-    elif kind is None:
+        return
+    p = _fp32_twin(opt, p) if hasattr(opt, "fp32_groups") else p
+    if kind is None:
         with torch.no_grad():
             p.copy_(value)
     else:
@@ -128,6 +141,11 @@ def update_lp_params(opt: Any) -> None:
     elif hasattr(opt, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO-3
         for i in range(len(opt.fp32_partitioned_groups_flat)):
             opt._reassign_or_swap_out_partitioned_parameters(i)
+    elif hasattr(opt, "fp32_groups"):  # FP16_UnfusedOptimizer (ZeRO-0 + bf16)
+        with torch.no_grad():
+            for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+                for lp, hp in zip(lp_group, hp_group, strict=True):
+                    lp.copy_(hp)
 
 
 # ---------------------------------------------------------------------- canonical files

@@ -86,8 +86,9 @@ def run_worker(config_path: Path, env: dict[str, str] | None = None, timeout: fl
     proc = subprocess.run(torchrun_argv(config_path, nproc), env=_env(env), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise AssertionError(f"worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        ranks = [ln for ln in proc.stderr.splitlines() if ln.startswith("[rank") or ln.startswith("error:")]
+        raise AssertionError(f"worker failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                             + "\n".join(ranks[-80:]) + "\n" + proc.stderr[-2000:])
     return proc
 
 
