@@ -22,10 +22,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +34,12 @@ from growth.config import ConfigError, ModelConfig, resolve_config
 from operators import GrowthError, GrowthSpec
 from stages.config import RESOLVED_NAME, StageConfigError, check_config, to_plain
 from stages.data import DataError, corpus_files, load_tokenizer, prepare_corpus
+from stages.launch import LaunchError, launch_workers
 
 SUMMARY_NAME = "summary.json"
 FINAL_DIR = "final"
 INIT_DIR = "init"
 DS_CKPT_DIR = "ds_ckpt"
-LOG_NAME = "train.log"
 DATA_DIR = "data"
 LATEST_FILE = "latest"  # DeepSpeed's pointer to the newest tag inside ds_ckpt/
 
@@ -52,8 +48,8 @@ class StageError(Exception):
     """A stage cannot start or did not finish; the one-line message says what to do."""
 
 
-USER_ERRORS = (StageError, StageConfigError, ConfigError, CheckpointError, GrowthError, DataError,
-               OmegaConfBaseException)
+USER_ERRORS = (StageError, LaunchError, StageConfigError, ConfigError, CheckpointError, GrowthError,
+               DataError, OmegaConfBaseException)
 
 
 # ---------------------------------------------------------------------- planning
@@ -146,19 +142,21 @@ def plan_stage(cfg: dict[str, Any]) -> StagePlan:
 
 def _plan_source(plan: StagePlan, source: Path, what: str) -> None:
     """Open the starting checkpoint and check it grows into the stage's model."""
-    with open_checkpoint(source, what) as reader:
-        src_config = reader.config
-    plan.source = source
-    plan.spec = growth_spec(plan.cfg["stage"]["growth"])
-    if same_shapes(src_config, plan.target) and src_config.growth_mask is None:
-        return  # already the stage's shapes: start from it as it is
     from operators import make_plan
 
-    try:
-        make_plan(src_config, plan.target, plan.spec)  # shapes only, no weights read
-    except GrowthError as err:
-        raise StageError(f"stage {plan.name}: {what} ({src_config.params:,} parameters) does not grow "
-                         f"into stage.model {plan.cfg['stage']['model']!r}: {err}") from None
+    plan.source = source
+    plan.spec = growth_spec(plan.cfg["stage"]["growth"])
+    with open_checkpoint(source, what) as reader:
+        src_config = reader.config
+        if same_shapes(src_config, plan.target) and src_config.growth_mask is None:
+            return  # already the stage's shapes: start from it as it is
+        # shapes only; 'distance' positions also read the layers they compare
+        get = reader.get if plan.spec.positions == "distance" else None
+        try:
+            make_plan(src_config, plan.target, plan.spec, get_tensor=get)
+        except GrowthError as err:
+            raise StageError(f"stage {plan.name}: {what} ({src_config.params:,} parameters) does not "
+                             f"grow into stage.model {plan.cfg['stage']['model']!r}: {err}") from None
     plan.grow = True
 
 
@@ -309,72 +307,6 @@ def parent_peak_lr(plan: StagePlan) -> float | None:
             and resolved.get("parent_lr") is not None:
         return float(resolved["parent_lr"]) * float(stage["rewarm_peak_ratio"])
     return float(stage["lr"])
-
-
-# ---------------------------------------------------------------------- launch
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def worker_command(cfg: dict[str, Any], resolved_path: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-            "--nproc_per_node", str(cfg["nproc"]), "--master_addr", "127.0.0.1",
-            "--master_port", str(port), "-m", cfg["worker_module"], str(resolved_path)]
-
-
-def worker_env(nproc: int) -> dict[str, str]:
-    """The caller's environment plus: unbuffered output and one core's share of threads
-    per rank (OMP_NUM_THREADS = cores // nproc, at least 1; a value you set wins)."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def launch_workers(cfg: dict[str, Any], resolved_path: Path) -> None:
-    """Run the ranks, tee their output to the terminal and STAGE_DIR/train.log."""
-    stage_dir = resolved_path.parent
-    port = cfg["master_port"] or free_port()
-    cmd = worker_command(cfg, resolved_path, port)
-    log_path = stage_dir / LOG_NAME
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=worker_env(cfg["nproc"]), start_new_session=True)
-        try:
-            assert proc.stdout is not None
-            out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                log.write(chunk)
-                if out is not None:
-                    out.write(chunk)
-                    out.flush()
-                else:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-            rc = proc.wait()
-        except BaseException:  # Ctrl-C or a kill of this process: stop the ranks too
-            _stop(proc)
-            raise
-    if rc != 0:
-        raise StageError(f"stage {cfg['stage']['name']}: the workers failed (torchrun exit code {rc}); "
-                         f"see the output above or {log_path}; resume=true continues from the last "
-                         f"DeepSpeed checkpoint")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # torchrun's own session: it and its ranks
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # ---------------------------------------------------------------------- the job

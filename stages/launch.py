@@ -1,0 +1,116 @@
+"""Start the ranks of one stage: ``torchrun … -m <worker_module> STAGE_DIR/stage_config.json``.
+
+The workers' output (tqdm bars included) is passed through byte for byte to this
+process's stdout and appended to ``STAGE_DIR/train.log``. torchrun runs in its own
+session; Ctrl-C, SIGTERM or even SIGKILL of the orchestrator stops it and its ranks, so no
+rank outlives the stage that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+LOG_NAME = "train.log"
+
+
+class LaunchError(Exception):
+    """The workers exited non-zero; the message names the stage and the log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_command(cfg: dict[str, Any], resolved_path: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc_per_node", str(cfg["nproc"]), "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "-m", cfg["worker_module"], str(resolved_path)]
+
+
+def worker_env(nproc: int) -> dict[str, str]:
+    """The caller's environment plus: unbuffered output and one core's share of threads
+    per rank (OMP_NUM_THREADS = cores // nproc, at least 1; a value you set wins)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def launch_workers(cfg: dict[str, Any], resolved_path: Path) -> None:
+    """Run the ranks, tee their output to the terminal and STAGE_DIR/train.log."""
+    stage_dir = resolved_path.parent
+    port = cfg["master_port"] or free_port()
+    cmd = worker_command(cfg, resolved_path, port)
+    log_path = stage_dir / LOG_NAME
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=worker_env(cfg["nproc"]), start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        previous = _raise_on_sigterm()
+        try:
+            assert proc.stdout is not None
+            out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                log.write(chunk)
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM of this process: stop the ranks too
+            _stop(proc)
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    if rc != 0:
+        raise LaunchError(f"stage {cfg['stage']['name']}: the workers failed (torchrun exit code {rc}); "
+                          f"see the output above or {log_path}; resume=true continues from the last "
+                          f"DeepSpeed checkpoint")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: torchrun gets SIGTERM if this process dies, even by SIGKILL
+    (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op), and then stops its ranks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _raise_on_sigterm():
+    """SIGTERM → SystemExit(143) while the ranks run, so they are stopped on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun's own session: it and its ranks
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
