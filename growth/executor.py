@@ -224,6 +224,13 @@ class ShardWriter:
             self.log(f"{kind:<10} {name} {list(op.shape)} <- {src}: {op.operator}")
         return grown
 
+    def label(self, name: str, kind: str) -> str:
+        """How errors name a target tensor: with the source tensor it is grown from."""
+        what = "tensor" if kind == "weight" else f"{kind} of"
+        src = self.ops[name].src_name
+        origin = f" (grown from '{src}' in {self.sources[kind].directory})" if src else " (new)"
+        return f"{what} '{name}'{origin}"
+
     def write(self, task: ShardTask, root: Path,
               progress: Callable[[int], None] | None = None) -> bool:
         """Write ``task`` under ``root`` unless a complete copy exists; True if written."""
@@ -233,7 +240,8 @@ class ShardWriter:
                 progress(task.nbytes)
             return False
         write_shard_streaming(path, task.entries, lambda n: self.tensor(n, task.kind),
-                              after_tensor=(lambda _n, size: progress(size)) if progress else None)
+                              after_tensor=(lambda _n, size: progress(size)) if progress else None,
+                              label=lambda n: self.label(n, task.kind))
         delay = float(os.environ.get(DELAY_ENV) or 0)
         if delay:
             time.sleep(delay)

@@ -115,8 +115,11 @@ def _run_spawned(request: ApplyRequest, workers: int, progress: Callable[[int], 
                 progress(payload)
             elif kind == "log" and log is not None:
                 log(payload)
-            elif kind in ("done", "error"):
-                finished[rank] = payload if kind == "error" else None
+            elif kind == "done":
+                finished[rank] = None
+            elif kind == "error":  # stop the others: the run fails either way
+                finished[rank] = payload
+                break
     finally:
         for p in procs:
             if p.is_alive() and len(finished) < workers:

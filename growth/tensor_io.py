@@ -129,13 +129,15 @@ def shard_header(entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
 
 def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
                           produce: Callable[[str], torch.Tensor],
-                          after_tensor: Callable[[str, int], None] | None = None) -> None:
+                          after_tensor: Callable[[str, int], None] | None = None,
+                          label: Callable[[str], str] = lambda name: f"tensor '{name}'") -> None:
     """Write a safetensors shard whose tensors ``produce(name)`` returns one at a time.
 
     Each produced tensor must have the announced shape; it is cast to the announced dtype
     piece by piece as it is written (so a float32 result costs no extra bf16 copy). The file is
     written as ``<name>.partial`` and renamed when complete; on any error the partial file
-    is removed. ``after_tensor(name, nbytes)`` is called after each tensor is written.
+    is removed. ``after_tensor(name, nbytes)`` is called after each tensor is written;
+    ``label(name)`` names a tensor in error messages (e.g. with the source it came from).
 
     Note: one background thread writes tensor k while ``produce`` computes tensor k + 1
     (both release the GIL), so I/O and growth math overlap; one finished tensor is in
@@ -150,11 +152,11 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
             for name, shape, dtype in entries:
                 tensor = produce(name)
                 if tuple(tensor.shape) != tuple(shape):
-                    raise CheckpointError(f"{path}: tensor '{name}' came out {list(tensor.shape)}, "
+                    raise CheckpointError(f"{path}: {label(name)} came out {list(tensor.shape)}, "
                                           f"expected {list(shape)}")
                 if pending is not None:
                     _finish(pending, after_tensor)
-                pending = (pool.submit(_write_tensor, fh, tensor, dtype, path, name), name,
+                pending = (pool.submit(_write_tensor, fh, tensor, dtype, path, label(name)), name,
                            nbytes_of(shape, dtype))
                 del tensor
             if pending is not None:
@@ -179,7 +181,7 @@ def _finish(pending: tuple[Future, str, int], after_tensor: Callable[[str, int],
         after_tensor(name, size)
 
 
-def _write_tensor(fh: BinaryIO, tensor: torch.Tensor, dtype: torch.dtype, path: Path, name: str) -> None:
+def _write_tensor(fh: BinaryIO, tensor: torch.Tensor, dtype: torch.dtype, path: Path, label: str) -> None:
     """Cast to ``dtype`` and write in CHUNK-element pieces (no full-size cast copy), refusing
     NaN/inf so that an overflowing cast (e.g. to float16) or a broken source is caught."""
     flat = tensor.contiguous().reshape(-1)
@@ -188,13 +190,13 @@ def _write_tensor(fh: BinaryIO, tensor: torch.Tensor, dtype: torch.dtype, path: 
         # A sum is finite iff every element is (weights never overflow an fp32 sum), and it
         # is ~10× cheaper than isfinite().all(), which materialises a bool tensor.
         if not torch.isfinite(out.sum(dtype=torch.float32)) and not torch.isfinite(out).all():
-            raise CheckpointError(f"{path}: tensor '{name}' holds NaN or inf as "
+            raise CheckpointError(f"{path}: {label} holds NaN or inf as "
                                   f"{str(dtype).replace('torch.', '')} (values out of the dtype's "
                                   f"range, or NaN/inf in the source)")
         try:
             fh.write(_as_bytes(out))
         except OSError as err:  # disk full, file size limit, I/O error
-            wrapped = OSError(f"{path}: {err.strerror or err} while writing tensor '{name}'")
+            wrapped = OSError(f"{path}: {err.strerror or err} while writing {label}")
             wrapped.errno = err.errno
             raise wrapped from None
 

@@ -121,6 +121,17 @@ def test_dtype_that_cannot_hold_the_values(capsys, src):
     apply_fails(capsys, src, name, "float16", extra=("--dtype", "float16"))
 
 
+def test_error_in_a_spawned_worker_is_one_line(capsys, src):
+    """The same failure under --workers 2: raised in a worker, reported once by the parent."""
+    victim = shard(src, 3)
+    tensors = load_file(str(victim))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 1e8
+    save_file(tensors, str(victim))
+    apply_fails(capsys, src, name, "float16", extra=("--dtype", "float16", "--workers", "2",
+                                                     "--max-shard-size", "50KB"))
+
+
 def test_target_smaller_than_source(capsys, tmp_path):
     big = init_checkpoint(get_flavor("tiny-s2"), tmp_path / "big", seed=0, source="tiny-s2")
     apply_fails(capsys, big, "hidden_size", "smaller", to="tiny-s1")
