@@ -254,3 +254,16 @@ def test_run_stage_in_process_raises_stage_error(hydra_conf, tmp_path):
     with pytest.raises(StageError, match="parent stage 'tiny_s1'"):
         run_stage(hydra_conf("stage=tiny_s2", f"run_dir={tmp_path}"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_continues_only_from_a_deepspeed_checkpoint(cli, tmp_path):
+    run = tmp_path / "run"
+    for name, has_ckpt in (("crashed", True), ("died_early", False)):
+        (run / name / "ds_ckpt").mkdir(parents=True)
+        if has_ckpt:
+            (run / name / "ds_ckpt" / "latest").write_text("step00000020")
+        rc, out, err, ran = cli("stage=tiny_s1", f"stage.name={name}", "nproc=1", SMALL_DATA, "resume=true")
+        assert rc == 0 and ran, err
+        resolved = json.loads((run / name / RESOLVED_NAME).read_text())
+        assert resolved["resume"] is has_ckpt  # no checkpoint yet: the stage starts over
+        assert ("resuming from its DeepSpeed checkpoint" in out) is has_ckpt
