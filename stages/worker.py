@@ -50,6 +50,7 @@ STOP_AFTER_ENV = "FLM_WORKER_STOP_AFTER_STEP"
 # … or write STAGE_DIR/.paused and sleep until killed.
 PAUSE_AFTER_ENV = "FLM_WORKER_PAUSE_AFTER_STEP"
 PAUSED_MARK = ".paused"
+DONE_KEY, LEFT_KEY = "flm_worker_done", "flm_worker_left_{}"  # rendezvous-store keys at exit
 
 
 class WorkerError(Exception):
@@ -98,8 +99,9 @@ def build_engine(cfg: dict[str, Any], config: ModelConfig, weights: dict[str, to
 class Reporter:
     """TensorBoard, train_log.jsonl and the tqdm bar; a no-op on ranks other than 0."""
 
-    def __init__(self, stage_dir: Path, name: str, total: int, start: int, active: bool):
-        self.active = active
+    def __init__(self, stage_dir: Path, name: str, total: int, start: int, active: bool,
+                 log_every: int = 1):
+        self.active, self.total, self.log_every = active, total, max(1, log_every)
         if not active:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -119,12 +121,14 @@ class Reporter:
         if not self.active:
             return
         step = record["step"]
+        self.bar.update(1)
+        if step % self.log_every and step != self.total:
+            return
         for key in ("loss", "lr", "c", "tokens_per_second"):
             if record.get(key) is not None:
                 self.tb.add_scalar(f"train/{key}", record[key], step)
         with open(self.log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
 
     def eval(self, step: int, loss: float) -> None:
@@ -216,7 +220,11 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
         eval_start = client["eval_loss_start"]
     else:
         eval_start = eng.eval_loss(evals)
-    reporter = Reporter(stage_dir, stage["name"], total, start, active=rank == 0)
+    reporter = Reporter(stage_dir, stage["name"], total, start, active=rank == 0,
+                        log_every=int(stage.get("log_every", 1)))
+    if mask0 is not None and rank == 0 and mask_c(total, int(stage["ramp_steps"]), float(mask0["c"])) < 1:
+        print(f"warning: stage.ramp_steps ({stage['ramp_steps']}) exceeds stage.steps ({total}): the "
+              f"stage ends with the MSG masks at c < 1 and exports them unfolded", file=sys.stderr)
     if not resuming:
         reporter.eval(0, eval_start)
     train_seconds = float(client.get("train_seconds", 0.0))
@@ -288,8 +296,28 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
     }
     if rank == 0:
         write_json_atomic(stage_dir / SUMMARY_NAME, summary)
-    dist.barrier()
     return summary if rank == 0 else None
+
+
+def leave_together() -> None:
+    """The last collective, then hold every other rank until rank 0 is out of it too.
+
+    Note: a gloo rank that exits right after a barrier can close its sockets while rank 0
+    is still inside that barrier ("Connection closed by peer" on rank 0; 2 runs in 12 on a
+    loaded 2-core machine). The handshake goes through the rendezvous store instead, and
+    rank 0 (which may host the store) leaves last.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        store.set(DONE_KEY, "1")
+        store.wait([LEFT_KEY.format(r) for r in range(1, world)])
+    else:
+        store.wait([DONE_KEY])
+        store.set(LEFT_KEY.format(rank), "1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_stage(cfg)
+        leave_together()
     except (WorkerError, ConfigError, CheckpointError) as err:
         if dist.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
