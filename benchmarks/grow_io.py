@@ -16,7 +16,9 @@ peak RSS ≤ 1.5 GB + 3 × the largest target tensor.
 
 The last line printed is one JSON object with ``ratio_to_io_floor`` and
 ``peak_rss_bytes`` (the worst of the two sizes). Both child processes start a Python
-with torch, so interpreter start-up is on both sides. Note: on a machine whose RAM holds
+with torch, so interpreter start-up is on both sides. Floor and apply runs are interleaved
+``--repeat`` times and the fastest of each is compared (the usual defence against
+background load); CPU seconds (user + system) are reported next to wall time. Note: on a machine whose RAM holds
 the files, reads come from the page cache; both sides see the same cache state (each
 measurement starts after ``sync``).
 """
@@ -56,8 +58,9 @@ def env() -> dict[str, str]:
     return e
 
 
-def measured(argv: list[str]) -> tuple[float, int]:
-    """Run argv; (wall seconds, the child's own peak RSS in bytes). Raises on failure."""
+def measured(argv: list[str]) -> tuple[float, int, float]:
+    """Run argv; (wall seconds, the child's own peak RSS in bytes, its user + system CPU
+    seconds). Raises on failure."""
     os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -67,7 +70,7 @@ def measured(argv: list[str]) -> tuple[float, int]:
     out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{out}{err}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def floor_child(src: str, target_config: str, out: str, dtype: str, shard: str) -> None:
@@ -89,7 +92,7 @@ def floor_child(src: str, target_config: str, out: str, dtype: str, shard: str) 
         save_file({n: torch.empty(shapes[n], dtype=cast) for n in names}, str(Path(out) / fname))
 
 
-def run_size(work: Path, layers: int, dtype: str, workers: int) -> dict:
+def run_size(work: Path, layers: int, dtype: str, workers: int, repeat: int) -> dict:
     src_cfg, dst_cfg = bench_configs(layers)
     tag = f"L{layers}"
     cfg_dir = work / f"{tag}-configs"
@@ -101,11 +104,17 @@ def run_size(work: Path, layers: int, dtype: str, workers: int) -> dict:
     grow = [sys.executable, "-m", "growth.cli"]
     subprocess.run([*grow, "init", str(cfg_dir / "src" / "config.json"), "--out", str(src), "--dtype", dtype,
                     "--max-shard-size", SHARD, "--quiet"], env=env(), check=True, stdout=subprocess.DEVNULL)
-    floor_s, floor_rss = measured([sys.executable, __file__, "--floor-child", str(src),
-                                   str(cfg_dir / "dst" / "config.json"), str(floor_out), dtype])
-    apply_s, apply_rss = measured([*grow, "apply", "--from", str(src), "--to", str(cfg_dir / "dst"),
-                                   "--out", str(out), "--max-shard-size", SHARD, "--quiet",
-                                   "--workers", str(workers)])
+    floors, applies = [], []
+    for _ in range(repeat):  # interleaved, so both sides see the same background load
+        floors.append(measured([sys.executable, __file__, "--floor-child", str(src),
+                                str(cfg_dir / "dst" / "config.json"), str(floor_out), dtype]))
+        shutil.rmtree(floor_out)
+        applies.append(measured([*grow, "apply", "--from", str(src), "--to", str(cfg_dir / "dst"),
+                                 "--out", str(out), "--max-shard-size", SHARD, "--quiet",
+                                 "--workers", str(workers)]))
+        shutil.rmtree(out)
+    floor_s, apply_s = min(f[0] for f in floors), min(a[0] for a in applies)
+    floor_rss, apply_rss = max(f[1] for f in floors), max(a[1] for a in applies)
     element = 4 if dtype == "float32" else 2
     largest = max(math.prod(s) for s in dst_cfg.tensor_shapes().values()) * element
     result = {
@@ -114,6 +123,9 @@ def run_size(work: Path, layers: int, dtype: str, workers: int) -> dict:
         "largest_target_tensor_bytes": largest,
         "floor_seconds": round(floor_s, 3), "apply_seconds": round(apply_s, 3),
         "ratio_to_io_floor": round(apply_s / floor_s, 3),
+        "floor_samples": [round(f[0], 2) for f in floors], "apply_samples": [round(a[0], 2) for a in applies],
+        "floor_cpu_seconds": round(min(f[2] for f in floors), 2),
+        "apply_cpu_seconds": round(min(a[2] for a in applies), 2),
         "peak_rss_bytes": apply_rss, "floor_peak_rss_bytes": floor_rss,
         "peak_rss_limit_bytes": int(1.5e9) + 3 * largest,
     }
@@ -131,6 +143,8 @@ def main() -> None:
                    help="checkpoint dtype (default float32: 1.1 GB source)")
     p.add_argument("--layers", type=int, default=16, help="source layers of the 1× model (default 16)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="interleaved floor/apply pairs per size; the fastest of each counts (default 3)")
     p.add_argument("--workdir", default=None, help="where to write (default a temp dir on /tmp)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grow_io-", dir=args.workdir))
@@ -139,11 +153,12 @@ def main() -> None:
         base = bench_configs(args.layers)[0].params
         double = next(n for n in range(args.layers, 8 * args.layers) if bench_configs(n)[0].params >= 2 * base)
         for layers in (args.layers, double):
-            r = run_size(work, layers, args.dtype, args.workers)
+            r = run_size(work, layers, args.dtype, args.workers, args.repeat)
             results.append(r)
             print(f"{r['source_bytes'] / 1e9:.2f} GB → {r['target_bytes'] / 1e9:.2f} GB {r['dtype']}: "
                   f"apply {r['apply_seconds']:.2f} s, I/O floor {r['floor_seconds']:.2f} s "
-                  f"(ratio {r['ratio_to_io_floor']:.2f}, target ≤ 1.3); peak RSS "
+                  f"(ratio {r['ratio_to_io_floor']:.2f}, target ≤ 1.3; CPU {r['apply_cpu_seconds']:.1f} s vs "
+                  f"{r['floor_cpu_seconds']:.1f} s); peak RSS "
                   f"{r['peak_rss_bytes'] / 1e9:.2f} GB (limit {r['peak_rss_limit_bytes'] / 1e9:.2f} GB; "
                   f"floor child {r['floor_peak_rss_bytes'] / 1e9:.2f} GB)", flush=True)
     finally:

@@ -193,8 +193,9 @@ def prepare(request: ApplyRequest, check_out: bool = True) -> ApplyJob:
     reader = CheckpointReader(src)
     dtype = output_dtype(reader, request.dtype)
     target = resolve_config(request.target)
-    source = TensorSource(reader)
-    plan = make_plan(reader.config, target, GrowthSpec.from_dict(dict(request.spec)), get_tensor=source.get)
+    with TensorSource(reader) as source:  # weights are read only for positions="distance"
+        plan = make_plan(reader.config, target, GrowthSpec.from_dict(dict(request.spec)),
+                         get_tensor=source.get)
     moments = open_moments(src, reader.config)
     tasks = shard_tasks(plan.config, dtype, request.max_shard_size)
     for kind in moments:
