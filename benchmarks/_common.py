@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .` (the GPU machine)
+    sys.path.insert(1, str(REPO))
 
 
 # ---------------------------------------------------------------------- machine

@@ -97,7 +97,7 @@ def compare(growth: Curve, scratch: Curve) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- plot
-def plot(growth: Curve, scratch: Curve, result: dict[str, Any], path: Path) -> None:
+def plot(growth: Curve, scratch: Curve, controls: list[Curve], result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,6 +105,8 @@ def plot(growth: Curve, scratch: Curve, result: dict[str, Any], path: Path) -> N
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     ax.plot(scratch.flops, scratch.loss, "-o", ms=2.5, color="tab:gray", label=scratch.name)
+    for curve, color in zip(controls, ("tab:orange", "tab:green", "tab:purple"), strict=False):
+        ax.plot(curve.flops, curve.loss, "--", lw=1.2, color=color, label=f"control, {curve.name}")
     ax.plot(growth.flops, growth.loss, "-o", ms=2.5, color="tab:blue", label=growth.name)
     for x, label in growth.marks:
         ax.axvline(x, color="tab:blue", ls=":", lw=1)
@@ -122,7 +124,7 @@ def plot(growth: Curve, scratch: Curve, result: dict[str, Any], path: Path) -> N
     ax.set_xlabel("training FLOPs (cumulative, 6N + attention per token)")
     ax.set_ylabel("eval loss (nats/byte, fixed held-out batches)")
     top = max(growth.loss[min(2, len(growth.loss) - 1)], scratch.loss[min(2, len(scratch.loss) - 1)])
-    ax.set_ylim(min(min(growth.loss), min(scratch.loss)) - 0.05, top)
+    ax.set_ylim(min(min(c.loss) for c in (growth, scratch, *controls)) - 0.05, top)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -180,10 +182,7 @@ def summaries(run_dir: Path, names: list[str]) -> list[dict[str, Any]]:
     return [json.loads((run_dir / n / "summary.json").read_text()) for n in names]
 
 
-def run_real(args: argparse.Namespace) -> tuple[Curve, Curve, list[list[Any]], dict[str, Any]]:
-    from growth.config import resolve_config
-    from stages.config import StageCfg
-
+def run_real(args: argparse.Namespace) -> tuple[Curve, Curve, list[Curve], list[list[Any]], dict[str, Any]]:
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "growth_payoff.log"
@@ -193,28 +192,47 @@ def run_real(args: argparse.Namespace) -> tuple[Curve, Curve, list[list[Any]], d
     grown = summaries(run_dir, GROWTH_STAGES)
     growth_flops = sum(s["flops"] for s in grown)
 
-    # scratch: tiny-s3 shapes, tiny_s1's from-scratch LR rules, as many steps as the FLOPs buy
-    s3, s1 = _stage_yaml("tiny_s3"), _stage_yaml(SCRATCH_LR_FROM)
-    model = resolve_config(s3["model"])
-    tokens_per_step = s3["micro_batch_size"] * s3["grad_accum"] * s3["seq_len"] * args.nproc
-    steps = round(growth_flops / (model.flops_per_token(s3["seq_len"]) * tokens_per_step))
-    lr_rules = {k: s1.get(k, getattr(StageCfg(), k)) for k in ("lr", "warmup_steps", "decay", "min_lr_ratio")}
-    if not (run_dir / SCRATCH_STAGE / "summary.json").is_file():
-        train_stage(["stage=tiny_s3", f"stage.name={SCRATCH_STAGE}", "stage.parent=null",
-                     f"stage.steps={steps}", f"stage.seed={s1['seed']}",
-                     *(f"stage.{k}={v}" for k, v in lr_rules.items()), *common], log)
-    scratch_summary = summaries(run_dir, [SCRATCH_STAGE])[0]
+    lr_rules = _lr_rules(_stage_yaml(SCRATCH_LR_FROM))
+    scratch_runs = [(GROWTH_STAGES[-1], SCRATCH_STAGE)]
+    scratch_runs += [(c, f"scratch_{c.removeprefix('tiny_')}") for c in args.controls if c != GROWTH_STAGES[-1]]
+    curves, run_summaries, steps_of = [], [], {}
+    for stage_name, run_name in scratch_runs:
+        steps = scratch_steps(stage_name, growth_flops, args.nproc)
+        steps_of[run_name] = steps
+        if not (run_dir / run_name / "summary.json").is_file():
+            train_stage([f"stage={stage_name}", f"stage.name={run_name}", "stage.parent=null",
+                         f"stage.steps={steps}", *(f"stage.{k}={v}" for k, v in lr_rules.items()), *common], log)
+        run_summaries.append(summaries(run_dir, [run_name])[0])
+        model = _stage_yaml(stage_name)["model"]
+        curves.append(stage_curve([run_dir / run_name], f"scratch: {model}, {steps} steps", [""]))
 
     labels = ["", "grow s1→s2 (zero)", "grow s2→s3 (masked)"]
     growth = stage_curve([run_dir / n for n in GROWTH_STAGES], "growth: tiny-s1 → s2 → s3", labels)
-    scratch = stage_curve([run_dir / SCRATCH_STAGE], f"scratch: tiny-s3, {steps} steps", [""])
     rows = [[s["stage"], _params(s["params"]), s["steps"], f"{s['flops']:.3g}", f"{s['eval_loss_start']:.4f}",
              f"{s['eval_loss_end']:.4f}", f"{s['lr_peak']:.2g}", fmt_seconds(s["wall_seconds"])]
-            for s in [*grown, scratch_summary]]
-    setup = {"run_dir": str(run_dir), "scratch_steps": steps, "scratch_lr_rules": lr_rules,
-             "scratch_lr_from": SCRATCH_LR_FROM, "tokens_per_step": tokens_per_step, "nproc": args.nproc,
-             "eval_every": args.eval_every, "stages": grown + [scratch_summary]}
-    return growth, scratch, rows, setup
+            for s in [*grown, *run_summaries]]
+    setup = {"run_dir": str(run_dir), "scratch_steps": steps_of, "scratch_lr_rules": lr_rules,
+             "scratch_lr_from": SCRATCH_LR_FROM, "nproc": args.nproc, "eval_every": args.eval_every,
+             "stages": grown + run_summaries}
+    return growth, curves[0], curves[1:], rows, setup
+
+
+def scratch_steps(stage_name: str, flops: float, nproc: int) -> int:
+    """Optimizer steps of ``stage_name``'s model and batch shape that cost ``flops``."""
+    from growth.config import resolve_config
+
+    stage = _stage_yaml(stage_name)
+    model = resolve_config(stage["model"])
+    tokens_per_step = stage["micro_batch_size"] * stage["grad_accum"] * stage["seq_len"] * nproc
+    return round(flops / (model.flops_per_token(stage["seq_len"]) * tokens_per_step))
+
+
+def _lr_rules(stage: dict[str, Any]) -> dict[str, Any]:
+    """The from-scratch stage's LR rules and seed (StageCfg defaults where the yaml is silent)."""
+    from stages.config import StageCfg
+
+    keys = ("lr", "warmup_steps", "decay", "min_lr_ratio", "seed")
+    return {k: stage.get(k, getattr(StageCfg(), k)) for k in keys}
 
 
 def _stage_yaml(name: str) -> dict[str, Any]:
@@ -233,7 +251,7 @@ def _params(n: int) -> str:
 
 
 # ---------------------------------------------------------------------- smoke: synthetic curves
-def synthetic() -> tuple[Curve, Curve, list[list[Any]], dict[str, Any]]:
+def synthetic() -> tuple[Curve, Curve, list[Curve], list[list[Any]], dict[str, Any]]:
     """Made-up power-law curves with two growth points: exercises analysis, table, plot, JSON."""
     def law(f: float, a: float) -> float:
         return 1.5 + a * (1 + f / 1e12) ** -0.5
@@ -242,7 +260,8 @@ def synthetic() -> tuple[Curve, Curve, list[list[Any]], dict[str, Any]]:
     growth = Curve("growth (synthetic)", xs, [law(x, 3.3) - (0.1 if x > 1e12 else 0) for x in xs],
                    marks=[(1e12, "grow 1"), (2e12, "grow 2")])
     scratch = Curve("scratch (synthetic)", xs, [law(x, 3.5) for x in xs])
-    return growth, scratch, [["synthetic", "-", 30, "3e12", "-", "-", "-", "-"]], {"synthetic": True}
+    small = Curve("scratch small (synthetic)", xs, [law(x, 3.2) + 0.05 for x in xs])
+    return growth, scratch, [small], [["synthetic", "-", 30, "3e12", "-", "-", "-", "-"]], {"synthetic": True}
 
 
 # ---------------------------------------------------------------------- main
@@ -253,11 +272,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where both runs train (default runs/growth_payoff); finished stages are reused")
     p.add_argument("--eval-every", type=int, default=20, help="eval every N steps in every stage (default 20)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per stage (default 2)")
+    p.add_argument("--controls", default="tiny_s2",
+                   help="comma-separated stages whose model also trains from scratch at the same FLOPs, "
+                        "to tell growth from 'a smaller model is more FLOP-efficient here' (default tiny_s2; "
+                        "'' for none)")
     p.add_argument("--png", default=str(REPO / "docs" / "growth_payoff.png"),
                    help="loss-vs-FLOPs plot (default docs/growth_payoff.png)")
     p.add_argument("--smoke", action="store_true",
                    help="synthetic curves, no training; the plot goes to a temp dir unless --png is given")
     args = p.parse_args(argv)
+    args.controls = [c for c in args.controls.split(",") if c]
     if args.smoke and "--png" not in (argv if argv is not None else sys.argv[1:]):
         args.png = str(Path(tempfile.mkdtemp(prefix="growth_payoff-")) / "growth_payoff.png")
     return args
@@ -267,31 +291,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info = machine_info()
     print_machine(info)
-    growth, scratch, rows, setup = synthetic() if args.smoke else run_real(args)
+    growth, scratch, controls, rows, setup = synthetic() if args.smoke else run_real(args)
     result = compare(growth, scratch)
+    target = result["scratch_final_eval_loss"]
     print_table(["stage", "params", "steps", "FLOPs", "eval start", "eval end", "peak LR", "wall"], rows,
                 title="stages (summary.json)")
+    table, control_results = [], []
+    base = result["scratch_flops_to_reach"]
+    for curve in [growth, scratch, *controls]:
+        reach = flops_to_reach(curve, target)
+        rel = None if reach is None or not base else reach / base
+        table.append([curve.name, f"{curve.flops[-1]:.3g}", f"{curve.loss[-1]:.4f}",
+                      "never" if reach is None else f"{reach:.3g}", "-" if rel is None else f"{rel:.3f}",
+                      f"{loss_at(curve, scratch.flops[-1] / 2):.4f}", fmt_seconds(curve.wall_seconds)])
+        if curve in controls:
+            control_results.append({"name": curve.name, "final_eval_loss": curve.loss[-1], "flops_to_reach": reach,
+                                    "flops_ratio_to_reach_scratch_loss": rel,
+                                    "curve": {"flops": curve.flops, "eval_loss": curve.loss}})
+    print_table(["run", "total FLOPs", "final eval loss", f"FLOPs to reach {target:.4f}", "÷ scratch",
+                 "loss at ½ budget", "wall"], table, title="at equal total FLOPs (target: scratch's final eval loss)")
     ratio = result["flops_ratio_to_reach_scratch_loss"]
-    g_reach, s_reach = result["growth_flops_to_reach"], result["scratch_flops_to_reach"]
-    print_table(["run", "total FLOPs", "final eval loss", f"FLOPs to reach {result['scratch_final_eval_loss']:.4f}",
-                 "loss at ½ budget", "wall"],
-                [[growth.name, f"{growth.flops[-1]:.3g}", f"{growth.loss[-1]:.4f}",
-                  "never" if g_reach is None else f"{g_reach:.3g}", f"{result['growth_loss_at_half_budget']:.4f}",
-                  fmt_seconds(growth.wall_seconds)],
-                 [scratch.name, f"{scratch.flops[-1]:.3g}", f"{scratch.loss[-1]:.4f}",
-                  "never" if s_reach is None else f"{s_reach:.3g}", f"{result['scratch_loss_at_half_budget']:.4f}",
-                  fmt_seconds(scratch.wall_seconds)]],
-                title="growth vs scratch at equal total FLOPs")
     if ratio is None:
-        print(f"\ngrowth does NOT reach scratch's final eval loss {result['scratch_final_eval_loss']:.4f} "
+        print(f"\ngrowth does NOT reach scratch's final eval loss {target:.4f} "
               f"(it ends at {result['growth_final_eval_loss']:.4f}): no FLOPs saving at this scale")
     else:
         verdict = "meets" if ratio <= 0.55 else "misses"
         print(f"\ngrowth reaches scratch's final eval loss with {ratio:.3f}× scratch's FLOPs "
-              f"({verdict} the ≤ 0.55 target; {1 / ratio:.2f}× speed-up)" if ratio > 0 else "")
-    plot(growth, scratch, result, Path(args.png))
+              f"({verdict} the ≤ 0.55 target; {1 / ratio:.2f}× speed-up)")
+    for c in control_results:
+        r = c["flops_ratio_to_reach_scratch_loss"]
+        print(f"control {c['name']}: " + ("never reaches it" if r is None else f"{r:.3f}× scratch's FLOPs")
+              + f", ends at {c['final_eval_loss']:.4f}")
+    plot(growth, scratch, controls, result, Path(args.png))
     print(f"plot: {args.png}")
-    out = {"benchmark": "growth_payoff", **result,
+    out = {"benchmark": "growth_payoff", **result, "controls": control_results,
            "growth_curve": {"flops": growth.flops, "eval_loss": growth.loss, "marks": growth.marks},
            "scratch_curve": {"flops": scratch.flops, "eval_loss": scratch.loss},
            "png": args.png, "setup": setup, "smoke": args.smoke, "machine": info}
