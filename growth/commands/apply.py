@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "included when present) into TARGET's shapes and write OUT: HF shards, "
                     "index, config.json and growth.json with the event appended. Work happens "
                     "in a staging dir next to OUT; rerunning the same command after a kill "
-                    "finishes the missing shards with byte-identical output. An existing "
+                    "finishes the missing shards with byte-identical output (growth.json keeps "
+                    "the first attempt's time, or SOURCE_DATE_EPOCH when set). An existing "
                     "non-empty OUT is never overwritten.")
     p.add_argument("--from", dest="src", required=True, metavar="SRC_DIR", help="source checkpoint directory")
     p.add_argument("--to", dest="target", required=True, metavar="FLAVOR|CONFIG_JSON|DIR",
