@@ -151,8 +151,6 @@ class StageEngine:
         optimizer = make_optimizer(named, self.config, stage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
-        self._names = [n for n, _ in named]
-        self.accum = int(stage["grad_accum"])
 
     @property
     def zero_stage(self) -> int:
@@ -160,10 +158,6 @@ class StageEngine:
 
     def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from self.engine.module.named_parameters()
-
-    def owner(self, name: str) -> int:
-        """Global rank that ends up holding the full tensor ``name`` after a gather."""
-        return 0
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         import torch.distributed as dist

@@ -207,7 +207,6 @@ class PipeStageEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
         self.dp_rank = self.engine.grid.data_parallel_id
-        self.accum = int(stage["grad_accum"])
 
     @property
     def zero_stage(self) -> int:

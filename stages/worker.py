@@ -47,10 +47,9 @@ DS_TAG = "step{:08d}"
 KEEP_DS_CHECKPOINTS = 2  # older DeepSpeed checkpoints are deleted after each save
 # Test hooks (environment): after step k, save a DeepSpeed checkpoint and exit 0 …
 STOP_AFTER_ENV = "FLM_WORKER_STOP_AFTER_STEP"
-# … or write STAGE_DIR/.paused and sleep until killed.
+# … or write STAGE_DIR/.paused-<rank> (holding the rank's pid) and sleep until killed.
 PAUSE_AFTER_ENV = "FLM_WORKER_PAUSE_AFTER_STEP"
-PAUSED_MARK = ".paused"
-DONE_KEY, LEFT_KEY = "flm_worker_done", "flm_worker_left_{}"  # rendezvous-store keys at exit
+PAUSED_MARK = ".paused-{}"
 
 
 class WorkerError(Exception):
@@ -181,6 +180,9 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
     total, accum = int(stage["steps"]), int(stage["grad_accum"])
     seq_len, mbs = int(stage["seq_len"]), int(stage["micro_batch_size"])
     init = cfg.get("init_checkpoint")
+    # Decided once, before any rank can publish final/: a rank that looked later could see
+    # rank 0's fresh export, skip its own part and leave the ranks' collectives out of step.
+    exported = (final_dir / "config.json").is_file()
 
     config = start_config(cfg)
     mask0 = dict(config.growth_mask) if config.growth_mask is not None else None
@@ -256,8 +258,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
             reporter.close()
             return None
         if done == pause_after:
-            if rank == 0:
-                (stage_dir / PAUSED_MARK).write_text(str(done))
+            (stage_dir / PAUSED_MARK.format(rank)).write_text(str(os.getpid()))
             time.sleep(3600)
 
     set_mask(total)
@@ -269,7 +270,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
     history = CheckpointReader(init).history if init is not None else new_history()
     history = append_event(history, {"kind": "train", "stage": stage["name"], "steps": total,
                                      "tokens": tokens, "eval_loss_end": eval_end})
-    if not (final_dir / "config.json").is_file():
+    if not exported:
         meta = {"betas": list(stage["betas"]), "eps": float(stage["eps"]),
                 "weight_decay": float(stage["weight_decay"])}
         export_final(eng, config, history, final_dir, meta)
@@ -296,28 +297,8 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
     }
     if rank == 0:
         write_json_atomic(stage_dir / SUMMARY_NAME, summary)
-    return summary if rank == 0 else None
-
-
-def leave_together() -> None:
-    """The last collective, then hold every other rank until rank 0 is out of it too.
-
-    Note: a gloo rank that exits right after a barrier can close its sockets while rank 0
-    is still inside that barrier ("Connection closed by peer" on rank 0; 2 runs in 12 on a
-    loaded 2-core machine). The handshake goes through the rendezvous store instead, and
-    rank 0 (which may host the store) leaves last.
-    """
-    import torch.distributed as dist
-
     dist.barrier()
-    store = dist.distributed_c10d._get_default_store()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:
-        store.set(DONE_KEY, "1")
-        store.wait([LEFT_KEY.format(r) for r in range(1, world)])
-    else:
-        store.wait([DONE_KEY])
-        store.set(LEFT_KEY.format(rank), "1")
+    return summary if rank == 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_stage(cfg)
-        leave_together()
     except (WorkerError, ConfigError, CheckpointError) as err:
         if dist.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)

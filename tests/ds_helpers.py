@@ -92,30 +92,39 @@ def run_worker(config_path: Path, env: dict[str, str] | None = None, timeout: fl
     return proc
 
 
-def run_and_kill(config_path: Path, pause_after: int, timeout: float = 180) -> None:
-    """Start a stage that pauses after step ``pause_after``; SIGKILL its whole process
-    group (torchrun and every rank) once the pause mark appears."""
+def run_and_kill(config_path: Path, pause_after: int, nproc: int = 2, timeout: float = 180) -> None:
+    """Start a stage that pauses after step ``pause_after``, then SIGKILL torchrun's
+    process group and every rank (torchrun starts each rank in a session of its own)."""
     from stages.worker import PAUSE_AFTER_ENV, PAUSED_MARK
 
-    mark = config_path.parent / PAUSED_MARK
-    mark.unlink(missing_ok=True)
-    proc = subprocess.Popen(torchrun_argv(config_path), env=_env({PAUSE_AFTER_ENV: str(pause_after)}),
+    marks = [config_path.parent / PAUSED_MARK.format(r) for r in range(nproc)]
+    for mark in marks:
+        mark.unlink(missing_ok=True)
+    proc = subprocess.Popen(torchrun_argv(config_path, nproc), env=_env({PAUSE_AFTER_ENV: str(pause_after)}),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
+    pids: list[int] = []
     try:
-        while not mark.exists():
+        while not all(m.exists() and m.read_text() for m in marks):
             if proc.poll() is not None:
                 raise AssertionError(f"worker exited early (rc {proc.returncode}): "
                                      f"{proc.stderr.read()[-4000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError("worker never reached the pause mark")
             time.sleep(0.2)
+        pids = [int(m.read_text()) for m in marks]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
         proc.stderr.close()
-    mark.unlink()
+    for mark in marks:
+        mark.unlink()
 
 
 def read_log(stage_dir: Path) -> list[dict[str, Any]]:
@@ -134,9 +143,9 @@ def read_summary(stage_dir: Path) -> dict[str, Any]:
 # Runs several test modules compare against, made once per pytest process.
 SHARED_RUNS: dict[str, dict[str, Any]] = {
     "zero1": {"zero": 1},
-    "zero2-bf16": {"zero": 2, "precision": "bf16"},
+    "zero2-bf16": {"zero": 2, "precision": "bf16", "micro_batch_size": 2, "grad_accum": 2},
     "zero3": {"zero": 3, "activation_checkpointing": True},
-    "pipe": {"pipeline": True, "activation_checkpointing": True},
+    "pipe": {"pipeline": True, "activation_checkpointing": True, "micro_batch_size": 2, "grad_accum": 2},
 }
 _state: dict[str, Any] = {"base": None, "data": None, "runs": {}}
 

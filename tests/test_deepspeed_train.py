@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from ds_helpers import SHARED_RUNS, eval_loss_of_checkpoint, read_log, read_summary, shared_run
+from ds_helpers import SHARED_RUNS, TINY_STAGE, eval_loss_of_checkpoint, read_log, read_summary, shared_run
 
 from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointReader
 from growth.config import get_flavor
@@ -25,9 +25,10 @@ def test_stage_trains_and_exports(name):
     s = read_summary(stage_dir)
     assert s["eval_loss_end"] < s["eval_loss_start"] - 0.5
     assert s["eval_loss_start"] == pytest.approx(5.57, abs=0.05)  # ≈ ln 259 for a fresh init
-    dp = 1 if SHARED_RUNS[name].get("pipeline") else 2
+    run = {**TINY_STAGE, **SHARED_RUNS[name]}
+    dp = 1 if run.get("pipeline") else 2
     config = get_flavor("tiny-s1")
-    assert s["steps"] == 20 and s["tokens"] == 20 * dp * 4 * 32
+    assert s["steps"] == 20 and s["tokens"] == 20 * dp * run["micro_batch_size"] * run["grad_accum"] * 32
     assert s["params"] == config.params and s["flops"] == config.flops_per_token(32) * s["tokens"]
     assert s["tokens_per_second"] > 0 and s["wall_seconds"] > 0 and s["parent_eval_loss_end"] is None
     assert any((stage_dir / "tb").iterdir())
@@ -46,7 +47,7 @@ def test_stage_trains_and_exports(name):
         sq = moments.get("model.layers.1.mlp.down_proj.weight")  # outside ZeRO's first param group
         assert sq.abs().sum() > 0
 
-    loss = eval_loss_of_checkpoint(final)
+    loss = eval_loss_of_checkpoint(final, micro_batch_size=run["micro_batch_size"])
     tol = 0.05 if SHARED_RUNS[name].get("precision") == "bf16" else 2e-6
     assert loss == pytest.approx(s["eval_loss_end"], abs=tol)
 
