@@ -40,7 +40,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ from growth.checkpoint import (
 from growth.config import ModelConfig, resolve_config
 from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_streaming
 from operators import GrowthPlan, GrowthSpec, make_plan
+from operators.plan import CHUNK_ELEMENTS
 
 MANIFEST_NAME = ".grow-apply.json"
 GROW_EVENT = "grow"
@@ -215,15 +216,15 @@ class ShardWriter:
                         **{k: TensorSource(r) for k, r in job.moments.items()}}
         self.ops = {op.name: op for op in job.plan.tensor_ops()}
 
-    def tensor(self, name: str, kind: str) -> torch.Tensor:
-        """The grown fp32 tensor (the shard writer casts it while writing)."""
+    def tensor(self, name: str, kind: str) -> Iterator[torch.Tensor]:
+        """The grown tensor as fp32 row blocks (the shard writer casts them while writing).
+        The source is read once, in its own dtype; each block is upcast on its own."""
         source = self.sources[kind]
-        grown = self.job.plan.grow_tensor(name, lambda n: source.get(n, torch.float32), kind=kind)
         if self.log is not None:
             op = self.ops[name]
             src = f"{op.src_name} {list(op.src_shape)}" if op.src_name else "(new)"
             self.log(f"{kind:<10} {name} {list(op.shape)} <- {src}: {op.operator}")
-        return grown
+        return self.job.plan.grow_tensor_chunks(name, source.get, kind=kind)
 
     def label(self, name: str, kind: str) -> str:
         """How errors name a target tensor: with the source tensor it is grown from."""
@@ -347,16 +348,15 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------- estimates
 def peak_memory_estimate(plan: GrowthPlan, src_dtype: torch.dtype, dtype: torch.dtype,
                          workers: int = 1) -> int:
-    """Bytes of RAM ``grow apply`` needs, per worker: BASE_RSS; the worst tensor's source
-    read and fp32 upcast plus two fp32 target-sized buffers inside the operator (gather,
-    then scale); and the previous fp32 tensor, still being written by the shard writer.
-    The cast to ``dtype`` happens in 64 MB pieces while writing, so it adds nothing."""
+    """Bytes of RAM ``grow apply`` needs, per worker: BASE_RSS; the worst tensor's source in
+    its own dtype; and the operator's row blocks (grow_tensor_chunks: at most
+    CHUNK_ELEMENTS fp32 elements each — a gathered block, its column gather, and the block
+    still being written by the shard writer). The cast to ``dtype`` happens in 64 MB pieces
+    while writing, so it adds nothing."""
+    block = 3 * nbytes_of((CHUNK_ELEMENTS,), torch.float32)
+
     def cost(op: Any) -> int:
-        src = 0
-        if op.src_name:
-            src = nbytes_of(op.src_shape, torch.float32) + (
-                nbytes_of(op.src_shape, src_dtype) if src_dtype != torch.float32 else 0)
-        return src + 2 * nbytes_of(op.shape, torch.float32)
-    ops = plan.tensor_ops()
-    in_flight = max(nbytes_of(op.shape, torch.float32) for op in ops)
-    return workers * (BASE_RSS + max(cost(op) for op in ops) + in_flight)
+        src = nbytes_of(op.src_shape, src_dtype) if op.src_name else 0
+        rows = min(nbytes_of(op.shape, torch.float32), block)
+        return src + rows
+    return workers * (BASE_RSS + max(cost(op) for op in plan.tensor_ops()) + block // 3)

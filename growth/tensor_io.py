@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -128,20 +128,22 @@ def shard_header(entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
 
 
 def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
-                          produce: Callable[[str], torch.Tensor],
+                          produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
                           after_tensor: Callable[[str, int], None] | None = None,
                           label: Callable[[str], str] = lambda name: f"tensor '{name}'") -> None:
     """Write a safetensors shard whose tensors ``produce(name)`` returns one at a time.
 
-    Each produced tensor must have the announced shape; it is cast to the announced dtype
-    piece by piece as it is written (so a float32 result costs no extra bf16 copy). The file is
-    written as ``<name>.partial`` and renamed when complete; on any error the partial file
-    is removed. ``after_tensor(name, nbytes)`` is called after each tensor is written;
-    ``label(name)`` names a tensor in error messages (e.g. with the source it came from).
+    ``produce`` returns the tensor, or an iterable of its consecutive row blocks (so a
+    tensor bigger than memory can be streamed). Together they must have the announced shape;
+    it is cast to the announced dtype piece by piece as it is written (so a float32 result
+    costs no extra bf16 copy). The file is written as ``<name>.partial`` and renamed when
+    complete; on any error the partial file is removed. ``after_tensor(name, nbytes)`` is
+    called after each piece is written; ``label(name)`` names a tensor in error messages
+    (e.g. with the source it came from).
 
     Note: one background thread writes tensor k while ``produce`` computes tensor k + 1
-    (both release the GIL), so I/O and growth math overlap; one finished tensor is in
-    flight at a time, never more.
+    (both release the GIL), so I/O and growth math overlap; one finished tensor (or row
+    block) is in flight at a time, never more.
     """
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -150,15 +152,23 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
             fh.write(shard_header(entries))
             pending: tuple[Future, str, int] | None = None
             for name, shape, dtype in entries:
-                tensor = produce(name)
-                if tuple(tensor.shape) != tuple(shape):
-                    raise CheckpointError(f"{path}: {label(name)} came out {list(tensor.shape)}, "
+                produced = produce(name)
+                pieces = [produced] if isinstance(produced, torch.Tensor) else produced
+                rows = 0
+                for piece in pieces:
+                    if tuple(piece.shape[1:]) != tuple(shape[1:]) or (
+                            len(shape) == 0 and piece.dim() != 0):
+                        raise CheckpointError(f"{path}: {label(name)} came out {list(piece.shape)}, "
+                                              f"expected {list(shape)}")
+                    rows += piece.shape[0] if piece.dim() else 1
+                    if pending is not None:
+                        _finish(pending, after_tensor)
+                    pending = (pool.submit(_write_tensor, fh, piece, dtype, path, label(name)), name,
+                               nbytes_of(piece.shape, dtype))
+                    del piece
+                if rows != (shape[0] if len(shape) else 1):
+                    raise CheckpointError(f"{path}: {label(name)} came out with {rows} rows, "
                                           f"expected {list(shape)}")
-                if pending is not None:
-                    _finish(pending, after_tensor)
-                pending = (pool.submit(_write_tensor, fh, tensor, dtype, path, label(name)), name,
-                           nbytes_of(shape, dtype))
-                del tensor
             if pending is not None:
                 _finish(pending, after_tensor)
         os.replace(tmp, path)

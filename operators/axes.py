@@ -36,6 +36,7 @@ class AxisMap:
     masked: bool = False
     divided: bool = False
     cloned: bool = False  # some entries duplicate a source entry (provenance)
+    offset: int | None = None  # new entries before this (sliced) map starts
 
     @property
     def size(self) -> int:
@@ -49,6 +50,26 @@ class AxisMap:
     @property
     def new(self) -> torch.Tensor:
         return self.src < 0
+
+    @property
+    def new_ordinal(self) -> torch.Tensor:
+        """For each entry, its index among the new entries (meaningful where ``new``)."""
+        if self.offset is None:
+            return torch.cumsum(self.new.long(), 0) - 1
+        return self.offset + torch.cumsum(self.new.long(), 0) - 1
+
+    def copy_scale(self, squared: bool = False) -> torch.Tensor:
+        """Factor on gathered values: the scale (squared for exp_avg_sq), 0 on new entries."""
+        scale = self.scale * self.scale if squared else self.scale
+        return torch.where(self.new, 0.0, scale)
+
+    def slice(self, start: int, stop: int) -> AxisMap:
+        """Entries [start, stop) of this map (new-entry ordinals keep counting from 0 at 0)."""
+        if start == 0 and stop == self.size:
+            return self
+        before = int(self.new[:start].sum())
+        return AxisMap(self.src[start:stop], self.scale[start:stop], self.fill, self.masked,
+                       self.divided, self.cloned, offset=before)
 
     def expand(self, unit: int) -> AxisMap:
         """Per-unit map (e.g. per head) → per-element map (head_dim elements per unit)."""

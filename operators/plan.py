@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from growth.config import ModelConfig
-from growth.model import init_tensor, param_init_std, seeded_generator
+from growth.model import param_init_std, seeded_generator
 from operators import axes as ax
 from operators.depth import make_layer_map, new_layer_indices
 from operators.mup import embedding_compensation, logit_compensation
@@ -25,6 +25,8 @@ from operators.spec import GrowthError, GrowthSpec
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 KINDS = ("weight", "exp_avg", "exp_avg_sq")
+ROW_BLOCK = 256  # random fields are seeded per this many rows, so chunking never changes values
+CHUNK_ELEMENTS = 1 << 25  # default row block of grow_tensor_chunks: 128 MB of fp32
 
 # Provenance codes (uint8) of every element of a grown tensor.
 COPIED, ZERO, INIT, CLONED, LAYER_COPY, MASKED = range(6)
@@ -210,34 +212,78 @@ class GrowthPlan:
     def grow_tensor(self, name: str, get_src: Callable[[str], torch.Tensor],
                     kind: str = "weight") -> torch.Tensor:
         """Target tensor ``name`` (fp32) from its source, for weights or Adam moments."""
+        return torch.cat(list(self.grow_tensor_chunks(name, get_src, kind, max_elements=None)))
+
+    def grow_tensor_chunks(self, name: str, get_src: Callable[[str], torch.Tensor],
+                           kind: str = "weight", max_elements: int | None = CHUNK_ELEMENTS
+                           ) -> Iterator[torch.Tensor]:
+        """The target tensor as consecutive fp32 row blocks of at most ``max_elements``
+        (None: one block). The source is read once and kept in its own dtype; every block
+        is computed on its own, so memory is the source plus one block, and the values do
+        not depend on the block size (random fields are seeded per ROW_BLOCK rows)."""
         if kind not in KINDS:
             raise GrowthError(f"unknown tensor kind {kind!r}; use one of {KINDS}")
         if name not in self._shapes:
             raise GrowthError(f"tensor '{name}': not in the target model")
         shape = self._shapes[name]
         src_name, suffix, entry = self._route(name)
-        if src_name is None:
-            if kind != "weight" or suffix in ZEROED_IN_IDENTITY:
-                return torch.zeros(shape)
-            return init_tensor(self.config, name, shape, self.spec.seed, std=self._std(name))
-        src = get_src(src_name)
-        expected = self._src_shapes[src_name]
-        if tuple(src.shape) != expected:
-            raise GrowthError(f"tensor '{src_name}': shape {list(src.shape)} does not match the "
-                              f"source config's {list(expected)}")
-        if kind != "weight" and entry is not None and entry["new"]:
-            return torch.zeros(shape)  # new layers start with zero moments
+        src = None
+        if src_name is not None:
+            src = get_src(src_name)
+            expected = self._src_shapes[src_name]
+            if tuple(src.shape) != expected:
+                raise GrowthError(f"tensor '{src_name}': shape {list(src.shape)} does not match the "
+                                  f"source config's {list(expected)}")
+        zero = kind != "weight" and entry is not None and entry["new"]  # new layers: zero moments
+        if src is None and (kind != "weight" or suffix in ZEROED_IN_IDENTITY):
+            zero = True
+        for r0, r1 in self.row_blocks(shape, max_elements):
+            rows_shape = (r1 - r0, *shape[1:])
+            if zero:
+                yield torch.zeros(rows_shape)
+            elif src is None:  # a new layer built from fresh init
+                if len(shape) == 1:
+                    yield torch.ones(rows_shape)
+                else:
+                    yield self._normal(name + ":init", torch.arange(r0, r1), shape[1], self._std(name))
+            else:
+                yield self._grow_rows(name, suffix, src, kind, r0, r1)
+
+    @staticmethod
+    def row_blocks(shape: tuple[int, ...], max_elements: int | None) -> list[tuple[int, int]]:
+        """[r0, r1) ranges covering dim 0, aligned to ROW_BLOCK (1-D tensors: one range)."""
+        rows = shape[0]
+        if max_elements is None or len(shape) == 1:
+            return [(0, rows)]
+        per_row = math.prod(shape[1:])
+        step = max(ROW_BLOCK, (max_elements // max(per_row, 1)) // ROW_BLOCK * ROW_BLOCK)
+        return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+    def _grow_rows(self, name: str, suffix: str, src: torch.Tensor, kind: str,
+                   r0: int, r1: int) -> torch.Tensor:
         maps = self._maps(suffix)
-        out = self._gather(src.float(), maps, kind)
+        rows = maps[0].slice(r0, r1)
+        squared = kind == "exp_avg_sq"
+        out = src.index_select(0, rows.src.clamp(min=0)).float()
+        scale = rows.copy_scale(squared)
+        if len(maps) == 2:
+            cols = maps[1]
+            if not (cols.is_identity and cols.size == src.shape[1]):
+                out = out.index_select(1, cols.src.clamp(min=0))
+                out.mul_(cols.copy_scale(squared)[None, :])
+            if not bool((scale == 1).all()):
+                out.mul_(scale[:, None])
+        elif not bool((scale == 1).all()):
+            out.mul_(scale)
         if kind == "weight":
-            self._fill_new(out, name, maps)
-            if self.spec.noise > 0:
-                self._add_pair_noise(out, name, maps)
+            self._fill_new(out, name, rows, maps[1] if len(maps) == 2 else None, r0)
+            if self.spec.noise > 0 and len(maps) == 2 and maps[1].divided:
+                self._add_pair_noise(out, name, maps[1], r0)
         comp = self._compensation(name)
         if suffix.endswith("layernorm.weight") or suffix == "model.norm.weight":
             comp *= self.axes.norm_scale
         if comp != 1.0:
-            out.mul_(comp if kind != "exp_avg_sq" else comp * comp)
+            out.mul_(comp * comp if squared else comp)
         return out
 
     def _std(self, name: str) -> float:
@@ -250,64 +296,59 @@ class GrowthPlan:
             return logit_compensation(self.src_config, self.config)
         return 1.0
 
-    @staticmethod
-    def _gather(src: torch.Tensor, maps: tuple[ax.AxisMap, ...], kind: str) -> torch.Tensor:
-        out = src
-        for dim, m in enumerate(maps):
-            if m.is_identity and m.size == src.shape[dim]:
-                continue
-            scale = m.scale if kind != "exp_avg_sq" else m.scale * m.scale
-            out = out.index_select(dim, m.src.clamp(min=0))
-            view = [1] * src.dim()
-            view[dim] = -1
-            out = out * torch.where(m.new, 0.0, scale).view(view)
-        return out if out is not src else src.clone()
+    def _normal(self, tag: str, rows: torch.Tensor, ncols: int, std: float) -> torch.Tensor:
+        """Rows ``rows`` of a normal(0, std) field over (∞ × ncols) seeded per ROW_BLOCK rows
+        by (seed, tag, block): the same values whatever chunking asks for them."""
+        out = torch.empty(len(rows), ncols)
+        if len(rows) == 0:
+            return out
+        blocks = rows // ROW_BLOCK
+        for b in torch.unique(blocks).tolist():
+            pick = blocks == b
+            field = torch.empty(ROW_BLOCK, ncols)
+            field.normal_(0.0, std, generator=seeded_generator(self.spec.seed, f"{tag}:{b}"))
+            out[pick] = field[rows[pick] - b * ROW_BLOCK] if std > 0 else 0.0
+        return out
 
-    def _fill_new(self, out: torch.Tensor, name: str, maps: tuple[ax.AxisMap, ...]) -> None:
-        """Fresh values where the map says ``init`` and no axis forces zero; norms: gain 1."""
-        if len(maps) == 1:
-            new = maps[0].new
-            if new.any():
-                out[new] = 1.0  # norm gains of new coordinates (× norm_scale later)
+    def _fill_new(self, out: torch.Tensor, name: str, rows: ax.AxisMap, cols: ax.AxisMap | None,
+                  r0: int) -> None:
+        """Fresh values where a map says ``init`` and no axis forces zero; norm gains: 1."""
+        new_r = rows.new
+        if cols is None:
+            if new_r.any():
+                out[new_r] = 1.0  # gains of new coordinates (× norm_scale later)
             return
-        rows, cols = maps
-        new_r, new_c = rows.new, cols.new
+        new_c = cols.new
         if not (new_r.any() or new_c.any()):
             return
-        zero_r = new_r if rows.fill == "zero" else torch.zeros_like(new_r)
-        zero_c = new_c if cols.fill == "zero" else torch.zeros_like(new_c)
         std = self._std(name)
-        if new_r.any():  # whole new rows, generated as one block
-            block = torch.empty(int(new_r.sum()), out.shape[1])
-            block.normal_(0.0, std, generator=seeded_generator(self.spec.seed, name + ":rows"))
-            out[new_r] = block
-        if new_c.any():  # new columns of old rows
-            old_r = ~new_r
-            block = torch.empty(int(old_r.sum()), int(new_c.sum()))
-            block.normal_(0.0, std, generator=seeded_generator(self.spec.seed, name + ":cols"))
-            out[old_r.nonzero()[:, 0][:, None], new_c.nonzero()[:, 0][None, :]] = block
-        if zero_r.any():
-            out[zero_r] = 0.0
-        if zero_c.any():
-            out[:, zero_c] = 0.0
+        if new_r.any():
+            if rows.fill == "zero":
+                out[new_r] = 0.0
+            else:  # whole new rows, indexed by their ordinal among the new rows
+                ordinal = rows.new_ordinal[new_r]
+                out[new_r] = self._normal(name + ":rows", ordinal, out.shape[1], std)
+        if new_c.any():
+            old_r = (~new_r).nonzero()[:, 0]
+            cidx = new_c.nonzero()[:, 0]
+            if cols.fill == "zero":
+                out[:, cidx] = 0.0
+            elif len(old_r):
+                block = self._normal(name + ":cols", old_r + r0, len(cidx), std)
+                out[old_r[:, None], cidx[None, :]] = block
 
-    def _add_pair_noise(self, out: torch.Tensor, name: str, maps: tuple[ax.AxisMap, ...]) -> None:
-        """± noise on copies that share one source value: zero-sum over each source's copies,
-        so Σ_copies w·x is unchanged while the copies' inputs stay identical."""
-        for dim, m in enumerate(maps):
-            if not m.divided:
-                continue
-            noise = torch.empty(out.shape)
-            noise.normal_(0.0, self.spec.noise, generator=seeded_generator(self.spec.seed, name + ":noise"))
-            src = m.src.clamp(min=0)
-            n_src = int(src.max()) + 1
-            counts = torch.bincount(src, minlength=n_src).float()
-            sums = torch.zeros(*out.shape[:dim], n_src, *out.shape[dim + 1:]).index_add_(dim, src, noise)
-            mean = (sums / counts.view([-1 if d == dim else 1 for d in range(out.dim())]))
-            noise -= mean.index_select(dim, src)
-            keep = (counts[src] > 1) & ~m.new
-            view = [-1 if d == dim else 1 for d in range(out.dim())]
-            out.add_(noise * keep.float().view(view))
+    def _add_pair_noise(self, out: torch.Tensor, name: str, cols: ax.AxisMap, r0: int) -> None:
+        """± noise on column copies that share one source column: zero-sum over each source's
+        copies, so Σ_copies w·x is unchanged while the copies' inputs stay identical."""
+        noise = self._normal(name + ":noise", torch.arange(r0, r0 + out.shape[0]), out.shape[1],
+                             self.spec.noise)
+        src = cols.src.clamp(min=0)
+        n_src = int(src.max()) + 1
+        counts = torch.bincount(src, minlength=n_src).float()
+        mean = torch.zeros(out.shape[0], n_src).index_add_(1, src, noise) / counts
+        noise -= mean.index_select(1, src)
+        keep = (counts[src] > 1) & ~cols.new
+        out.add_(noise * keep.float())
 
     # ------------------------------------------------------------------ provenance / record
     def provenance(self, name: str) -> torch.Tensor:

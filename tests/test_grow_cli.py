@@ -47,8 +47,10 @@ def test_plan_real_flavors_in_seconds(capsys, src, dst, layers):
     assert report["bytes_written"] == report["summary"]["to_params"] * 2  # bf16
     assert math.isclose(report["seconds_at_bandwidth"],
                         (report["bytes_read"] + report["bytes_written"]) / 2e9)
-    largest = max(math.prod(shape) for shape in target.tensor_shapes().values()) * 4
-    assert largest < report["peak_memory_bytes"] < 4 * largest + 2 * 1024**3
+    # The bound: 1.5 GB + 3x the largest target tensor (bf16). Big tensors are grown
+    # in row blocks, so the estimate is the source tensor plus a few blocks, far below it.
+    largest = max(math.prod(shape) for shape in target.tensor_shapes().values()) * 2
+    assert 1024**3 < report["peak_memory_bytes"] < 1.5e9 + 3 * largest
     rc, text, _ = grow(capsys, "plan", "--from", src, "--to", dst)
     assert rc == 0 and "peak" in text and "lm_head.weight" in text
 
