@@ -83,8 +83,8 @@ def test_seeded_adam_state_gives_the_parents_next_update(child):
     got = CheckpointReader(out).state_dict()
     warm, warm_m = one_more_step(final, dp_world, seeded=True)
     cold, _ = one_more_step(final, dp_world, seeded=False)
-    assert rel_diff(got, warm, before) < 1e-3
-    assert rel_diff(cold, warm, before) > 0.3  # the test can tell seeded from cold
+    assert rel_diff(got, warm, before) < 1e-5  # measured 2e-7 (ZeRO-1/2) … 3e-7 (ZeRO-3, pipe)
+    assert rel_diff(cold, warm, before) > 0.5  # measured 1.4: the test can tell seeded from cold
     got_m = CheckpointReader(out / OPTIMIZER_DIR / "exp_avg", config=CheckpointReader(out).config)
     for name, m in warm_m.items():
         torch.testing.assert_close(got_m.get(name), m, rtol=1e-3, atol=1e-7)
