@@ -265,16 +265,12 @@ class GrowthPlan:
         rows = maps[0].slice(r0, r1)
         squared = kind == "exp_avg_sq"
         out = src.index_select(0, rows.src.clamp(min=0)).float()
-        scale = rows.copy_scale(squared)
         if len(maps) == 2:
             cols = maps[1]
             if not (cols.is_identity and cols.size == src.shape[1]):
                 out = out.index_select(1, cols.src.clamp(min=0))
-                out.mul_(cols.copy_scale(squared)[None, :])
-            if not bool((scale == 1).all()):
-                out.mul_(scale[:, None])
-        elif not bool((scale == 1).all()):
-            out.mul_(scale)
+                _scale_(out, cols, squared, dim=1, fill_follows=kind == "weight")
+        _scale_(out, rows, squared, dim=0, fill_follows=kind == "weight")
         if kind == "weight":
             self._fill_new(out, name, rows, maps[1] if len(maps) == 2 else None, r0)
             if self.spec.noise > 0 and len(maps) == 2 and maps[1].divided:
@@ -413,6 +409,17 @@ class GrowthPlan:
 
 
 ZEROED_IN_IDENTITY = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def _scale_(out: torch.Tensor, m: ax.AxisMap, squared: bool, dim: int, fill_follows: bool) -> None:
+    """Apply a map's copy scale along ``dim`` in place; new entries become 0 unless the
+    caller overwrites them anyway (weights: _fill_new), in which case a pass is saved."""
+    old_scaled = bool((m.scale[~m.new] != 1).any())
+    if old_scaled:
+        view = [-1 if d == dim else 1 for d in range(out.dim())]
+        out.mul_(m.copy_scale(squared).view(view))
+    elif not fill_follows and bool(m.new.any()):
+        out.index_fill_(dim, m.new.nonzero()[:, 0], 0.0)
 
 
 def _folded_source(src: ModelConfig) -> ModelConfig:
