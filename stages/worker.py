@@ -34,6 +34,7 @@ from growth.config import ConfigError, ModelConfig
 from growth.model import init_state_dict
 from stages import optim_state
 from stages.config import load_resolved
+from stages.data import DataError
 from stages.engine import build_plain, init_distributed, set_lr
 from stages.export import export_final
 from stages.lr import mask_c, stage_schedule
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_stage(cfg)
-    except (WorkerError, ConfigError, CheckpointError) as err:
+    except (WorkerError, ConfigError, CheckpointError, DataError) as err:
         if dist.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from growth.config import get_flavor
 from stages.config import RESOLVED_NAME, TrainConfig, to_plain
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_CFG = {"source": "embedded", "tokenizer": "byte", "eval_fraction": 0.02, "max_bytes": 300_000,
+DATA_CFG = {"source": "embedded", "tokenizer": "byte", "eval_fraction": 0.1, "max_bytes": 300_000,
             "jsonl_field": "text", "cache_dir": None}
 # A tiny stage: 2 layers (one per pipeline stage), 20 steps of 2 ranks × 4 × 32 tokens.
 TINY_STAGE = {"model": "tiny-s1", "steps": 20, "micro_batch_size": 4, "grad_accum": 1,
