@@ -14,7 +14,8 @@ there is one, trains ``stage.steps`` updates and exports. Outputs (STAGE_DIR/…
 
 "Start from grown weights" (``init_checkpoint``) and "resume a crashed stage"
 (``resume=true``: continue from ``ds_ckpt/``, same data position, same loss trajectory)
-are different things: a resume never reads ``init_checkpoint``'s weights or moments.
+are different things: a resume restores weights, Adam state and step from ``ds_ckpt/``
+(``init_checkpoint`` then only supplies the config, MSG mask record and history).
 """
 
 from __future__ import annotations
