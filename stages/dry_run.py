@@ -127,14 +127,28 @@ def memory_report(config: ModelConfig, cfg: dict[str, Any]) -> dict[str, Any]:
         out.update(function="estimate_zero3_model_states_mem_needs", params_per_gpu=params,
                    largest_layer_params=largest)
     else:
-        per_stage = -(-params // pp)
+        per_stage = fullest_pipeline_stage(config, pp)
         ranks = dp if ds["zero_stage"] > 0 else 1  # ZeRO-0: every rank keeps all Adam state
         # the formula divides the Adam state by num_nodes × num_gpus_per_node: pass the DP degree
         _, gpu = estimate_zero2_model_states_mem_needs(per_stage, num_gpus_per_node=ranks, num_nodes=1,
                                                        cpu_offload=False)
-        out.update(function="estimate_zero2_model_states_mem_needs", params_per_gpu=per_stage)
+        out.update(function="estimate_zero2_model_states_mem_needs", params_per_gpu=per_stage,
+                   params_per_gpu_mean=-(-params // pp))
     out["gpu_bytes"] = gpu
     return out
+
+
+def fullest_pipeline_stage(config: ModelConfig, pp: int) -> int:
+    """Parameters on the fullest GPU of a ``pp``-stage pipeline partitioned by decoder layer
+    (stages.pipeline uses ``partition_method="type:DecoderLayerPipe"``): ceil(L / pp) layers,
+    plus the embedding or the final norm + lm_head that ride on the first / last stage."""
+    if pp == 1:
+        return config.params
+    shapes = config.tensor_shapes()
+    layer = sum(_numel(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
+    ends = max(_numel(shapes["model.embed_tokens.weight"]),
+               _numel(shapes["lm_head.weight"]) + config.hidden_size)
+    return -(-config.num_hidden_layers // pp) * layer + ends
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -192,9 +206,9 @@ def dry_run_stage(cfg: dict[str, Any], echo: Any = print) -> dict[str, Any]:
     echo(f"   DeepSpeed {layout}, {ds['precision']}, {cfg['nnodes']} node(s) × {cfg['nproc']} GPUs = "
          f"{mem['ranks']} ranks, data parallel {mem['data_parallel']}")
     if ds["pipeline"]:
-        echo(f"     pipeline: each GPU holds 1/{mem['pipeline_degree']} of the parameters, "
-             f"{fmt_params(mem['params'])} / {mem['pipeline_degree']} = {fmt_params(mem['params_per_gpu'])} "
-             f"(parameters divided by the pipeline degree before DeepSpeed's estimate)")
+        echo(f"     pipeline: {mem['pipeline_degree']} stages of {fmt_params(mem['params_per_gpu_mean'])} "
+             f"on average; the fullest holds {fmt_params(mem['params_per_gpu'])} (ceil(layers / stages) "
+             f"layers + embedding or lm_head), which is what DeepSpeed's estimate gets")
     echo(f"     model states per GPU: {fmt_bytes(mem['gpu_bytes'])} (DeepSpeed {mem['function']}, "
          f"no offload; weights, gradients and Adam state, activations not included)")
     return report

@@ -163,12 +163,13 @@ class StageEngine:
         import torch.distributed as dist
 
         self.engine.train()
-        total = torch.zeros((), dtype=torch.float64)
+        # On the engine's device: with NCCL (GPU) a CPU tensor cannot be all-reduced.
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for x, y in batches:
             loss = causal_lm_loss(self.engine(x.to(self.engine.device)), y.to(self.engine.device))
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.detach().double().cpu()
+            total += loss.detach().double()
         total /= len(batches)
         dist.all_reduce(total)
         return float(total) / self.dp_world
