@@ -88,6 +88,7 @@ class ApplyRequest:
     out: str
     dtype: str | None = None  # None: the source's dtype (it must have exactly one)
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    optimizer_state: bool = True  # grow SRC/optimizer/ moments too, when present
 
 
 @dataclass
@@ -197,7 +198,7 @@ def prepare(request: ApplyRequest, check_out: bool = True) -> ApplyJob:
     with TensorSource(reader) as source:  # weights are read only for positions="distance"
         plan = make_plan(reader.config, target, GrowthSpec.from_dict(dict(request.spec)),
                          get_tensor=source.get)
-    moments = open_moments(src, reader.config)
+    moments = open_moments(src, reader.config) if request.optimizer_state else {}
     tasks = shard_tasks(plan.config, dtype, request.max_shard_size)
     for kind in moments:
         tasks += shard_tasks(plan.config, torch.float32, request.max_shard_size,

@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
 
-from growth.checkpoint import OPTIMIZER_DIR, CheckpointError, CheckpointReader
+from growth.checkpoint import CheckpointError, CheckpointReader
 from growth.config import ConfigError, ModelConfig, resolve_config
 from operators import GrowthError, GrowthSpec
 from stages.config import RESOLVED_NAME, StageConfigError, check_config, to_plain
@@ -249,24 +249,12 @@ def grow_into(plan: StagePlan) -> Path:
         return out
     growth = plan.cfg["stage"]["growth"]
     assert plan.source is not None and plan.spec is not None
-    src = plan.source
-    if not growth["optimizer_state"] and (src / OPTIMIZER_DIR).is_dir():
-        src = weights_only_view(src, plan.stage_dir)
     print(f"[{plan.name}] growing {plan.source} → {out} "
           f"({plan.spec.hidden}/{plan.spec.ffn}/{plan.spec.heads}/{plan.spec.depth})", flush=True)
-    request = ApplyRequest(src=str(src), target=target_spec(plan), spec=plan.spec.to_dict(), out=str(out))
+    request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=plan.spec.to_dict(),
+                           out=str(out), optimizer_state=bool(growth["optimizer_state"]))
     apply_growth(request, progress=True)
     return out
-
-
-def weights_only_view(src: Path, stage_dir: Path) -> Path:
-    """A directory of symlinks to ``src``'s files minus optimizer/: grow weights alone."""
-    view = stage_dir / ".init-source"
-    view.mkdir(exist_ok=True)
-    for item in src.iterdir():
-        if item.name != OPTIMIZER_DIR and not (view / item.name).exists():
-            (view / item.name).symlink_to(item)
-    return view
 
 
 def target_spec(plan: StagePlan) -> str:

@@ -192,3 +192,12 @@ def test_optimizer_state_grows_with_weights(tmp_path, capsys, s1):
                 rest[region] = 0
                 assert not rest.any(), f"new slices of {kind} must start at zero"
         assert torch.equal(reader.get("model.embed_tokens.weight")[:, :64], src_state["model.embed_tokens.weight"])
+
+
+def test_no_optimizer_state_grows_weights_only(tmp_path, capsys, s1):
+    write_moments(s1, get_flavor("tiny-s1"))
+    rc, _, err = grow(capsys, "apply", "--from", s1, "--to", "tiny-s2", "--out", tmp_path / "g",
+                      "--no-optimizer-state")
+    assert rc == 0, err
+    assert not (tmp_path / "g" / OPTIMIZER_DIR).exists()
+    assert CheckpointReader(tmp_path / "g").config.hidden_size == get_flavor("tiny-s2").hidden_size

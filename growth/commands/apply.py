@@ -38,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes writing shards in parallel (default 1; under torchrun the "
                         "ranks are the workers)")
+    p.add_argument("--no-optimizer-state", dest="optimizer_state", action="store_false",
+                   help="grow the weights only, even when SRC_DIR/optimizer/ holds Adam moments "
+                        "(the next stage then starts Adam cold)")
     add_strategy_args(p)
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -48,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     request = ApplyRequest(src=args.src, target=args.target, spec=spec.to_dict(), out=args.out,
-                           dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size))
+                           dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
+                           optimizer_state=args.optimizer_state)
     # The bar goes to a terminal only, so a failure in a log or a test stays one line.
     progress = not args.quiet and sys.stderr.isatty()
     out = apply_growth(request, workers=args.workers, progress=progress, log_tensors=args.verbose)
