@@ -92,14 +92,19 @@ def human_params(n: int) -> str:
     return str(n)
 
 
+def shape_line(c: dict[str, Any]) -> str:
+    """One line with the shape of an HF config dict (shared with `grow inspect`)."""
+    return (f"{'shape':<10} layers {c['num_hidden_layers']}, hidden {c['hidden_size']}, "
+            f"ffn {c['intermediate_size']}, heads {c['num_attention_heads']} "
+            f"(kv {c['num_key_value_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}"
+            + (f" ({c['valid_vocab_size']} valid)" if c.get("valid_vocab_size") else ""))
+
+
 def render(info: dict[str, Any]) -> str:
     c = info["config"]
     lines = [
         f"{info['kind']:<10} {info['source']}  ({c['model_type']})",
-        f"{'shape':<10} layers {c['num_hidden_layers']}, hidden {c['hidden_size']}, "
-        f"ffn {c['intermediate_size']}, heads {c['num_attention_heads']} "
-        f"(kv {c['num_key_value_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}"
-        + (f" ({c['valid_vocab_size']} valid)" if "valid_vocab_size" in c else ""),
+        shape_line(c),
         f"{'':<10} rope_theta {c['rope_theta']:g}, rms_norm_eps {c['rms_norm_eps']:g}, "
         f"tie_word_embeddings {str(c['tie_word_embeddings']).lower()}",
     ]

@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import Any
 
-from growth.commands.info import human_bytes, human_params
+from growth.commands.info import human_bytes, human_params, shape_line
 from growth.inspect import open_checkpoint
 
 
@@ -31,10 +31,7 @@ def render(info: dict[str, Any]) -> str:
     c = info["config"]
     lines = [
         f"checkpoint {info['directory']}  ({c['model_type']})",
-        f"shape      layers {c['num_hidden_layers']}, hidden {c['hidden_size']}, ffn "
-        f"{c['intermediate_size']}, heads {c['num_attention_heads']} (kv {c['num_key_value_heads']}, "
-        f"head_dim {c['head_dim']}), vocab {c['vocab_size']}"
-        + (f" ({c['valid_vocab_size']} valid)" if c.get("valid_vocab_size") else ""),
+        shape_line(c),
         f"params     {info['params']:,} ({human_params(info['params'])})",
         "dtypes     " + ", ".join(f"{d} ×{n}" for d, n in sorted(info["dtypes"].items())),
         f"shards     {len(info['shards'])} file(s), {human_bytes(info['tensor_bytes'])} of tensors",
