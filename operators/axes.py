@@ -58,6 +58,19 @@ class AxisMap:
             return torch.cumsum(self.new.long(), 0) - 1
         return self.offset + torch.cumsum(self.new.long(), 0) - 1
 
+    def prefix_run(self) -> tuple[int, int] | None:
+        """(first source index, count) when this map is a plain copy of consecutive source
+        entries followed only by new ones (zero/masked padding), else None."""
+        old = int((~self.new).sum())
+        if old == 0:
+            return (0, 0)  # all new
+        if bool(self.new[:old].any()):
+            return None
+        first = int(self.src[0])
+        if not bool((self.src[:old] == torch.arange(first, first + old)).all()):
+            return None
+        return (first, old) if bool((self.scale[:old] == 1).all()) else None
+
     def copy_scale(self, squared: bool = False) -> torch.Tensor:
         """Factor on gathered values: the scale (squared for exp_avg_sq), 0 on new entries."""
         scale = self.scale * self.scale if squared else self.scale

@@ -264,13 +264,15 @@ class GrowthPlan:
         maps = self._maps(suffix)
         rows = maps[0].slice(r0, r1)
         squared = kind == "exp_avg_sq"
-        out = src.index_select(0, rows.src.clamp(min=0)).float()
-        if len(maps) == 2:
-            cols = maps[1]
-            if not (cols.is_identity and cols.size == src.shape[1]):
-                out = out.index_select(1, cols.src.clamp(min=0))
-                _scale_(out, cols, squared, dim=1, fill_follows=kind == "weight")
-        _scale_(out, rows, squared, dim=0, fill_follows=kind == "weight")
+        out = self._copy_prefix(src, rows, maps[1] if len(maps) == 2 else None, kind)
+        if out is None:  # general gather: clones, splits, permutations
+            out = src.index_select(0, rows.src.clamp(min=0)).float()
+            if len(maps) == 2:
+                cols = maps[1]
+                if not (cols.is_identity and cols.size == src.shape[1]):
+                    out = out.index_select(1, cols.src.clamp(min=0))
+                    _scale_(out, cols, squared, dim=1, fill_follows=kind == "weight")
+            _scale_(out, rows, squared, dim=0, fill_follows=kind == "weight")
         if kind == "weight":
             self._fill_new(out, name, rows, maps[1] if len(maps) == 2 else None, r0)
             if self.spec.noise > 0 and len(maps) == 2 and maps[1].divided:
@@ -280,6 +282,31 @@ class GrowthPlan:
             comp *= self.axes.norm_scale
         if comp != 1.0:
             out.mul_(comp * comp if squared else comp)
+        return out
+
+    @staticmethod
+    def _copy_prefix(src: torch.Tensor, rows: ax.AxisMap, cols: ax.AxisMap | None,
+                     kind: str) -> torch.Tensor | None:
+        """Fast path for zero/masked padding: one block copy (with the fp32 upcast) instead
+        of two gathers. New entries are left for _fill_new (weights) or zeroed (moments)."""
+        run_r = rows.prefix_run()
+        run_c = (0, src.shape[1]) if cols is not None and cols.is_identity and cols.size == src.shape[1] \
+            else (cols.prefix_run() if cols is not None else None)
+        if run_r is None or (cols is not None and (run_c is None or run_c[0] != 0)):
+            return None
+        (first, nr) = run_r
+        if cols is None:
+            out = torch.empty(rows.size)
+            out[:nr] = src[first:first + nr]
+            if kind != "weight":
+                out[nr:] = 0.0
+            return out
+        nc = run_c[1]
+        out = torch.empty(rows.size, cols.size)
+        out[:nr, :nc] = src[first:first + nr, :nc]
+        if kind != "weight":
+            out[nr:] = 0.0
+            out[:nr, nc:] = 0.0
         return out
 
     def _std(self, name: str) -> float:
