@@ -38,6 +38,13 @@ INSERTED_GID = "inserted-layer"
 GROWTH_GID = "growth-point"
 
 
+def _finish(fig: Figure, ax, title: str | None) -> Figure:
+    ax.legend(fontsize="x-small")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    return fig
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -135,10 +142,7 @@ def plot_schedule_loss(curve: Curve, eval_curve: Curve | None = None, title: str
                     xytext=(3, -12), textcoords="offset points", fontsize="x-small")
     ax.set_xlabel("optimizer step (schedule)")
     ax.set_ylabel("loss")
-    ax.legend(fontsize="x-small")
-    if title:
-        ax.set_title(title, fontsize="medium")
-    return fig
+    return _finish(fig, ax, title)
 
 
 def plot_mask_ramp(points: Sequence[tuple[int, float]], ramp_steps: int | None = None,
@@ -160,7 +164,4 @@ def plot_mask_ramp(points: Sequence[tuple[int, float]], ramp_steps: int | None =
     ax.set_ylim(-0.05, 1.1)
     ax.set_xlabel("optimizer update (stage)")
     ax.set_ylabel("mask c")
-    ax.legend(fontsize="x-small")
-    if title:
-        ax.set_title(title, fontsize="medium")
-    return fig
+    return _finish(fig, ax, title)
