@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from flmcore.errors import FlmError
 from growth.config import CONFIG_NAME, ConfigError, ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -55,7 +56,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
-class CheckpointError(Exception):
+class CheckpointError(FlmError):
     """A checkpoint is unusable; the one-line message names the file and tensor/field."""
 
 

@@ -12,13 +12,14 @@ import importlib
 import os
 import sys
 
+from flmcore.errors import FlmError
 from growth.checkpoint import CheckpointError
 from growth.config import ConfigError
 
 COMMANDS = ["info", "init", "plan", "apply", "verify", "inspect", "export_hf"]
 
 
-class UserError(Exception):
+class UserError(FlmError):
     """Any other error with a one-line message meant for the user."""
 
 

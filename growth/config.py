@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flmcore.errors import FlmError
+
 CONFIG_NAME = "config.json"
 
 # Fields a growth event may leave in the config while MSG masks are live.
 MASK_KEYS = ("c", "hidden_size", "intermediate_size", "num_key_value_heads", "new_layers")
 
 
-class ConfigError(ValueError):
+class ConfigError(FlmError, ValueError):
     """A config value is missing, ill-typed or inconsistent; the message names the field."""
 
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from flmcore.errors import FlmError
+
 HIDDEN_STRATEGIES = ("zero", "masked", "clone")
 FFN_STRATEGIES = ("zero", "masked", "split")
 HEAD_STRATEGIES = ("zero", "masked", "clone")
@@ -26,7 +28,7 @@ DEFAULTS_FOR = {
 }
 
 
-class GrowthError(ValueError):
+class GrowthError(FlmError, ValueError):
     """A growth request that cannot be honoured; the one-line message names the field."""
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flmcore.errors import FlmError
+
 RESOLVED_NAME = "stage_config.json"
 SCHEMA_NAME = "train_schema"
 RESOLVED_KEYS = ("stage_dir", "init_checkpoint", "model_config", "parent_eval_loss_end",
@@ -36,7 +38,7 @@ LR_AFTER_GROWTH = ("restart", "rewarm")
 PRECISIONS = ("fp32", "bf16")
 
 
-class StageConfigError(ValueError):
+class StageConfigError(FlmError, ValueError):
     """A stage config value is out of range or inconsistent; the message names the field."""
 
 

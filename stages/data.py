@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from flmcore.errors import FlmError
+
 FORMAT_VERSION = 1
 INFO_NAME = "info.json"
 SPLITS = ("train", "eval")
@@ -51,7 +53,7 @@ EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
 
 
-class DataError(ValueError):
+class DataError(FlmError, ValueError):
     """The corpus or tokenizer cannot be used; the one-line message names the file or field."""
 
 

@@ -17,10 +17,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from flmcore.errors import FlmError
+
 LOG_NAME = "train.log"
 
 
-class LaunchError(Exception):
+class LaunchError(FlmError):
     """The workers exited non-zero; the message names the stage and the log."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
 
+from flmcore.errors import FlmError
 from growth.checkpoint import CheckpointError, CheckpointReader
 from growth.config import ConfigError, ModelConfig, resolve_config
 from operators import GrowthError, GrowthSpec
@@ -44,7 +45,7 @@ DATA_DIR = "data"
 LATEST_FILE = "latest"  # DeepSpeed's pointer to the newest tag inside ds_ckpt/
 
 
-class StageError(Exception):
+class StageError(FlmError):
     """A stage cannot start or did not finish; the one-line message says what to do."""
 
 

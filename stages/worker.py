@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from flmcore.errors import FlmError
 from growth.checkpoint import CheckpointError, CheckpointReader, append_event, new_history
 from growth.config import ConfigError, ModelConfig
 from growth.model import init_state_dict
@@ -54,7 +55,7 @@ PAUSE_AFTER_ENV = "FLM_WORKER_PAUSE_AFTER_STEP"
 PAUSED_MARK = ".paused-{}"
 
 
-class WorkerError(Exception):
+class WorkerError(FlmError):
     """The stage cannot run as configured; the one-line message names the file or field."""
 
 
