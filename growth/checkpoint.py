@@ -153,7 +153,7 @@ class CheckpointReader:
             except ConfigError as err:
                 raise CheckpointError(str(err)) from None
         self.tied = self.config.tie_word_embeddings
-        self.config.tie_word_embeddings = False
+        self.config = self.config.replace(tie_word_embeddings=False)
         self.weight_map = self._weight_map()
         self.headers: dict[str, dict[str, Any]] = {}
         self.file_metadata: dict[str, dict[str, str]] = {}

@@ -11,7 +11,7 @@ Module paths equal the HF Llama names (``model.layers.0.self_attn.q_proj.weight`
 ``state_dict()`` keys are the on-disk names. Build under ``torch.device("meta")`` and load
 with ``load_state_dict(..., assign=True)`` to materialise only what is read.
 
-MSG masks (GROWTH_NOTES §3) are non-persistent buffers set from ``config.growth_mask``:
+MSG masks (Masked Structural Growth, Yao et al., ICLR 2024; docs/operators.md) are non-persistent buffers set from ``config.growth_mask``:
 ``{"c": c, "hidden_size": h_old, "intermediate_size": f_old, "num_key_value_heads":
 kv_old, "new_layers": [i, ...]}`` — each entry optional but ``c``. New residual
 coordinates, FFN units and heads are multiplied by ``c``, norms use mask-weighted
@@ -21,15 +21,24 @@ its plain path (one ``is None`` check).
 
 from __future__ import annotations
 
-import hashlib
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flmcore.errors import FlmError
+from flmcore.init import param_init_std, seeded_generator
+from flmcore.params import BLOCK_MATRICES, is_norm
 from growth.config import ModelConfig
+
+MATRIX_SUFFIXES = BLOCK_MATRICES  # kept for importers; the table is flmcore.params
+__all__ = ["MATRIX_SUFFIXES", "TeleFLMForCausalLM", "build_masks", "build_model", "causal_lm_loss",
+           "init_state_dict", "init_tensor", "param_init_std", "scale_logits", "seeded_generator"]
+
+
+class GrowthMaskError(FlmError, ValueError):
+    """A mask ramp or fold the model's MSG mask state does not allow."""
 
 
 class RMSNorm(nn.Module):
@@ -215,9 +224,12 @@ class TeleFLMForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ MSG masks
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:
-        """Install (or with ``None`` remove) the MSG masks described by ``record``."""
-        self.config.growth_mask = None if record is None else dict(record)
-        self.config.validate()
+        """Install (or with ``None`` remove) the MSG masks described by ``record``.
+
+        Note: the model owns its mask state: ``self.config`` becomes a new (frozen) config
+        carrying ``record``, so whoever exports the model reads ``model.config`` (the config
+        it was built from is never changed)."""
+        self.config = self.model.config = self.config.replace(growth_mask=record)  # validates
         device = self.lm_head.weight.device
         masks = build_masks(self.config, device)
         self.model.hidden_mask = masks["hidden"]
@@ -238,7 +250,7 @@ class TeleFLMForCausalLM(nn.Module):
     def set_growth_c(self, c: float) -> None:
         """Move the mask ramp to ``c`` in [0, 1] (the trainer calls this every step)."""
         if self.config.growth_mask is None:
-            raise ValueError("this model has no growth masks to ramp")
+            raise GrowthMaskError("this model has no growth masks to ramp")
         self.set_growth_mask({**self.config.growth_mask, "c": float(c)})
 
     def fold_growth_mask(self) -> None:
@@ -247,7 +259,7 @@ class TeleFLMForCausalLM(nn.Module):
         if c is None:
             return
         if c != 1.0:
-            raise ValueError(f"cannot fold growth masks at c = {c}: ramp c to 1 first")
+            raise GrowthMaskError(f"cannot fold growth masks at c = {c}: ramp c to 1 first")
         self.set_growth_mask(None)
 
 
@@ -281,34 +293,12 @@ def _on_meta(module: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------- initialisation
-MATRIX_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
-                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
-
-
-def param_init_std(config: ModelConfig, name: str) -> float:
-    """Std of a fresh tensor: ``initializer_range``, divided by sqrt(mup_scale_factor)
-    for hidden matrices under μP (their fan-in grows with width); 0 for norms (ones)."""
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
-        return 0.0
-    std = config.initializer_range
-    if config.use_mup and name.endswith(MATRIX_SUFFIXES):
-        std /= math.sqrt(config.mup_scale_factor)
-    return std
-
-
-def seeded_generator(seed: int, name: str) -> torch.Generator:
-    """A generator seeded by (seed, tensor name): the same tensor gets the same values
-    whatever order or process writes it."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
 def init_tensor(config: ModelConfig, name: str, shape: tuple[int, ...], seed: int,
                 dtype: torch.dtype = torch.float32, std: float | None = None) -> torch.Tensor:
     """A freshly initialised parameter (normal(0, std) matrices, ones for norms), in fp32
     then cast, deterministic in (seed, name)."""
     std = param_init_std(config, name) if std is None else std
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+    if is_norm(name):
         return torch.ones(shape, dtype=dtype)
     t = torch.empty(shape, dtype=torch.float32)
     t.normal_(0.0, std, generator=seeded_generator(seed, name))

@@ -12,20 +12,17 @@ directly — so no weight is read and a 52B → 102B plan on flavors alone answe
 
 Note: a target element's code depends only on its tensor and on two facts per axis —
 is the entry new, is it a second copy of a source entry. So a block of the map is the
-plan's own :meth:`GrowthPlan.provenance` evaluated on the selected entries of each axis
-map, and exact counts need one representative entry per kind of axis entry (at most
-three per axis) instead of the whole map (800 MB of uint8 for the 102B lm_head).
+plan's own :meth:`GrowthPlan.provenance` on the selected entries of each axis, and exact
+counts need one representative entry per kind of axis entry (at most three per axis)
+instead of the whole map (800 MB of uint8 for the 102B lm_head).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from growth.checkpoint import read_history
@@ -53,38 +50,13 @@ def plan_of(source: GrowthPlan | dict[str, Any] | str | Path) -> GrowthPlan | No
     return plan_from_history(read_history(Path(source)))
 
 
-@dataclass
-class _Picked(AxisMap):
-    """Selected entries of an axis map, carrying the full map's duplicate flags."""
-
-    dup: torch.Tensor | None = None
-
-    def duplicate_mask(self) -> torch.Tensor:
-        return self.dup
-
-
-def duplicates(src: torch.Tensor) -> torch.Tensor:
-    """True where ``src[i]`` repeats an earlier entry's source (new entries, -1, never):
-    :meth:`AxisMap.duplicate_mask`, vectorised for axes of 10⁵ entries."""
-    values = src.numpy()
-    _, first = np.unique(values, return_index=True)  # numpy: torch's threaded sort crawls here
-    out = np.ones(values.shape, dtype=bool)
-    out[first] = False
-    return torch.from_numpy(out & (values >= 0))
-
-
 def axis_maps(plan: GrowthPlan, name: str) -> tuple[AxisMap, ...] | None:
-    """The per-axis maps that fill ``name``, or None for a tensor built without a source
-    (a new layer's zero or fresh tensor: one code throughout)."""
-    src_name, suffix, _ = plan._route(name)
-    return None if src_name is None else plan._maps(suffix)
+    """The per-axis maps that fill ``name`` (:meth:`GrowthPlan.axis_maps`)."""
+    return plan.axis_maps(name)
 
 
 def target_shape(plan: GrowthPlan, name: str) -> tuple[int, ...]:
-    shapes = plan._shapes
-    if name not in shapes:
-        raise KeyError(f"tensor '{name}' is not in the grown model")
-    return shapes[name]
+    return plan.target_shape(name)
 
 
 def _index(sel: Index, size: int) -> torch.Tensor:
@@ -107,14 +79,7 @@ def provenance(plan: GrowthPlan, name: str, rows: Index = None, cols: Index = No
     if len(shape) == 1 and cols is not None:
         raise IndexError(f"tensor '{name}' is 1-D: select with rows only")
     index = [_index(sel, n) for sel, n in zip((rows, cols)[:len(shape)], shape, strict=True)]
-    maps = axis_maps(plan, name)
-    view = copy.copy(plan)  # the plan's own rule, on the selected entries only
-    view._shapes = {name: tuple(len(i) for i in index)}
-    if maps is not None:
-        picked = tuple(_Picked(m.src[i], m.scale[i], m.fill, m.masked, m.divided, m.cloned,
-                               dup=duplicates(m.src)[i]) for m, i in zip(maps, index, strict=True))
-        view._maps = lambda _suffix: picked
-    return view.provenance(name)
+    return plan.provenance(name, *index)
 
 
 def grid(size: int, points: int) -> torch.Tensor:
@@ -140,7 +105,7 @@ def provenance_preview(plan: GrowthPlan, name: str, max_size: int = 512
 def _classes(m: AxisMap) -> tuple[torch.Tensor, torch.Tensor]:
     """One representative entry per kind of axis entry (old, duplicate, new) and how many
     entries of that kind the axis has."""
-    kind = m.new.long() * 2 + duplicates(m.src).long()
+    kind = m.new.long() * 2 + m.duplicate_mask().long()
     reps, counts = [], []
     for k in kind.unique().tolist():
         where = (kind == k).nonzero()[:, 0]

@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
+from flmcore.params import BLOCK_MATRICES, LAYER_PARAMS
 from operators.spec import GrowthError
 
-BLOCK_MATRICES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                  "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                  "mlp.down_proj.weight")
+__all__ = ["BLOCK_MATRICES", "make_layer_map", "new_layer_indices"]
 
 
 def gaps_to_layer_map(counts: list[int], n_old: int, source: str) -> list[dict[str, Any]]:
@@ -75,7 +74,7 @@ def explicit_map(positions: list[int], n_old: int, n_dst: int, source: str) -> l
 def layer_distances(n_old: int, get_tensor: Callable[[str], torch.Tensor]) -> list[float]:
     """d(j) for j = 0 .. n_old − 2, reading one layer at a time (two held at once)."""
     def norms(j: int) -> dict[str, torch.Tensor]:
-        return {t: get_tensor(f"model.layers.{j}.{t}").float() for t in BLOCK_MATRICES}
+        return {p.key: get_tensor(p.name(j)).float() for p in LAYER_PARAMS if p.is_block_matrix}
 
     out: list[float] = []
     below = norms(0) if n_old else {}
@@ -99,15 +98,15 @@ def distance_counts(distances: list[float], n_old: int, n_new: int) -> list[int]
     return counts
 
 
-def make_layer_map(n_old: int, n_dst: int, positions: str | list[int], source: str,
+def make_layer_map(n_old: int, n_dst: int, positions: str | tuple[int, ...], source: str,
                    get_tensor: Callable[[str], torch.Tensor] | None = None
                    ) -> tuple[list[dict[str, Any]], list[float] | None]:
     """The layer map and, for ``distance``, the measured distances (for the history)."""
     n_new = n_dst - n_old
     if n_new == 0:
         return [{"src": j, "new": False} for j in range(n_old)], None
-    if isinstance(positions, list):
-        return explicit_map(positions, n_old, n_dst, source), None
+    if isinstance(positions, (list, tuple)):
+        return explicit_map(list(positions), n_old, n_dst, source), None
     if positions == "interleave":
         return gaps_to_layer_map(interleave_counts(n_old, n_new), n_old, source), None
     if positions == "top":

@@ -1,7 +1,7 @@
 """μP bookkeeping across growth: logit/embedding compensation and per-width LR multipliers.
 
 Tele-FLM multiplies embeddings by ``input_mult`` and logits by ``output_mult /
-mup_scale_factor`` (GROWTH_NOTES §1). When growth changes these, the function is kept by
+mup_scale_factor`` (docs/operators.md, "μP"). When growth changes these, the function is kept by
 scaling the stored weights the other way: ``embed_tokens`` by ``in_old / in_new`` and
 ``lm_head`` by ``scale_old / scale_new``.
 
@@ -12,8 +12,8 @@ take ``lr / mup_scale_factor``; embeddings, norm gains and ``lm_head`` take ``lr
 
 from __future__ import annotations
 
-from growth.config import ModelConfig
-from growth.model import MATRIX_SUFFIXES
+from flmcore.config import ModelConfig
+from flmcore.params import is_block_matrix
 
 
 def embedding_compensation(src: ModelConfig, dst: ModelConfig) -> float:
@@ -26,7 +26,7 @@ def logit_compensation(src: ModelConfig, dst: ModelConfig) -> float:
 
 def lr_multiplier(config: ModelConfig, name: str) -> float:
     """Factor on the stage's LR for parameter ``name`` (HF name; any prefix allowed)."""
-    if config.use_mup and name.endswith(MATRIX_SUFFIXES):
+    if config.use_mup and is_block_matrix(name):
         return 1.0 / config.mup_scale_factor
     return 1.0
 

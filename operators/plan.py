@@ -8,7 +8,6 @@ one source tensor; the streaming executor calls it tensor by tensor.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,17 +15,24 @@ from typing import Any
 
 import torch
 
-from growth.config import ModelConfig
-from growth.model import param_init_std, seeded_generator
+from flmcore.config import ModelConfig
+from flmcore.init import param_init_std, seeded_generator
+from flmcore.params import EMBEDDING, LAYER_RE, LM_HEAD, PARAMS, RESIDUAL_WRITERS, Param, axis_size, is_norm
 from operators import axes as ax
 from operators.depth import make_layer_map, new_layer_indices
 from operators.mup import embedding_compensation, logit_compensation
 from operators.spec import GrowthError, GrowthSpec
 
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 KINDS = ("weight", "exp_avg", "exp_avg_sq")
 ROW_BLOCK = 256  # random fields are seeded per this many rows, so chunking never changes values
 CHUNK_ELEMENTS = 1 << 25  # default row block of grow_tensor_chunks: 128 MB of fp32
+# Largest axis (entries) and depth a plan builds maps for: a plan holds a few int64/fp32
+# maps per axis (~50 MB each at this size), far beyond any real width (Tele-FLM-1T's
+# largest axis is FFN 98,304; large vocabularies are ~256K), so a typo such as hidden 10⁹
+# is refused in one line instead of allocating gigabytes.
+MAX_AXIS = 1 << 22
+MAX_LAYERS = 1 << 16
+_PARAM_BY_KEY = {p.key: p for p in PARAMS}
 
 # Provenance codes (uint8) of every element of a grown tensor.
 COPIED, ZERO, INIT, CLONED, LAYER_COPY, MASKED = range(6)
@@ -57,8 +63,16 @@ class Axes:
     vocab: ax.AxisMap
     norm_scale: float  # zero hidden growth: gains × sqrt(h_old/h_new)
 
+    def of(self, axis: str) -> ax.AxisMap:
+        """The map of a parameter-table axis name (flmcore.params)."""
+        return {"vocab": self.vocab, "hidden.out": self.hidden_write, "hidden.in": self.hidden_read,
+                "q.out": self.q_write, "kv.out": self.kv_write, "q.in": self.heads_read,
+                "ffn.out": self.ffn_write, "ffn.in": self.ffn_read}[axis]
+
 
 class GrowthPlan:
+    """The growth of one source config into one target config under one spec (see make_plan)."""
+
     def __init__(self, src: ModelConfig, target: ModelConfig, spec: GrowthSpec,
                  get_tensor: Callable[[str], torch.Tensor] | None = None,
                  layer_map: list[dict[str, Any]] | None = None):
@@ -159,24 +173,14 @@ class GrowthPlan:
             return None, suffix, entry
         return f"model.layers.{entry['src']}.{suffix}", suffix, entry
 
+    def _param(self, suffix: str) -> Param:
+        p = _PARAM_BY_KEY.get(suffix)
+        if p is None:
+            raise GrowthError(f"tensor '{suffix}': not a Tele-FLM/Llama parameter")
+        return p
+
     def _maps(self, suffix: str) -> tuple[ax.AxisMap, ...]:
-        a = self.axes
-        table = {
-            "model.embed_tokens.weight": (a.vocab, a.hidden_write),
-            "lm_head.weight": (a.vocab, a.hidden_read),
-            "self_attn.q_proj.weight": (a.q_write, a.hidden_read),
-            "self_attn.k_proj.weight": (a.kv_write, a.hidden_read),
-            "self_attn.v_proj.weight": (a.kv_write, a.hidden_read),
-            "self_attn.o_proj.weight": (a.hidden_write, a.heads_read),
-            "mlp.gate_proj.weight": (a.ffn_write, a.hidden_read),
-            "mlp.up_proj.weight": (a.ffn_write, a.hidden_read),
-            "mlp.down_proj.weight": (a.hidden_write, a.ffn_read),
-        }
-        if suffix in table:
-            return table[suffix]
-        if suffix.endswith("layernorm.weight") or suffix == "model.norm.weight":
-            return (a.hidden_write,)
-        raise GrowthError(f"tensor '{suffix}': not a Tele-FLM/Llama parameter")
+        return tuple(self.axes.of(axis) for axis in self._param(suffix).axes)
 
     def tensor_ops(self) -> list[TensorOp]:
         ops = []
@@ -196,13 +200,14 @@ class GrowthPlan:
         grows = {"hidden": self.target.hidden_size != self.src_config.hidden_size,
                  "ffn": self.target.intermediate_size != self.src_config.intermediate_size,
                  "heads": self.target.num_key_value_heads != self.src_config.num_key_value_heads}
-        touches = {"hidden": True, "ffn": suffix.startswith("mlp."),
-                   "heads": suffix.startswith("self_attn.")}
+        widths = {axis.split(".")[0] for axis in self._param(suffix).axes}
+        touches = {"hidden": "hidden" in widths, "ffn": "ffn" in widths,
+                   "heads": bool(widths & {"q", "kv"})}
         parts += [f"{dim}:{getattr(self.spec, dim)}" for dim in grows if grows[dim] and touches[dim]]
-        if "embed_tokens" in name or "lm_head" in name:
+        if name in (EMBEDDING.key, LM_HEAD.key):
             if self.target.vocab_size != self.src_config.vocab_size:
                 parts.append("vocab:pad")
-            comp = (embedding_compensation if "embed" in name else logit_compensation)(
+            comp = (embedding_compensation if name == EMBEDDING.key else logit_compensation)(
                 self.src_config, self.config)
             if comp != 1.0:
                 parts.append(f"mup×{comp:.6g}")
@@ -278,7 +283,7 @@ class GrowthPlan:
             if self.spec.noise > 0 and len(maps) == 2 and maps[1].divided:
                 self._add_pair_noise(out, name, maps[1], r0)
         comp = self._compensation(name)
-        if suffix.endswith("layernorm.weight") or suffix == "model.norm.weight":
+        if is_norm(suffix):
             comp *= self.axes.norm_scale
         if comp != 1.0:
             out.mul_(comp * comp if squared else comp)
@@ -313,9 +318,9 @@ class GrowthPlan:
         return self.spec.init_std if self.spec.init_std is not None else param_init_std(self.config, name)
 
     def _compensation(self, name: str) -> float:
-        if name == "model.embed_tokens.weight":
+        if name == EMBEDDING.key:
             return embedding_compensation(self.src_config, self.config)
-        if name == "lm_head.weight":
+        if name == LM_HEAD.key:
             return logit_compensation(self.src_config, self.config)
         return 1.0
 
@@ -374,25 +379,48 @@ class GrowthPlan:
         out.add_(noise * keep.float())
 
     # ------------------------------------------------------------------ provenance / record
-    def provenance(self, name: str) -> torch.Tensor:
-        """uint8 map of ``name``'s target shape with PROVENANCE codes per element."""
-        shape = self._shapes[name]
+    def target_shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._shapes:
+            raise KeyError(f"tensor '{name}' is not in the grown model")
+        return self._shapes[name]
+
+    def axis_maps(self, name: str) -> tuple[ax.AxisMap, ...] | None:
+        """The per-axis maps that fill target tensor ``name``, or None for a tensor built
+        without a source (a new layer's zero or fresh tensor: one code throughout)."""
+        self.target_shape(name)
+        src_name, suffix, _ = self._route(name)
+        return None if src_name is None else self._maps(suffix)
+
+    def provenance(self, name: str, rows: torch.Tensor | None = None,
+                   cols: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 PROVENANCE codes per element of ``name``: the whole target tensor, or only the
+        block ``rows`` × ``cols`` (int64 index tensors into the target axes, None = the whole
+        axis; a 1-D tensor takes ``rows`` only). Only the block is built.
+
+        Note: an element's code depends on its tensor and on two facts per axis entry (new?
+        a second copy of a source entry?), so a block is the same rule on selected entries."""
+        shape = self.target_shape(name)
+        picks = (rows, cols)[:len(shape)]
+        block = tuple(n if i is None else len(i) for i, n in zip(picks, shape, strict=True))
         src_name, suffix, entry = self._route(name)
         if src_name is None:
             code = ZERO if suffix in ZEROED_IN_IDENTITY else INIT
-            return torch.full(shape, code, dtype=torch.uint8)
+            return torch.full(block, code, dtype=torch.uint8)
         maps = self._maps(suffix)
+
+        def along(dim: int, values: torch.Tensor) -> torch.Tensor:
+            if picks[dim] is not None:
+                values = values[picks[dim]]
+            view = [1] * len(block)
+            view[dim] = -1
+            return values.view(view).expand(block)
+
         base = LAYER_COPY if entry is not None and entry["new"] else COPIED
-        out = torch.full(shape, base, dtype=torch.uint8)
+        out = torch.full(block, base, dtype=torch.uint8)
         for dim, m in enumerate(maps):
-            view = [1] * len(shape)
-            view[dim] = -1
-            dup = m.duplicate_mask().view(view).expand(shape)
-            out[dup & (out == COPIED)] = CLONED
+            out[along(dim, m.duplicate_mask()) & (out == COPIED)] = CLONED
         for dim, m in enumerate(maps):
-            view = [1] * len(shape)
-            view[dim] = -1
-            new = m.new.view(view).expand(shape)
+            new = along(dim, m.new)
             if len(maps) == 1:  # norm gains of new coordinates
                 out[new] = MASKED if m.masked else INIT
                 continue
@@ -435,7 +463,7 @@ class GrowthPlan:
                 "masked": c.growth_mask is not None, "exact": self.spec.exact}
 
 
-ZEROED_IN_IDENTITY = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+ZEROED_IN_IDENTITY = RESIDUAL_WRITERS  # o_proj, down_proj: zero makes a new block the identity
 
 
 def _scale_(out: torch.Tensor, m: ax.AxisMap, squared: bool, dim: int, fill_follows: bool) -> None:
@@ -461,6 +489,15 @@ def _folded_source(src: ModelConfig) -> ModelConfig:
 
 
 def _check_shapes(s: ModelConfig, t: ModelConfig, spec: GrowthSpec) -> None:
+    for field, value, limit in [(axis, axis_size(t, axis), MAX_AXIS) for axis in
+                                ("vocab", "hidden", "ffn", "q", "kv")] + \
+            [("num_hidden_layers", t.num_hidden_layers, MAX_LAYERS)]:
+        if value > limit:
+            name = {"vocab": "vocab_size", "hidden": "hidden_size", "ffn": "intermediate_size",
+                    "q": "num_attention_heads × head_dim", "kv": "num_key_value_heads × head_dim"
+                    }.get(field, field)
+            raise GrowthError(f"field '{name}': the target's {value:,} exceeds what a growth plan "
+                              f"builds maps for ({limit:,}); check the target config")
     if t.head_dim != s.head_dim:
         raise GrowthError(f"field 'head_dim': growing head_dim ({s.head_dim} → {t.head_dim}) is not "
                           f"exact under RoPE (rotation pairs move); keep head_dim and grow "

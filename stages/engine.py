@@ -141,7 +141,6 @@ class StageEngine:
         import deepspeed
         import torch.distributed as dist
 
-        self.config = model.config
         self.model = model
         if ds.get("activation_checkpointing"):
             checkpoint_layers(list(model.model.layers))
@@ -151,6 +150,11 @@ class StageEngine:
         optimizer = make_optimizer(named, self.config, stage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's current config (it carries the live MSG mask state)."""
+        return self.model.config
 
     @property
     def zero_stage(self) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flmcore.params import LAYER_PARAMS, LAYER_PREFIX
 from growth.config import ModelConfig
 from growth.model import (
     DecoderLayer,
@@ -41,10 +42,7 @@ from stages.engine import ds_config, make_optimizer
 # Spec role → (local key → HF name template); "{i}" is the decoder layer index.
 PIPE_KEYS: dict[str, dict[str, str]] = {
     "embed": {"embed_tokens.weight": "model.embed_tokens.weight"},
-    "layer": {k: "model.layers.{i}." + k for k in (
-        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")},
+    "layer": {p.key: LAYER_PREFIX + p.key for p in LAYER_PARAMS},
     "head": {"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"},
 }
 LAYER_FILE = "layer_{:02d}-model_states.pt"  # DeepSpeed's per-spec file (PipeDataParallelTopology)
@@ -150,11 +148,10 @@ def build_pipeline_module(config: ModelConfig, num_stages: int, activation_check
                           checkpointable_layers=["DecoderLayerPipe"])
 
 
-def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[str, Any] | None) -> None:
+def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[str, Any] | None) -> ModelConfig:
     """Install MSG masks on this rank's layers (the pipeline form of
-    ``TeleFLMForCausalLM.set_growth_mask``)."""
-    config.growth_mask = None if record is None else dict(record)
-    config.validate()
+    ``TeleFLMForCausalLM.set_growth_mask``); returns the config carrying ``record``."""
+    config = config.replace(growth_mask=record)
     masks = build_masks(config, next(module.parameters()).device)
     num_layers = config.num_hidden_layers
     for name, layer in module.named_children():
@@ -172,6 +169,7 @@ def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[st
             layer.self_attn.head_mask = masks["heads"]
             layer.mlp.ffn_mask = masks["ffn"]
             layer.layer_c = masks["c"] if idx - 1 in masks["new_layers"] else None
+    return config
 
 
 # ---------------------------------------------------------------------- engine
@@ -200,7 +198,7 @@ class PipeStageEngine:
                     init_tensor(config, hf, tuple(p.shape), seed)
                 p.copy_(value)
         if config.growth_mask is not None:
-            set_pipe_growth_mask(module, config, config.growth_mask)
+            self.config = set_pipe_growth_mask(module, config, config.growth_mask)
         named = list(module.named_parameters())
         optimizer = make_optimizer(named, config, stage)
         self.dp_world = world // stages
@@ -228,7 +226,7 @@ class PipeStageEngine:
         return float(loss)
 
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:
-        set_pipe_growth_mask(self.module, self.config, record)
+        self.config = set_pipe_growth_mask(self.module, self.config, record)
 
     @property
     def global_steps(self) -> int:

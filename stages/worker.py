@@ -214,7 +214,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
             return None
         c = mask_c(step, int(stage["ramp_steps"]), float(mask0["c"]))
         if c >= 1.0:  # the ramp is over: fold (plain model, cheaper steps)
-            if config.growth_mask is not None:
+            if eng.config.growth_mask is not None:
                 eng.set_growth_mask(None)
             return 1.0
         eng.set_growth_mask({**mask0, "c": c})
@@ -276,7 +276,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if not exported:
         meta = {"betas": list(stage["betas"]), "eps": float(stage["eps"]),
                 "weight_decay": float(stage["weight_decay"])}
-        export_final(eng, config, history, final_dir, meta)
+        export_final(eng, eng.config, history, final_dir, meta)  # the model's mask state
     wall = wall_before + time.perf_counter() - begin
     summary = {
         "stage": stage["name"],

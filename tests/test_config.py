@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,8 +47,13 @@ def test_tiny_flavors_are_small_and_grow():
 
 
 def test_get_flavor_returns_a_copy():
+    """Flavors are frozen: a caller cannot change them, only derive a new config."""
     c = get_flavor("tiny")
-    c.vocab_size = 999
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.vocab_size = 999
+    with pytest.raises(TypeError):
+        c.extra["x"] = 1
+    c = c.replace(vocab_size=999)
     assert FLAVORS["tiny"].vocab_size != 999 and get_flavor("TINY").vocab_size != 999
 
 
