@@ -32,6 +32,7 @@ The last line printed is a JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stage = cfg["stage"]
         spec = growth_spec(stage["growth"])
         if spec.positions == "distance":  # chosen from the weights; none here — same tensors and bytes
-            spec.positions = "interleave"
+            spec = dataclasses.replace(spec, positions="interleave")
         target = resolve_config(stage["model"])
         child_argv = [json.dumps(model.to_hf_dict()), stage["model"], json.dumps(spec.to_dict())]
         if args.in_process:

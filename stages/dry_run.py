@@ -25,6 +25,7 @@ of earlier growths carry over), so a whole schedule is checked before anything t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from pathlib import Path
@@ -182,7 +183,7 @@ def dry_run_stage(cfg: dict[str, Any], echo: Any = print) -> dict[str, Any]:
         if spec.positions == "distance":  # picks layers by their weights: none to read here
             echo("   positions 'distance' choose layers from the weights; planned with 'interleave' "
                  "(same tensors and bytes, other indices)")
-            spec.positions = "interleave"
+            spec = dataclasses.replace(spec, positions="interleave")
         growth = plan_report(src, target, spec, ds["precision"], stage["growth"]["optimizer_state"])
         model = growth.pop("config")
         report["growth"] = growth
