@@ -447,9 +447,23 @@ class GrowthPlan:
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> GrowthPlan:
-        return cls(ModelConfig.from_hf_dict(event["from_config"], "growth.json from_config"),
-                   ModelConfig.from_hf_dict(event["target_config"], "growth.json target_config"),
-                   GrowthSpec.from_dict(event["spec"]), layer_map=event["layer_map"])
+        """Replay a growth.json ``grow`` event; a missing or malformed field is a GrowthError."""
+        if not isinstance(event, dict):
+            raise GrowthError("growth.json: a grow event must be an object")
+        for key in ("from_config", "target_config", "spec", "layer_map"):
+            if key not in event:
+                raise GrowthError(f"growth.json: grow event field '{key}' is missing")
+        src = ModelConfig.from_hf_dict(event["from_config"], "growth.json from_config")
+        target = ModelConfig.from_hf_dict(event["target_config"], "growth.json target_config")
+        layer_map = event["layer_map"]
+        if not (isinstance(layer_map, list) and len(layer_map) == target.num_hidden_layers and all(
+                isinstance(e, dict) and isinstance(e.get("new"), bool)
+                and (e.get("src") is None or (type(e.get("src")) is int
+                                              and 0 <= e["src"] < src.num_hidden_layers))
+                for e in layer_map)):
+            raise GrowthError(f"growth.json: grow event field 'layer_map' must list "
+                              f"{target.num_hidden_layers} entries {{'src': layer or null, 'new': bool}}")
+        return cls(src, target, GrowthSpec.from_dict(event["spec"]), layer_map=layer_map)
 
     def summary(self) -> dict[str, Any]:
         s, c = self.src_config, self.config

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from growth.checkpoint import DTYPE_NAMES, CheckpointReader
 from growth.config import DTYPE_BYTES, FLAVORS, ModelConfig, resolve_config
+from growth.history import event_line
 
 SIZE_DTYPES = ("float32", "bfloat16")
 
@@ -38,7 +38,7 @@ def describe_config(config: ModelConfig) -> dict[str, Any]:
     return {
         "params": params,
         "vocab_size": config.vocab_size,
-        "num_tensors": len(config.tensor_shapes()),
+        "num_tensors": config.num_tensors,  # arithmetic: a 10⁹-layer config is not listed
         "bytes": {d: params * DTYPE_BYTES[d] for d in SIZE_DTYPES},
         "config": config.to_hf_dict(),
     }
@@ -46,6 +46,8 @@ def describe_config(config: ModelConfig) -> dict[str, Any]:
 
 def describe_checkpoint(directory: Path) -> dict[str, Any]:
     """describe_config plus what is on disk: shards, stored dtypes, history."""
+    from growth.checkpoint import DTYPE_NAMES, CheckpointReader  # torch: only for directories
+
     with CheckpointReader(directory) as reader:
         info = describe_config(reader.config)
         per_file: dict[str, dict[str, Any]] = {f: {"file": f, "tensors": 0} for f in reader.files}
@@ -128,15 +130,8 @@ def render(info: dict[str, Any]) -> str:
     events = info["history"].get("events", [])
     lines.append(f"{'history':<10} format {info['history'].get('format_version')}, {len(events)} event(s)")
     for i, event in enumerate(events):
-        rest = {k: v for k, v in event.items() if k not in ("kind", "time")}
-        summary = ", ".join(f"{k}={_short(v)}" for k, v in rest.items())
-        lines.append(f"{'':<10} {i}. {event.get('time', '?')} {event.get('kind', '?')}: {summary}")
+        lines.append(f"{'':<10} {event_line(event, i, info['source'])}")
     return "\n".join(lines)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from growth.commands.info import human_bytes, human_params, shape_line
+from growth.history import history_lines
 from growth.inspect import open_checkpoint
 
 
@@ -43,14 +44,9 @@ def render(info: dict[str, Any]) -> str:
     lines.append("masks      none" if mask is None else
                  f"masks      MSG live at c = {info['c']:g}: "
                  + ", ".join(f"{k} {v}" for k, v in mask.items() if k != "c"))
-    events = info["history"].get("events", [])
+    events = history_lines(info["history"], info["directory"])
     lines.append(f"history    {len(events)} event(s)")
-    for i, e in enumerate(events):
-        spec = e.get("spec") or {}
-        what = (f"{spec.get('hidden')}/{spec.get('ffn')}/{spec.get('heads')}/{spec.get('depth')} "
-                f"(hidden/ffn/heads/depth), seed {e.get('seed')}" if spec else
-                ", ".join(f"{k}={v}" for k, v in e.items() if k in ("seed", "config", "dtype", "format")))
-        lines.append(f"  {i}. {e.get('time', '?')} {e.get('kind', '?')}: {what}")
+    lines += [f"  {line}" for line in events]
     rows = info["tensors"]
     if rows:
         width = max(len(r["name"]) for r in rows)
