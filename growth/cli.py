@@ -15,6 +15,7 @@ import argparse
 import codecs
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 
@@ -59,6 +60,20 @@ def readable_streams() -> None:
                 stream.reconfigure(errors="flm-ascii")
 
 
+class _StderrHandler(logging.Handler):
+    """``grow: warning: …`` on whatever ``sys.stderr`` is when the record is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"grow: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def log_to_stderr() -> None:
+    """Library warnings (``logging``) as one ``grow: warning: …`` line each on stderr."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        root.addHandler(_StderrHandler(logging.WARNING))
+
+
 class UserError(FlmError):
     """Any other error with a one-line message meant for the user."""
 
@@ -100,6 +115,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     readable_streams()
+    log_to_stderr()
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:

@@ -7,6 +7,7 @@ Defaults are the exact ``zero`` strategy with interleaved new layers (operators.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from operators.spec import (
     ALL_STRATEGIES,
@@ -17,6 +18,8 @@ from operators.spec import (
     POSITION_MODES,
     GrowthSpec,
 )
+
+log = logging.getLogger(__name__)
 
 
 def add_strategy_args(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +42,18 @@ def add_strategy_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--init-std", type=float, default=None, metavar="STD",
                    help="std of new random weights (default: the model's μP-scaled init)")
     g.add_argument("--noise", type=float, default=None, metavar="STD",
-                   help="symmetric ± noise added to cloned/split copies (keeps the function; "
-                        "default 0)")
+                   help="std of zero-sum ± noise on cloned/split copies, to break their symmetry "
+                        "(default 0). Keeps the function only in exact arithmetic: rounding "
+                        "differences between copies grow with it and with depth, so a growth "
+                        "with noise is recorded as not exact; check it with `grow verify`")
 
 
 def spec_from_args(args: argparse.Namespace) -> GrowthSpec:
-    """The GrowthSpec the flags describe (raises GrowthError naming a bad field)."""
-    return GrowthSpec.from_strategy(
+    """The GrowthSpec the flags describe (raises GrowthError naming a bad field); a spec
+    that is not function-preserving is logged as a warning, once, with the reason."""
+    spec = GrowthSpec.from_strategy(
         args.strategy, hidden=args.hidden, ffn=args.ffn, heads=args.heads, depth=args.depth,
         positions=args.positions, seed=args.seed, init_std=args.init_std, noise=args.noise)
+    for reason in spec.not_exact_reasons():
+        log.warning("not function-preserving: %s", reason)
+    return spec

@@ -45,11 +45,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="source dtype when SRC is a flavor or config (default bfloat16)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="output dtype (default: the source's)")
-    p.add_argument("--optimizer", action="store_true",
-                   help="count Adam moments too (automatic when SRC_DIR/optimizer exists)")
+    moments = p.add_mutually_exclusive_group()
+    moments.add_argument("--optimizer", action="store_true",
+                         help="count Adam moments too (automatic when SRC_DIR/optimizer exists)")
+    moments.add_argument("--no-optimizer-state", dest="no_optimizer_state", action="store_true",
+                         help="plan weights only, as `grow apply --no-optimizer-state` does")
     p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE), metavar="SIZE",
                    help="largest shard (default 5GiB)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="apply workers (peak memory × N)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="apply workers, N >= 1 (peak memory × N; default 1)")
     p.add_argument("--bandwidth", default="2GB/s", metavar="RATE",
                    help="disk bandwidth for the time estimate, e.g. 500MB/s, 2GB/s (default 2GB/s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -58,6 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     src_path = Path(args.src)
     reader = None
     if args.src.lower() not in FLAVORS and src_path.is_dir():
@@ -69,7 +75,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         src_config, src_dtype = resolve_config(args.src), torch_dtype(args.src_dtype)
         dtype = torch_dtype(args.dtype) if args.dtype else src_dtype
     plan = make_plan(src_config, resolve_config(args.target), spec_from_args(args))
-    moments = args.optimizer or (reader is not None and (src_path / OPTIMIZER_DIR).is_dir())
+    moments = not args.no_optimizer_state and (
+        args.optimizer or (reader is not None and (src_path / OPTIMIZER_DIR).is_dir()))
     rows = [_row(op, reader, src_dtype, dtype) for op in plan.tensor_ops()]
     read = sum(r["bytes_read"] for r in rows)
     written = sum(r["bytes_written"] for r in rows)
@@ -82,7 +89,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     limit = parse_size(args.max_shard_size)
     return {
         "source": args.src, "target": args.target, "spec": plan.spec.to_dict(),
-        "summary": plan.summary(), "source_dtype": DTYPE_NAMES.get(src_dtype, str(src_dtype)),
+        "summary": plan.summary(), "not_exact": plan.spec.not_exact_reasons(), "source_dtype": DTYPE_NAMES.get(src_dtype, str(src_dtype)),
         "dtype": DTYPE_NAMES[dtype],
         "optimizer_state": moments, "tensors": rows,
         "shards": len(shard_tasks(plan.config, dtype, limit)),
@@ -120,7 +127,7 @@ def render(report: dict[str, Any]) -> str:
         f"ffn {s['ffn'][0]}→{s['ffn'][1]}, heads {s['heads'][0]}→{s['heads'][1]}, "
         f"vocab {s['vocab'][0]}→{s['vocab'][1]})",
         f"new layers {s['new_layers'] or 'none'}; "
-        + ("exact" if s["exact"] else "NOT function-preserving (copy depth)")
+        + ("exact" if s["exact"] else "NOT function-preserving: " + "; ".join(report["not_exact"]))
         + ("; MSG masks at c = 0" if s["masked"] else ""),
         f"dtype      {report['source_dtype']} → {report['dtype']}"
         + ("; Adam moments (float32) included" if report["optimizer_state"] else ""),
