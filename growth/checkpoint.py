@@ -229,6 +229,10 @@ class CheckpointReader:
         return {self.dtype(n) for n in self.weight_map}
 
     def check_shapes(self) -> None:
+        if self.config.num_tensors > len(self.weight_map) + 1:  # never list a 10⁹-layer config
+            missing = next(n for n, _ in self.config.iter_tensor_shapes() if n not in self.weight_map)
+            listing = INDEX_NAME if (self.directory / INDEX_NAME).is_file() else WEIGHTS_NAME
+            raise CheckpointError(f"{self.directory / listing}: tensor '{missing}' is missing")
         expected = self.config.tensor_shapes()
         where = lambda n: self.directory / self._locate(n)[1]  # noqa: E731
         for name in self.weight_map:

@@ -209,3 +209,13 @@ def test_info_and_plan_on_a_non_utf8_terminal(env):
         assert ("muP" in text or "μP" in text) if args[0] == "info" else ("->" in text or "→" in text)
     rc, out, _ = run_grow("info", "1t")  # a UTF-8 terminal keeps the real symbols
     assert rc == 0 and "μP" in out
+
+
+def test_info_on_a_checkpoint_whose_config_claims_1e9_layers(tmp_path, capsys, s1):
+    d = tmp_path / "ck"
+    d.mkdir()
+    for f in s1.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    get_flavor("tiny-s1").replace(num_hidden_layers=10**9).save(d)
+    rc, out, err = grow_in_process(capsys, "info", d)
+    assert_one_line_error(rc, err, "model.layers.2.input_layernorm.weight", "missing")
