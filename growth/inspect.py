@@ -44,11 +44,11 @@ from growth.checkpoint import (
     CheckpointError,
     CheckpointReader,
 )
+from flmcore.params import BLOCK_MATRICES, split_name
 from growth.config import ModelConfig
 from growth.tensor_io import TensorSource
 from operators import GrowthPlan
-from operators.depth import BLOCK_MATRICES, new_layer_indices
-from operators.plan import LAYER_RE
+from operators.depth import new_layer_indices
 
 WEIGHT = "weight"
 KINDS = (WEIGHT, *MOMENT_KINDS)
@@ -284,8 +284,7 @@ def open_checkpoint(directory: str | Path) -> CheckpointView:
 
 def layer_of(name: str) -> tuple[int | None, str]:
     """``model.layers.7.mlp.up_proj.weight`` → (7, ``mlp.up_proj.weight``); others (None, name)."""
-    m = LAYER_RE.match(name)
-    return (int(m.group(1)), m.group(2)) if m else (None, name)
+    return split_name(name)
 
 
 def spectral_norm(matrix: torch.Tensor, iters: int | None = None, seed: int = 0) -> float:
