@@ -1,13 +1,9 @@
 """Read a training run directory: stage summaries, TensorBoard scalars, the schedule's curve.
 
-The layout is what ``train-stage`` writes (``stages.worker`` / ``stages.orchestrate``)::
-
-    RUN_DIR/<stage>/summary.json        params, steps, tokens, eval_loss_start/end, …
-    RUN_DIR/<stage>/stage_config.json   the resolved stage config (stage.parent names the parent)
-    RUN_DIR/<stage>/tb/                 TensorBoard scalars: train/loss, train/lr, train/c, eval/loss
-    RUN_DIR/<stage>/train_log.jsonl     the same train scalars, one JSON line per step
-    RUN_DIR/<stage>/init/               the grown start (a checkpoint with a grow event)
-    RUN_DIR/<stage>/final/              the canonical checkpoint at the end of the stage
+The layout of one stage directory is owned by :class:`StageDir` (here, so that readers
+need no trainer); ``train-stage`` (``stages.worker`` / ``stages.orchestrate``) writes it
+through the same object. ``tb/`` holds train/loss, train/lr, train/c,
+train/tokens_per_second and eval/loss.
 
 Usage::
 
@@ -37,6 +33,92 @@ TB_DIR = "tb"
 TRAIN_LOG_NAME = "train_log.jsonl"
 INIT_DIR = "init"
 FINAL_DIR = "final"
+DS_CKPT_DIR = "ds_ckpt"
+LAUNCH_LOG_NAME = "train.log"
+LOCK_NAME = ".lock"
+DS_LATEST_NAME = "latest"  # DeepSpeed's pointer to the newest tag inside ds_ckpt/
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """The one owner of a stage directory's layout (``RUN_DIR/<stage>/``)::
+
+        init/              the grown start (a canonical checkpoint with a grow event)
+        final/             the canonical checkpoint at the end of the stage (+ optimizer/)
+        ds_ckpt/           DeepSpeed-native checkpoints for resume=true (ds_ckpt/latest names the newest)
+        summary.json       written by rank 0 when the stage finished
+        stage_config.json  the resolved config the workers train from (stages.config.ResolvedStage)
+        tb/                TensorBoard scalars
+        train_log.jsonl    one JSON line per logged step
+        train.log          the workers' terminal output, appended per attempt
+        .lock              pid of the orchestrator that holds the stage (flock)
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of(cls, run_dir: str | Path, stage: str) -> StageDir:
+        return cls(Path(run_dir) / stage)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def init(self) -> Path:
+        return self.root / INIT_DIR
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL_DIR
+
+    @property
+    def ds_ckpt(self) -> Path:
+        return self.root / DS_CKPT_DIR
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY_NAME
+
+    @property
+    def resolved(self) -> Path:
+        return self.root / STAGE_CONFIG_NAME
+
+    @property
+    def tb(self) -> Path:
+        return self.root / TB_DIR
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / TRAIN_LOG_NAME
+
+    @property
+    def launch_log(self) -> Path:
+        return self.root / LAUNCH_LOG_NAME
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
+
+    @property
+    def has_ds_checkpoint(self) -> bool:
+        return (self.ds_ckpt / DS_LATEST_NAME).is_file()
+
+    @property
+    def finished(self) -> bool:
+        return self.summary.is_file() and (self.final / "config.json").is_file()
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return read_json(self.summary)
+
+    def read_resolved(self) -> dict[str, Any] | None:
+        """The resolved config as plain JSON (stages.config.ResolvedStage reads it typed)."""
+        return read_json(self.resolved)
+
+
 LOSS, LR, C, TOKENS_PER_SECOND, EVAL_LOSS = ("train/loss", "train/lr", "train/c",
                                              "train/tokens_per_second", "eval/loss")
 
@@ -83,19 +165,23 @@ class StageRun:
     _scalars: dict[str, list[tuple[int, float]]] | None = field(default=None, repr=False)
 
     @property
+    def layout(self) -> StageDir:
+        return StageDir(self.directory)
+
+    @property
     def init(self) -> Path | None:
-        return self.directory / INIT_DIR if (self.directory / INIT_DIR).is_dir() else None
+        return self.layout.init if self.layout.init.is_dir() else None
 
     @property
     def final(self) -> Path | None:
-        return self.directory / FINAL_DIR if (self.directory / FINAL_DIR).is_dir() else None
+        return self.layout.final if self.layout.final.is_dir() else None
 
     @property
     def grown(self) -> bool:
         """The stage started from a growth of its parent (a parent, or a grow event in init/)."""
         if self.parent is not None:
             return True
-        history = read_json(self.directory / INIT_DIR / HISTORY_NAME) or {}
+        history = read_json(self.layout.init / HISTORY_NAME) or {}
         return any(e.get("kind") == GROW_EVENT for e in history.get("events", []))
 
     @property
@@ -108,7 +194,7 @@ class StageRun:
     def all_scalars(self) -> dict[str, list[tuple[int, float]]]:
         """TensorBoard scalars (tb/), else the train log; empty if neither exists."""
         if self._scalars is None:
-            tb, log = self.directory / TB_DIR, self.directory / TRAIN_LOG_NAME
+            tb, log = self.layout.tb, self.layout.train_log
             if tb.is_dir() and any(tb.iterdir()):
                 self._scalars = read_tensorboard(tb)
             elif log.is_file():
@@ -122,7 +208,7 @@ class StageRun:
 
 
 def _parent_of(directory: Path) -> str | None:
-    cfg = read_json(directory / STAGE_CONFIG_NAME) or {}
+    cfg = StageDir(directory).read_resolved() or {}
     return (cfg.get("stage") or {}).get("parent")
 
 
@@ -165,9 +251,10 @@ class RunDir:
             raise FileNotFoundError(f"{self.directory}: no such run directory")
         found = {}
         for sub in sorted(p for p in self.directory.iterdir() if p.is_dir()):
-            markers = (SUMMARY_NAME, STAGE_CONFIG_NAME, TB_DIR, TRAIN_LOG_NAME, FINAL_DIR)
-            if any((sub / m).exists() for m in markers):
-                found[sub.name] = StageRun(sub.name, sub, read_json(sub / SUMMARY_NAME), _parent_of(sub))
+            layout = StageDir(sub)
+            markers = (layout.summary, layout.resolved, layout.tb, layout.train_log, layout.final)
+            if any(m.exists() for m in markers):
+                found[sub.name] = StageRun(sub.name, sub, layout.read_summary(), _parent_of(sub))
         self.stages = _schedule_order(found)
 
     def stage(self, name: str) -> StageRun:

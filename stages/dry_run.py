@@ -33,7 +33,9 @@ from typing import Any
 
 from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig, resolve_config
-from operators import GrowthError, GrowthSpec
+from operators import GrowthSpec
+from stages.config import GrowthCfg
+from stages.config import growth_spec as typed_growth_spec
 
 GB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -52,15 +54,11 @@ def fmt_bytes(n: float) -> str:
 
 # ---------------------------------------------------------------------- the parent's model
 def compose_stage(name: str) -> dict[str, Any]:
-    """The resolved TrainConfig of stage ``name`` (Hydra compose; inside the app or a test)."""
-    from hydra import compose
-    from hydra.core.global_hydra import GlobalHydra
-
+    """The resolved TrainConfig of stage ``name`` as a plain dict (stages.config.compose_stage)."""
+    from stages.config import compose_stage as compose_typed
     from stages.config import to_plain
 
-    if not GlobalHydra.instance().is_initialized():
-        raise GrowthError(f"cannot compose parent stage {name!r} outside a Hydra app")
-    return to_plain(compose(config_name="train", overrides=[f"stage={name}"]))
+    return to_plain(compose_typed(name))
 
 
 def final_config(stage: dict[str, Any], run_dir: Path, depth: int = 0) -> ModelConfig:
@@ -75,8 +73,6 @@ def final_config(stage: dict[str, Any], run_dir: Path, depth: int = 0) -> ModelC
     target = resolve_config(stage["model"])
     if stage["parent"] is None or depth > 32:
         return target
-    from stages.orchestrate import growth_spec
-
     parent = compose_stage(stage["parent"])["stage"]
     src = final_config(parent, run_dir, depth + 1)
     if src.tensor_shapes() == target.tensor_shapes():
@@ -162,8 +158,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 # ---------------------------------------------------------------------- the report
 def dry_run_stage(cfg: dict[str, Any], echo: Any = print) -> dict[str, Any]:
     """Print (via ``echo``) and return this stage's growth plan and memory estimate."""
-    from stages.orchestrate import growth_spec
-
     stage, ds = cfg["stage"], cfg["deepspeed"]
     run_dir = Path(cfg["run_dir"]).expanduser().resolve()
     target = resolve_config(stage["model"])
@@ -213,6 +207,11 @@ def dry_run_stage(cfg: dict[str, Any], echo: Any = print) -> dict[str, Any]:
     echo(f"     model states per GPU: {fmt_bytes(mem['gpu_bytes'])} (DeepSpeed {mem['function']}, "
          f"no offload; weights, gradients and Adam state, activations not included)")
     return report
+
+
+def growth_spec(growth: dict[str, Any]) -> GrowthSpec:
+    """``stage.growth`` (a plain dict here) → GrowthSpec, through the config layer's one function."""
+    return typed_growth_spec(GrowthCfg(**growth))
 
 
 def _ranges(indices: list[int]) -> str:

@@ -1,25 +1,19 @@
-"""DeepSpeed for one stage: process group, config dict, μP param groups, the plain engine.
+"""DeepSpeed for one stage: process group, config dict, μP param groups, the ZeRO engine.
 
-Everything DeepSpeed-specific that is not the pipeline lives here; ``stages.pipeline``
-holds the PipelineModule and its name adapter. Both expose the same small interface
-(:class:`StageEngine`), so the worker loop does not know which one it drives:
+Both engines — :class:`StageEngine` (ZeRO 0–3 over the plain model) and
+``stages.pipeline.PipeStageEngine`` — implement the :class:`Engine` protocol, so the
+trainer (``stages.trainer.Trainer``) does not know which one it drives. DeepSpeed
+internals are confined to ``stages.ds_compat``.
 
-- ``train_step(batches)`` one optimizer step over ``grad_accum`` micro batches → mean loss
-- ``eval_loss(batches)`` mean loss over fixed batches (no grad, every rank gets it)
-- ``named_params()`` ``(hf_name, param)`` for the parameters this rank holds
-- ``set_growth_mask(record)`` install/ramp/remove MSG masks on the local modules
-- ``dp_rank`` / ``dp_world`` data-parallel position (data sharding)
-
-References: DeepSpeed config JSON (deepspeed.ai/docs/config-json), GROWTH_NOTES §5–§6.
+Reference: DeepSpeed config JSON (deepspeed.ai/docs/config-json).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,10 +21,40 @@ from torch import nn
 from growth.config import ModelConfig
 from growth.model import DecoderLayer, TeleFLMForCausalLM, build_model, causal_lm_loss
 from operators.mup import lr_multiplier
-from stages import optim_state
+from stages import ds_compat, optim_state
+from stages.config import DeepSpeedCfg, Precision, StageCfg, check_deepspeed
 
-PRECISIONS = ("fp32", "bf16")
 LOG_LEVEL = logging.WARNING  # DeepSpeed logs every engine detail at INFO
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Engine(Protocol):
+    """What the trainer needs from a parallel layout."""
+
+    config: ModelConfig
+    engine: Any  # the DeepSpeed engine (save_checkpoint / load_checkpoint)
+    optimizer: Any  # the DeepSpeed optimizer wrapper (param groups carry ``lr_mult``)
+    dp_rank: int  # data-parallel position: which rows of a global batch this rank trains on
+    dp_world: int
+
+    @property
+    def zero_stage(self) -> int: ...
+
+    def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(hf_name, param)`` for the parameters this rank holds."""
+
+    def train_step(self, batches: list[Batch]) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro batches → the mean loss, a 0-d tensor
+        on the device (not synced to the host: the trainer does that every log_every steps)."""
+
+    def eval_loss(self, batches: list[Batch]) -> float:
+        """Mean loss over fixed batches (no grad); every rank gets the same value."""
+
+    def set_growth_mask(self, record: dict[str, Any] | None) -> None:
+        """Install, ramp or remove MSG masks on this rank's modules."""
+
+    def gather(self, kind: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Full fp32 weights (or Adam moment ``kind``) in canonical order, on rank 0 (collective)."""
 
 
 # ---------------------------------------------------------------------- process group
@@ -41,18 +65,14 @@ def on_cpu() -> bool:
 
 
 def init_distributed() -> None:
-    """torch.distributed through DeepSpeed: gloo on CPU, the accelerator's backend elsewhere.
-
-    Note: on CPU ``deepspeed.init_distributed`` compiles a shared-memory all-reduce op
-    (30–40 s, 1.6 GB) that gloo never uses; it is skipped.
-    """
+    """torch.distributed through DeepSpeed: gloo on CPU, the accelerator's backend elsewhere."""
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (the module whose build_shm_op is replaced)
 
+    ds_compat.check_version(deepspeed.__version__)
     deepspeed.utils.logger.setLevel(LOG_LEVEL)
     backend = None
     if on_cpu():
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        ds_compat.skip_cpu_shm_build()
         backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
@@ -64,24 +84,17 @@ def device() -> torch.device:
 
 
 # ---------------------------------------------------------------------- config
-def ds_config(ds: dict[str, Any], stage: dict[str, Any], dp_world: int) -> dict[str, Any]:
-    """The DeepSpeed config dict of a stage (``DeepSpeedCfg`` and ``StageCfg`` as dicts)."""
-    precision = ds.get("precision", "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"deepspeed.precision must be one of {PRECISIONS} (fp16 is not "
-                         f"supported on CPU), got {precision!r}")
-    zero = int(ds.get("zero_stage", 1))
-    if ds.get("pipeline") and zero > 1:
-        raise ValueError("deepspeed.zero_stage must be 0 or 1 with pipeline: true "
-                         "(DeepSpeed: ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism)")
-    mbs, accum = int(stage["micro_batch_size"]), int(stage["grad_accum"])
+def ds_config(ds: DeepSpeedCfg, stage: StageCfg, dp_world: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of a stage (layout rules: ``stages.config.check_deepspeed``)."""
+    check_deepspeed(ds, world=None)
+    mbs, accum = stage.micro_batch_size, stage.grad_accum
     return {
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": accum,
         "train_batch_size": mbs * accum * dp_world,
-        "gradient_clipping": float(ds.get("gradient_clipping") or 0.0),
-        "zero_optimization": {"stage": zero},
-        "bf16": {"enabled": precision == "bf16"},
+        "gradient_clipping": float(ds.gradient_clipping),
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == Precision.bf16},
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW, see make_optimizer
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -106,16 +119,15 @@ def param_groups(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
 
 
 def make_optimizer(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
-                   stage: dict[str, Any]) -> torch.optim.AdamW:
+                   stage: StageCfg) -> torch.optim.AdamW:
     """A plain ``torch.optim.AdamW`` (DeepSpeed's fused/CPU Adam need compiled ops)."""
-    return torch.optim.AdamW(param_groups(named, config, float(stage["weight_decay"])),
-                             lr=float(stage["lr"]), betas=tuple(stage["betas"]),
-                             eps=float(stage["eps"]))
+    return torch.optim.AdamW(param_groups(named, config, stage.weight_decay), lr=stage.lr,
+                             betas=tuple(stage.betas), eps=stage.eps)
 
 
 def set_lr(optimizer: Any, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["lr"] = lr * group["lr_mult"]
 
 
 # ---------------------------------------------------------------------- activation checkpointing
@@ -137,17 +149,17 @@ class StageEngine:
 
     pipeline = False
 
-    def __init__(self, model: TeleFLMForCausalLM, ds: dict[str, Any], stage: dict[str, Any]):
+    def __init__(self, model: TeleFLMForCausalLM, ds: DeepSpeedCfg, stage: StageCfg):
         import deepspeed
         import torch.distributed as dist
 
         self.model = model
-        if ds.get("activation_checkpointing"):
+        if ds.activation_checkpointing:
             checkpoint_layers(list(model.model.layers))
         self.dp_world = dist.get_world_size()
         self.dp_rank = dist.get_rank()
         named = list(model.named_parameters())
-        optimizer = make_optimizer(named, self.config, stage)
+        optimizer = make_optimizer(named, model.config, stage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
 
@@ -163,7 +175,7 @@ class StageEngine:
     def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from self.engine.module.named_parameters()
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def train_step(self, batches: list[Batch]) -> torch.Tensor:
         import torch.distributed as dist
 
         self.engine.train()
@@ -176,10 +188,10 @@ class StageEngine:
             total += loss.detach().double()
         total /= len(batches)
         dist.all_reduce(total)
-        return float(total) / self.dp_world
+        return total / self.dp_world
 
     @torch.no_grad()
-    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def eval_loss(self, batches: list[Batch]) -> float:
         """Every rank runs every batch (ZeRO-3 forwards are collective), so all agree."""
         self.engine.eval()
         losses = [causal_lm_loss(self.engine(x.to(self.engine.device)), y.to(self.engine.device))
@@ -188,10 +200,6 @@ class StageEngine:
 
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:
         self.model.set_growth_mask(record)
-
-    @property
-    def global_steps(self) -> int:
-        return self.engine.global_steps
 
     def gather(self, kind: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
         """Full fp32 tensors (weights, or moment ``kind``) in canonical order: rank 0 gets
@@ -206,11 +214,11 @@ class StageEngine:
 
 
 def build_plain(config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                ds: dict[str, Any], stage: dict[str, Any]) -> StageEngine:
+                ds: DeepSpeedCfg, stage: StageCfg) -> StageEngine:
     """Load the weights into the module, then hand it to ``deepspeed.initialize``.
 
     Note: weights go in before the engine exists; DeepSpeed's weight-only loading has a
-    history of loss jumps after step 0 (GROWTH_NOTES §5).
+    history of loss jumps after step 0 (docs/optimizer_state.md).
     """
     model = build_model(config, state_dict)
     return StageEngine(model, ds, stage)

@@ -1,4 +1,4 @@
-"""Start the ranks of one stage: ``torchrun … -m <worker_module> STAGE_DIR/stage_config.json``.
+"""Start the ranks of one stage: ``torchrun … -m <worker_module> SNAPSHOT.json``.
 
 The workers' output (tqdm bars included) is passed through byte for byte to this
 process's stdout and appended to ``STAGE_DIR/train.log``. torchrun runs in its own
@@ -15,11 +15,16 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from flmcore.errors import FlmError
+from growth.runs import StageDir
 
-LOG_NAME = "train.log"
+if TYPE_CHECKING:
+    from stages.config import TrainConfig
+
+
+ERROR_MARK = "train-stage worker: error:"  # the one line stages.worker prints for a user error
 
 
 class LaunchError(FlmError):
@@ -32,10 +37,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_command(cfg: dict[str, Any], resolved_path: Path, port: int) -> list[str]:
+def worker_command(cfg: TrainConfig, resolved_path: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-            "--nproc_per_node", str(cfg["nproc"]), "--master_addr", "127.0.0.1",
-            "--master_port", str(port), "-m", cfg["worker_module"], str(resolved_path)]
+            "--nproc_per_node", str(cfg.nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "-m", cfg.worker_module, str(resolved_path)]
 
 
 def worker_env(nproc: int) -> dict[str, str]:
@@ -48,16 +53,16 @@ def worker_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def launch_workers(cfg: dict[str, Any], resolved_path: Path) -> None:
+def launch_workers(cfg: TrainConfig, resolved_path: Path, layout: StageDir) -> None:
     """Run the ranks, tee their output to the terminal and STAGE_DIR/train.log."""
-    stage_dir = resolved_path.parent
-    port = cfg["master_port"] or free_port()
+    port = cfg.master_port or free_port()
     cmd = worker_command(cfg, resolved_path, port)
-    log_path = stage_dir / LOG_NAME
+    log_path = layout.launch_log
+    errors: list[str] = []
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=worker_env(cfg["nproc"]), start_new_session=True,
+                                env=worker_env(cfg.nproc), start_new_session=True,
                                 preexec_fn=_die_with_parent)
         previous = _raise_on_sigterm()
         try:
@@ -65,6 +70,7 @@ def launch_workers(cfg: dict[str, Any], resolved_path: Path) -> None:
             out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
             while chunk := os.read(proc.stdout.fileno(), 65536):
                 log.write(chunk)
+                errors += [ln for ln in chunk.decode(errors="replace").splitlines() if ERROR_MARK in ln]
                 if out is not None:
                     out.write(chunk)
                     out.flush()
@@ -78,9 +84,10 @@ def launch_workers(cfg: dict[str, Any], resolved_path: Path) -> None:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
     if rc != 0:
-        raise LaunchError(f"stage {cfg['stage']['name']}: the workers failed (torchrun exit code {rc}); "
-                          f"see the output above or {log_path}; resume=true continues from the last "
-                          f"DeepSpeed checkpoint")
+        cause = errors[0].split(ERROR_MARK, 1)[1].strip() if errors else f"torchrun exit code {rc}"
+        hint = ("; resume=true continues from the last DeepSpeed checkpoint" if layout.has_ds_checkpoint
+                else "; no checkpoint was written, so a rerun starts the stage over")
+        raise LaunchError(f"stage {cfg.stage.name}: the workers failed: {cause} (full output: {log_path}){hint}")
 
 
 def _die_with_parent() -> None:

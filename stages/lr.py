@@ -8,8 +8,8 @@ anything but the step.
 - decay: ``cosine`` | ``linear`` | ``constant`` from the peak down to
   ``min_lr_ratio × peak`` at the last step;
 - after growth (``lr_after_growth``): ``restart`` uses the stage's own peak and warmup
-  again (MSG, GROWTH_NOTES §3); ``rewarm`` lowers the peak to ``parent_lr ×
-  rewarm_peak_ratio`` and warms up over ``rewarm_steps`` (FLM-101B, §2).
+  again (MSG); ``rewarm`` lowers the peak to ``parent_lr × rewarm_peak_ratio`` and warms
+  up over ``rewarm_steps`` (FLM-101B).
 
 References: Loshchilov & Hutter 2017 (cosine), Yao et al. 2024 (MSG), Li et al. 2023
 (FLM-101B: 4e-4 → 3.4e-4 → 2e-4 with ~100 re-warm-up steps).
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-DECAYS = ("cosine", "linear", "constant")
-AFTER_GROWTH = ("restart", "rewarm")
+from stages.config import AfterGrowth, Decay, StageConfigError
+
+if TYPE_CHECKING:
+    from stages.config import StageCfg
 
 
 @dataclass(frozen=True)
@@ -30,25 +32,28 @@ class LRSchedule:
     peak: float  # LR at the end of the warmup (before μP per-width multipliers)
     warmup_steps: int
     total_steps: int
-    decay: str = "cosine"
+    decay: Decay = Decay.cosine
     min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.decay not in DECAYS:
-            raise ValueError(f"stage.decay must be one of {DECAYS}, got {self.decay!r}")
+        try:
+            object.__setattr__(self, "decay", Decay(self.decay))
+        except ValueError:
+            raise StageConfigError(f"field 'stage.decay' must be one of "
+                                   f"{', '.join(d.value for d in Decay)}, got {self.decay!r}") from None
         if not self.peak > 0 or self.warmup_steps < 0 or self.total_steps < 1:
-            raise ValueError(f"bad LR schedule {self}")
+            raise StageConfigError(f"bad LR schedule {self}")
 
     def factor(self, step: int) -> float:
         """Multiplier on ``peak`` for the update that follows ``step`` completed updates."""
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        if self.decay == "constant":
+        if self.decay == Decay.constant:
             return 1.0
         span = max(1, self.total_steps - 1 - self.warmup_steps)
         p = min(1.0, (step - self.warmup_steps) / span)
         floor = self.min_lr_ratio
-        if self.decay == "linear":
+        if self.decay == Decay.linear:
             return 1.0 - (1.0 - floor) * p
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
@@ -56,21 +61,20 @@ class LRSchedule:
         return self.peak * self.factor(step)
 
 
-def stage_schedule(stage: dict[str, Any], grown: bool, parent_lr: float | None) -> LRSchedule:
-    """The schedule of a stage config (``StageCfg`` as a dict).
+def rewarm_peak(stage: StageCfg, grown: bool, parent_lr: float | None) -> float:
+    """The peak LR a stage trains at: its own, or after growth with ``rewarm`` the
+    parent's peak (``parent_lr``; None: this stage's own) × ``rewarm_peak_ratio``."""
+    if grown and AfterGrowth(stage.lr_after_growth) == AfterGrowth.rewarm:
+        return (parent_lr if parent_lr is not None else stage.lr) * stage.rewarm_peak_ratio
+    return stage.lr
 
-    ``grown`` is true when the stage starts from a parent's checkpoint; ``parent_lr`` is
-    that parent's peak (None: fall back to this stage's own peak).
-    """
-    peak, warmup = float(stage["lr"]), int(stage["warmup_steps"])
-    mode = stage.get("lr_after_growth", "restart")
-    if mode not in AFTER_GROWTH:
-        raise ValueError(f"stage.lr_after_growth must be one of {AFTER_GROWTH}, got {mode!r}")
-    if grown and mode == "rewarm":
-        peak = (parent_lr if parent_lr is not None else peak) * float(stage["rewarm_peak_ratio"])
-        warmup = int(stage["rewarm_steps"])
-    return LRSchedule(peak=peak, warmup_steps=warmup, total_steps=int(stage["steps"]),
-                      decay=stage.get("decay", "cosine"), min_lr_ratio=float(stage["min_lr_ratio"]))
+
+def stage_schedule(stage: StageCfg, grown: bool, parent_lr: float | None) -> LRSchedule:
+    """The schedule of a stage; ``grown`` is true when it starts from a checkpoint."""
+    rewarm = grown and AfterGrowth(stage.lr_after_growth) == AfterGrowth.rewarm
+    return LRSchedule(peak=rewarm_peak(stage, grown, parent_lr),
+                      warmup_steps=stage.rewarm_steps if rewarm else stage.warmup_steps,
+                      total_steps=stage.steps, decay=stage.decay, min_lr_ratio=stage.min_lr_ratio)
 
 
 def mask_c(step: int, ramp_steps: int, c_start: float = 0.0) -> float:

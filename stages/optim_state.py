@@ -7,11 +7,12 @@ operators as the weights; the next stage seeds its engine from it here. See
 docs/optimizer_state.md for why this path was chosen over editing DeepSpeed universal
 checkpoints.
 
-Seeding (GROWTH_NOTES §6, "fallback that needs no files"): a fresh engine has no Adam
+Seeding (no files needed): a fresh engine has no Adam
 state (torch creates it lazily at the first step), so :func:`create_adam_state` puts zero
 moments and the parent's step on every flat fp32 partition and relinks DeepSpeed's
 per-parameter views of them; then :func:`set_full` writes each full tensor, and every
-rank keeps its own slice. Works for ZeRO-0 (plain or bf16 optimizer), 1, 2 and 3.
+rank keeps its own slice. Works for ZeRO-0 (plain or bf16 optimizer), 1, 2 and 3. The
+DeepSpeed internals this needs are in ``stages.ds_compat``.
 """
 
 from __future__ import annotations
@@ -26,35 +27,7 @@ from torch import nn
 
 from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointError, CheckpointReader
 from growth.config import ModelConfig
-
-# Attribute holding each param group's flat fp32 partition, per DeepSpeed optimizer wrapper.
-FLAT_PARTITIONS = (
-    "single_partition_of_fp32_groups",  # DeepSpeedZeroOptimizer (ZeRO-1/2)
-    "fp32_partitioned_groups_flat",  # DeepSpeedZeroOptimizer_Stage3
-    "fp32_groups_flat_partition",  # BF16_Optimizer (ZeRO-0 + bf16)
-)
-
-
-def base_optimizer(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside a DeepSpeed wrapper (or ``opt`` itself)."""
-    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
-
-
-def flat_partitions(opt: Any) -> list[torch.Tensor] | None:
-    for attr in FLAT_PARTITIONS:
-        if hasattr(opt, attr):
-            return list(getattr(opt, attr))
-    return None
-
-
-def _fp32_twin(opt: Any, p: nn.Parameter) -> torch.Tensor | None:
-    """The fp32 master of ``p`` under FP16_UnfusedOptimizer (ZeRO-0 + bf16: one full fp32
-    copy per parameter on every rank, no flat partitions)."""
-    for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
-        for lp, hp in zip(lp_group, hp_group, strict=True):
-            if lp is p:
-                return hp
-    return None
+from stages.ds_compat import base_optimizer, flat_partitions, fp32_twin, is_deepspeed_mapped, relink, update_lp_params
 
 
 def _state_targets(opt: Any) -> list[torch.Tensor]:
@@ -62,18 +35,6 @@ def _state_targets(opt: Any) -> list[torch.Tensor]:
     if flats is not None:
         return flats
     return [p for group in base_optimizer(opt).param_groups for p in group["params"]]
-
-
-def relink(opt: Any) -> None:
-    """Point DeepSpeed's per-parameter fragments at the current state tensors.
-
-    Note: ZeRO-1/2 link once, right after the first param group's first step, when the
-    later groups have no state yet; ``safe_get_full_optimizer_state`` then fails for every
-    parameter outside group 0. Relinking after the state exists fixes that.
-    """
-    if hasattr(opt, "_hp_optimizer_states_linked"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
 
 
 def create_adam_state(opt: Any, step: int, only_missing: bool = False) -> None:
@@ -105,10 +66,10 @@ def get_full(opt: Any, p: nn.Parameter, kind: str | None = None) -> torch.Tensor
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+    if is_deepspeed_mapped(p):
         t = safe_get_full_fp32_param(p) if kind is None else safe_get_full_optimizer_state(p, kind)
         return t.float()
-    p = _fp32_twin(opt, p) if hasattr(opt, "fp32_groups") else p
+    p = fp32_twin(opt, p)
     if kind is None:
         return p.detach().float()
     state = base_optimizer(opt).state.get(p, {})
@@ -120,32 +81,18 @@ def set_full(opt: Any, p: nn.Parameter, value: torch.Tensor, kind: str | None = 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     value = value.to(device=p.device, dtype=torch.float32)
-    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+    if is_deepspeed_mapped(p):
         if kind is None:
             safe_set_full_fp32_param(p, value)
         else:
             safe_set_full_optimizer_state(p, value, kind)
         return
-    p = _fp32_twin(opt, p) if hasattr(opt, "fp32_groups") else p
+    p = fp32_twin(opt, p)
     if kind is None:
         with torch.no_grad():
             p.copy_(value)
     else:
         base_optimizer(opt).state[p][kind].copy_(value)
-
-
-def update_lp_params(opt: Any) -> None:
-    """Copy the fp32 master partitions into the model's (bf16 or fp32) parameters."""
-    if hasattr(opt, "update_lp_params"):  # ZeRO-1/2, BF16_Optimizer (collective)
-        opt.update_lp_params()
-    elif hasattr(opt, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO-3
-        for i in range(len(opt.fp32_partitioned_groups_flat)):
-            opt._reassign_or_swap_out_partitioned_parameters(i)
-    elif hasattr(opt, "fp32_groups"):  # FP16_UnfusedOptimizer (ZeRO-0 + bf16)
-        with torch.no_grad():
-            for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
-                for lp, hp in zip(lp_group, hp_group, strict=True):
-                    lp.copy_(hp)
 
 
 # ---------------------------------------------------------------------- canonical files

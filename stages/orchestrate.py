@@ -1,56 +1,52 @@
 """One stage, orchestrated: check everything, prepare data and weights, launch the ranks.
 
-``run_stage`` is what the Hydra app calls once per job (one stage of a schedule)::
+:func:`run_stage` is what the Hydra app calls once per job (one stage of a schedule)::
 
-    check_config             ranges and cross-field rules (stages.config)
+    to_config, validate      typed TrainConfig, every rule (stages.config)
     plan_stage               every check that needs files, before anything is written:
                              stage dir state, parent/init checkpoint, growth shapes,
                              tokenizer vs vocab, worker module — a StageError otherwise
-    prepare_stage            RUN_DIR/<stage>/, tokenized corpus (cached), the parent's final
-                             grown into RUN_DIR/<stage>/init (growth.executor, streaming),
-                             RUN_DIR/<stage>/stage_config.json
-    launch_workers           torchrun --nproc_per_node N -m stages.worker stage_config.json,
-                             output streamed to the terminal and RUN_DIR/<stage>/train.log
+    StageLock                the stage dir is ours for the whole attempt (stages.lock)
+    prepare_stage            the tokenized corpus (cached), the parent's final grown into
+                             STAGE_DIR/init (growth.executor, streaming), the ResolvedStage
+                             (STAGE_DIR/stage_config.json; on resume diffed against the saved one)
+    launch_workers           torchrun --nproc_per_node N -m stages.worker SNAPSHOT, output
+                             streamed to the terminal and STAGE_DIR/train.log
     summary.json             written by the workers; returned
 
-Note: Hydra stays in this one process (GROWTH_NOTES §5): the workers get a plain JSON file,
-never Hydra arguments, so ``--local_rank`` and per-rank ``${now}`` cannot bite.
+Note: Hydra stays in this one process: the workers get a JSON snapshot, never Hydra
+arguments, so ``--local_rank`` and per-rank ``${now}`` cannot bite. The snapshot each
+attempt's workers read is a file of its own that nothing rewrites.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf.errors import OmegaConfBaseException
-
 from flmcore.errors import FlmError
 from growth.checkpoint import CheckpointError, CheckpointReader
 from growth.config import ConfigError, ModelConfig, resolve_config
+from growth.runs import FINAL_DIR, INIT_DIR, SUMMARY_NAME, StageDir, read_json  # noqa: F401  (re-exported)
 from operators import GrowthError, GrowthSpec
-from stages.config import RESOLVED_NAME, StageConfigError, check_config, to_plain
-from stages.data import DataError, corpus_files, load_tokenizer, prepare_corpus
-from stages.launch import LaunchError, launch_workers
+from stages.config import ResolvedStage, TrainConfig, growth_spec, to_config, validate
+from stages.launch import launch_workers
+from stages.lock import StageLock
+from stages.resume import diff_for_resume
 
-SUMMARY_NAME = "summary.json"
-FINAL_DIR = "final"
-INIT_DIR = "init"
-DS_CKPT_DIR = "ds_ckpt"
-DATA_DIR = "data"
-LATEST_FILE = "latest"  # DeepSpeed's pointer to the newest tag inside ds_ckpt/
+log = logging.getLogger(__name__)
 
 
 class StageError(FlmError):
     """A stage cannot start or did not finish; the one-line message says what to do."""
 
 
-USER_ERRORS = (StageError, LaunchError, StageConfigError, ConfigError, CheckpointError, GrowthError,
-               DataError, OmegaConfBaseException)
+USER_ERRORS = (FlmError,)  # every project error; the entry point prints one line and exits 2
 
 
 # ---------------------------------------------------------------------- planning
@@ -58,38 +54,33 @@ USER_ERRORS = (StageError, LaunchError, StageConfigError, ConfigError, Checkpoin
 class StagePlan:
     """What ``plan_stage`` decided; nothing has been written yet."""
 
-    cfg: dict[str, Any]  # the resolved TrainConfig
-    run_dir: Path
-    stage_dir: Path
+    cfg: TrainConfig
+    layout: StageDir
     target: ModelConfig  # the stage's model (flavor or config.json)
     source: Path | None = None  # checkpoint the stage starts from (parent final / init_from)
-    grow: bool = False  # source must be grown into stage_dir/init first
+    grow: bool = False  # source must be grown into STAGE_DIR/init first
     spec: GrowthSpec | None = None
     resume: bool = False  # a DeepSpeed checkpoint exists and resume=true
     finished: bool = False  # summary.json and final/ exist: nothing to do
-    parent_dir: Path | None = None
+    parent: StageDir | None = None
 
     @property
     def name(self) -> str:
-        return self.cfg["stage"]["name"]
+        return self.cfg.stage.name
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.root.parent
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.layout.root
 
     @property
     def init_checkpoint(self) -> Path | None:
         if self.source is None:
             return None
-        return self.stage_dir / INIT_DIR if self.grow else self.source
-
-
-def growth_spec(growth: dict[str, Any]) -> GrowthSpec:
-    """``stage.growth`` (GrowthCfg) → operators.GrowthSpec; GrowthError names a bad field."""
-    return GrowthSpec.from_strategy(
-        growth["strategy"], hidden=growth["hidden"], ffn=growth["ffn"], heads=growth["heads"],
-        depth=growth["depth"], positions=growth["positions"], seed=growth["seed"],
-        init_std=growth["init_std"], noise=growth["noise"])
-
-
-def same_shapes(a: ModelConfig, b: ModelConfig) -> bool:
-    return a.tensor_shapes() == b.tensor_shapes()
+        return self.layout.init if self.grow else self.source
 
 
 def open_checkpoint(path: Path, what: str) -> CheckpointReader:
@@ -102,225 +93,236 @@ def open_checkpoint(path: Path, what: str) -> CheckpointReader:
         raise StageError(f"{what}: {err}") from None
 
 
-def has_ds_checkpoint(stage_dir: Path) -> bool:
-    return (stage_dir / DS_CKPT_DIR / LATEST_FILE).is_file()
-
-
-def plan_stage(cfg: dict[str, Any]) -> StagePlan:
+def plan_stage(cfg: TrainConfig) -> StagePlan:
     """Every check that reads files, in the order a user would fix them; writes nothing."""
-    stage = cfg["stage"]
-    run_dir = Path(cfg["run_dir"]).expanduser().resolve()
-    stage_dir = run_dir / stage["name"]
+    stage = cfg.stage
+    layout = StageDir.of(Path(cfg.run_dir).expanduser().resolve(), stage.name)
+    holder = StageLock(layout.lock).holder()
+    if holder is not None:
+        raise StageError(f"{layout.root}: in use by process {holder} (lock {layout.lock}); wait for it "
+                         f"to finish or stop it, then rerun")
     try:
-        target = resolve_config(stage["model"])
+        target = resolve_config(stage.model)
     except ConfigError as err:
         raise StageError(f"stage.model: {err}") from None
-    plan = StagePlan(cfg=cfg, run_dir=run_dir, stage_dir=stage_dir, target=target)
+    plan = StagePlan(cfg=cfg, layout=layout, target=target)
     _check_launch(cfg, target)
     _check_data(cfg, target)
-    if (stage_dir / SUMMARY_NAME).is_file() and (stage_dir / FINAL_DIR).is_dir():
-        if not cfg["resume"]:
-            raise StageError(f"stage {plan.name} already finished in {stage_dir}; use another run_dir, "
+    if layout.finished:
+        if not cfg.resume:
+            raise StageError(f"stage {plan.name} already finished in {layout.root}; use another run_dir, "
                              f"or resume=true to skip finished stages")
         plan.finished = True
         return plan
-    if stage_dir.is_dir() and any(stage_dir.iterdir()) and not cfg["resume"]:
-        raise StageError(f"{stage_dir} holds an unfinished run of stage {plan.name}; resume=true "
-                         f"continues it, or use another run_dir")
-    plan.resume = bool(cfg["resume"]) and has_ds_checkpoint(stage_dir)
-    if stage["parent"] is not None:
-        plan.parent_dir = run_dir / stage["parent"]
-        final = plan.parent_dir / FINAL_DIR
-        if not final.is_dir():
-            raise StageError(f"stage {plan.name}: parent stage '{stage['parent']}' has no final "
-                             f"checkpoint at {final}; train stage {stage['parent']} into this "
+    if layout.has_ds_checkpoint and not cfg.resume:
+        raise StageError(f"{layout.root} holds an unfinished run of stage {plan.name} (a checkpoint in "
+                         f"{layout.ds_ckpt}); resume=true continues it, or use another run_dir")
+    plan.resume = cfg.resume and layout.has_ds_checkpoint
+    if stage.parent is not None:
+        plan.parent = StageDir.of(layout.root.parent, stage.parent)
+        if not plan.parent.final.is_dir():
+            raise StageError(f"stage {plan.name}: parent stage '{stage.parent}' has no final "
+                             f"checkpoint at {plan.parent.final}; train stage {stage.parent} into this "
                              f"run_dir first (or start from a checkpoint with stage.init_from)")
-        _plan_source(plan, final, f"parent stage '{stage['parent']}'")
-    elif stage["init_from"] is not None:
-        _plan_source(plan, Path(stage["init_from"]).expanduser().resolve(), "stage.init_from")
+        _plan_source(plan, plan.parent.final, f"parent stage '{stage.parent}'")
+    elif stage.init_from is not None:
+        _plan_source(plan, Path(stage.init_from).expanduser().resolve(), "stage.init_from")
     return plan
 
 
 def _plan_source(plan: StagePlan, source: Path, what: str) -> None:
-    """Open the starting checkpoint and check it grows into the stage's model."""
+    """Open the starting checkpoint and check it grows into the stage's model.
+
+    A checkpoint of the stage's own shapes is used as it is, masks included: a masked
+    stage that ended at c < 1 continues its ramp in the next stage.
+    """
     from operators import make_plan
 
     plan.source = source
-    plan.spec = growth_spec(plan.cfg["stage"]["growth"])
+    plan.spec = growth_spec(plan.cfg.stage.growth)
     with open_checkpoint(source, what) as reader:
         src_config = reader.config
-        if same_shapes(src_config, plan.target) and src_config.growth_mask is None:
+        if src_config.tensor_shapes() == plan.target.tensor_shapes():
             return  # already the stage's shapes: start from it as it is
+        if src_config.growth_mask is not None:
+            raise StageError(f"stage {plan.name}: {what} still has MSG masks at c = {src_config.growth_mask['c']}"
+                             f"; finish its ramp first (a stage with the same model and stage.init_from={source})")
         # shapes only; 'distance' positions also read the layers they compare
         get = reader.get if plan.spec.positions == "distance" else None
         try:
             make_plan(src_config, plan.target, plan.spec, get_tensor=get)
         except GrowthError as err:
             raise StageError(f"stage {plan.name}: {what} ({src_config.params:,} parameters) does not "
-                             f"grow into stage.model {plan.cfg['stage']['model']!r}: {err}") from None
+                             f"grow into stage.model {plan.cfg.stage.model!r}: {err}") from None
     plan.grow = True
 
 
-def _check_launch(cfg: dict[str, Any], target: ModelConfig) -> None:
-    stage, ds = cfg["stage"], cfg["deepspeed"]
-    if stage["seq_len"] > target.max_position_embeddings:
-        raise StageError(f"stage.seq_len {stage['seq_len']} exceeds the model's max_position_embeddings "
+def _check_launch(cfg: TrainConfig, target: ModelConfig) -> None:
+    stage, ds = cfg.stage, cfg.deepspeed
+    if stage.seq_len > target.max_position_embeddings:
+        raise StageError(f"stage.seq_len {stage.seq_len} exceeds the model's max_position_embeddings "
                          f"({target.max_position_embeddings})")
-    if ds["pipeline"] and ds["pipeline_stages"] > target.num_hidden_layers:
-        raise StageError(f"deepspeed.pipeline_stages {ds['pipeline_stages']} exceeds the model's "
+    if ds.pipeline and ds.pipeline_stages > target.num_hidden_layers:
+        raise StageError(f"deepspeed.pipeline_stages {ds.pipeline_stages} exceeds the model's "
                          f"{target.num_hidden_layers} decoder layers")
-    if cfg["dry_run"]:
+    if cfg.dry_run:
         return
-    if cfg["nnodes"] != 1:
-        raise StageError(f"nnodes={cfg['nnodes']}: train-stage launches one node; on a cluster run "
-                         f"`torchrun ... -m {cfg['worker_module']} RUN_DIR/<stage>/{RESOLVED_NAME}` on "
+    if cfg.nnodes != 1:
+        raise StageError(f"nnodes={cfg.nnodes}: train-stage launches one node; on a cluster run "
+                         f"`torchrun ... -m {cfg.worker_module} RUN_DIR/<stage>/stage_config.json` on "
                          f"every node (dry_run=true sizes the multi-node job)")
     try:
-        found = importlib.util.find_spec(cfg["worker_module"]) is not None
+        found = importlib.util.find_spec(cfg.worker_module) is not None
     except (ImportError, ValueError):
         found = False
     if not found:
-        raise StageError(f"worker_module: cannot find module {cfg['worker_module']!r}")
+        raise StageError(f"worker_module: cannot find module {cfg.worker_module!r}")
 
 
-def _check_data(cfg: dict[str, Any], target: ModelConfig) -> None:
-    corpus_files(cfg["data"])  # the source exists and holds text (listing only)
-    vocab = load_tokenizer(cfg["data"]).vocab_size
+def _check_data(cfg: TrainConfig, target: ModelConfig) -> None:
+    from stages.data import corpus_files, load_tokenizer
+
+    data = data_dict(cfg)
+    corpus_files(data)  # the source exists and holds text (listing only)
+    vocab = load_tokenizer(data).vocab_size
     usable = target.valid_vocab_size or target.vocab_size
     if vocab > usable:
-        raise StageError(f"data.tokenizer has {vocab} tokens but stage.model {cfg['stage']['model']!r} "
+        raise StageError(f"data.tokenizer has {vocab} tokens but stage.model {cfg.stage.model!r} "
                          f"has only {usable} usable vocabulary rows")
 
 
+def data_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """``data`` as stages.data takes it (a plain dict)."""
+    from stages.config import to_plain
+
+    return to_plain(cfg)["data"]
+
+
 # ---------------------------------------------------------------------- preparation
-def prepare_stage(plan: StagePlan) -> Path:
-    """Create the stage dir, data and starting checkpoint; write stage_config.json."""
-    cfg = plan.cfg
-    plan.stage_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(cfg["data"]["cache_dir"] or plan.run_dir / DATA_DIR).expanduser().resolve()
-    data = prepare_corpus(cfg["data"], data_dir, seed=cfg["data"]["seed"])
+def prepare_stage(plan: StagePlan) -> ResolvedStage:
+    """Data, the starting checkpoint and the resolved config (saved to STAGE_DIR/stage_config.json)."""
+    from stages.data import prepare_corpus
+
+    cfg, layout = plan.cfg, plan.layout
+    data_dir = Path(cfg.data.cache_dir or plan.run_dir / "data").expanduser().resolve()
+    data = prepare_corpus(data_dict(cfg), data_dir, seed=cfg.data.seed)
     for split in ("train", "eval"):
-        if data["n_tokens"][split] < cfg["stage"]["seq_len"] + 1:
+        if data["n_tokens"][split] < cfg.stage.seq_len + 1:
             raise StageError(f"data: the {split} split has {data['n_tokens'][split]} tokens, fewer than "
                              f"stage.seq_len + 1; add text or lower data.eval_fraction / stage.seq_len")
+    fingerprint = None
     if plan.grow:
-        grow_into(plan)
+        fingerprint = grow_into(plan)
     init = plan.init_checkpoint
     if init is not None:
         with open_checkpoint(init, "starting checkpoint") as reader:
             model_config = reader.config
     else:
         model_config = plan.target
-    mask = model_config.growth_mask
-    if mask is not None and cfg["stage"]["steps"] < cfg["stage"]["ramp_steps"] * (1.0 - float(mask["c"])):
-        print(f"[{plan.name}] warning: stage.steps {cfg['stage']['steps']} ends the MSG ramp before c "
-              f"reaches 1 (stage.ramp_steps {cfg['stage']['ramp_steps']}); final/ keeps its masks and "
-              f"cannot be grown again until a stage finishes the ramp", flush=True)
-    resolved = dict(cfg)
-    resolved.update({
-        "run_dir": str(plan.run_dir),
-        "resume": plan.resume,
-        "stage_dir": str(plan.stage_dir),
-        "init_checkpoint": None if init is None else str(init),
-        "model_config": model_config.to_hf_dict(),
-        "parent_eval_loss_end": parent_eval_loss(plan),
-        "parent_lr": parent_peak_lr(plan),
-        "data": data,
-    })
-    path = plan.stage_dir / RESOLVED_NAME
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(resolved, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    parent_summary = plan.parent.read_summary() if plan.parent is not None else None
+    resolved = ResolvedStage(
+        config=cfg, stage_dir=str(layout.root), init_checkpoint=None if init is None else str(init),
+        model_config=model_config.to_hf_dict(),
+        parent_eval_loss_end=None if parent_summary is None else parent_summary["eval_loss_end"],
+        parent_lr=parent_peak_lr(plan), parent_fingerprint=fingerprint, data=data)
+    if layout.resolved.is_file() and plan.resume:
+        saved = ResolvedStage.load(layout.resolved)
+        resolved.resume_changes = saved.resume_changes + diff_for_resume(saved, resolved)
+    resolved.save(layout.resolved)
+    return resolved
 
 
-def grow_into(plan: StagePlan) -> Path:
-    """Grow ``plan.source`` into STAGE_DIR/init with the streaming executor (resumable).
+def grow_into(plan: StagePlan) -> str:
+    """Grow ``plan.source`` into STAGE_DIR/init with the streaming executor (resumable);
+    returns the source's fingerprint.
 
-    A complete init/ from an earlier attempt is reused; a partial one (killed mid-grow)
-    is finished by the executor's own resume. Adam moments come along when the source
-    has them and ``stage.growth.optimizer_state`` is true.
+    A complete init/ from an earlier attempt is reused when it was grown from this very
+    source (the fingerprint in its grow event); one grown from another version of the
+    source (the parent was retrained since) is grown again. A partial one (killed
+    mid-grow) is finished by the executor's own resume. Adam moments come along when the
+    source has them and ``stage.growth.optimizer_state`` is true.
     """
+    import shutil
+
     from growth.executor import ApplyRequest
     from growth.parallel import apply_growth
 
-    out = plan.stage_dir / INIT_DIR
-    if out.is_dir() and any(out.iterdir()):
-        open_checkpoint(out, f"{out} (grown by an earlier attempt)").close()
-        return out
-    growth = plan.cfg["stage"]["growth"]
+    out = plan.layout.init
     assert plan.source is not None and plan.spec is not None
-    print(f"[{plan.name}] growing {plan.source} → {out} "
-          f"({plan.spec.hidden}/{plan.spec.ffn}/{plan.spec.heads}/{plan.spec.depth})", flush=True)
-    request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=plan.spec.to_dict(),
-                           out=str(out), optimizer_state=bool(growth["optimizer_state"]))
+    with open_checkpoint(plan.source, "starting checkpoint") as reader:
+        fingerprint = reader.fingerprint()
+    if out.is_dir() and any(out.iterdir()) and (out / "config.json").is_file():
+        with open_checkpoint(out, f"{out} (grown by an earlier attempt)") as grown:
+            grown_from = grown.history["events"][-1]["parent"]["fingerprint"]
+        if grown_from == fingerprint:
+            return fingerprint
+        log.warning("[%s] %s was grown from another version of %s; growing it again", plan.name, out, plan.source)
+        shutil.rmtree(out)
+    spec = plan.spec
+    log.info("[%s] growing %s → %s (%s/%s/%s/%s)", plan.name, plan.source, out, spec.hidden, spec.ffn,
+             spec.heads, spec.depth)
+    request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=spec.to_dict(), out=str(out),
+                           optimizer_state=plan.cfg.stage.growth.optimizer_state)
     apply_growth(request, progress=True)
-    return out
+    return fingerprint
 
 
 def target_spec(plan: StagePlan) -> str:
     """stage.model as the executor takes it: a flavor name or an absolute path."""
-    model = plan.cfg["stage"]["model"]
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def parent_eval_loss(plan: StagePlan) -> float | None:
-    if plan.parent_dir is None:
-        return None
-    summary = read_json(plan.parent_dir / SUMMARY_NAME) or {}
-    value = summary.get("eval_loss_end")
-    return None if value is None else float(value)
+    path = Path(plan.cfg.stage.model).expanduser()
+    return str(path.resolve()) if path.exists() else plan.cfg.stage.model
 
 
 def parent_peak_lr(plan: StagePlan) -> float | None:
     """The peak LR the parent actually trained at (its own re-warmed peak if it was grown):
     the worker's ``lr_peak`` in the parent's summary, else recomputed from its config."""
-    if plan.parent_dir is None:
+    if plan.parent is None:
         return None
-    peak = (read_json(plan.parent_dir / SUMMARY_NAME) or {}).get("lr_peak")
-    if peak is not None:
-        return float(peak)
-    resolved = read_json(plan.parent_dir / RESOLVED_NAME)
-    if resolved is None:
+    summary = plan.parent.read_summary()
+    if summary is not None:
+        return float(summary["lr_peak"])
+    if not plan.parent.resolved.is_file():
         return None
-    stage = resolved["stage"]
-    if stage["lr_after_growth"] == "rewarm" and resolved.get("init_checkpoint") is not None \
-            and resolved.get("parent_lr") is not None:
-        return float(resolved["parent_lr"]) * float(stage["rewarm_peak_ratio"])
-    return float(stage["lr"])
+    from stages.lr import rewarm_peak
+
+    parent = ResolvedStage.load(plan.parent.resolved)
+    return rewarm_peak(parent.config.stage, parent.init_checkpoint is not None, parent.parent_lr)
 
 
 # ---------------------------------------------------------------------- the job
 def run_stage(cfg: Any) -> dict[str, Any]:
     """Check, prepare, train one stage; returns its summary (or dry-run report)."""
-    plain = to_plain(cfg)
-    check_config(plain)
-    if plain["dry_run"]:
+    typed = validate(to_config(cfg))
+    if typed.dry_run:
+        from stages.config import to_plain
         from stages.dry_run import dry_run_stage
 
-        return dry_run_stage(plain)
-    plan = plan_stage(plain)
+        return dry_run_stage(to_plain(typed))
+    plan = plan_stage(typed)
     if plan.finished:
-        print(f"[{plan.name}] already finished in {plan.stage_dir}; skipped (resume=true)", flush=True)
-        return read_json(plan.stage_dir / SUMMARY_NAME) or {}
+        log.info("[%s] already finished in %s; skipped (resume=true)", plan.name, plan.stage_dir)
+        return plan.layout.read_summary() or {}
+    with StageLock(plan.layout.lock):
+        return train_planned(plan)
+
+
+def train_planned(plan: StagePlan) -> dict[str, Any]:
     start = time.time()
-    resolved_path = prepare_stage(plan)
+    resolved = prepare_stage(plan)
+    cfg = plan.cfg
     how = "resuming from its DeepSpeed checkpoint" if plan.resume else (
-        f"from {plan.init_checkpoint}" if plan.init_checkpoint else f"fresh init (seed {plain['stage']['seed']})")
-    print(f"[{plan.name}] {plain['nproc']} ranks, {plain['deepspeed']['name']}, {how}", flush=True)
-    launch_workers(plain, resolved_path)
-    summary = read_json(plan.stage_dir / SUMMARY_NAME)
+        f"from {plan.init_checkpoint}" if plan.init_checkpoint else f"fresh init (seed {cfg.stage.seed})")
+    log.info("[%s] %d ranks, %s, %s", plan.name, cfg.nproc, cfg.deepspeed.name, how)
+    snapshot = plan.layout.root / f".stage_config.{os.getpid()}.{int(start)}.json"
+    resolved.save(snapshot)  # this attempt's workers read this file; nothing rewrites it
+    os.chmod(snapshot, 0o444)
+    try:
+        launch_workers(cfg, snapshot, plan.layout)
+    finally:
+        snapshot.unlink(missing_ok=True)
+    summary = plan.layout.read_summary()
     if summary is None:
-        raise StageError(f"stage {plan.name}: the workers exited cleanly but wrote no "
-                         f"{plan.stage_dir / SUMMARY_NAME}")
-    print(f"[{plan.name}] done in {time.time() - start:.0f} s: eval loss "
-          f"{summary.get('eval_loss_start')} → {summary.get('eval_loss_end')}", flush=True)
+        raise StageError(f"stage {plan.name}: the workers exited cleanly but wrote no {plan.layout.summary}")
+    log.info("[%s] done in %.0f s: eval loss %s → %s", plan.name, time.time() - start,
+             summary["eval_loss_start"], summary["eval_loss_end"])
     return summary

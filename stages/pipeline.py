@@ -35,8 +35,9 @@ from growth.model import (
     rope_cos_sin,
     scale_logits,
 )
-from stages import optim_state
-from stages.engine import ds_config, make_optimizer
+from stages import ds_compat, optim_state
+from stages.config import DeepSpeedCfg, StageCfg
+from stages.engine import Batch, ds_config, make_optimizer
 
 # ---------------------------------------------------------------------- adapter
 # Spec role → (local key → HF name template); "{i}" is the decoder layer index.
@@ -179,16 +180,17 @@ class PipeStageEngine:
     pipeline = True
 
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor] | None, seed: int,
-                 ds: dict[str, Any], stage: dict[str, Any]):
+                 ds: DeepSpeedCfg, stage: StageCfg):
         import deepspeed
         import torch.distributed as dist
 
-        self.config = config
-        stages = int(ds.get("pipeline_stages", 2))
+        from stages.config import check_deepspeed
+
+        self.config = config  # carries the current MSG mask record (see set_growth_mask)
+        stages = ds.pipeline_stages
         world = dist.get_world_size()
-        if world % stages:
-            raise ValueError(f"deepspeed.pipeline_stages ({stages}) must divide nproc ({world})")
-        module = build_pipeline_module(config, stages, bool(ds.get("activation_checkpointing")))
+        check_deepspeed(ds, world)
+        module = build_pipeline_module(config, stages, ds.activation_checkpointing)
         self.module = module
         L = config.num_hidden_layers
         with torch.no_grad():
@@ -204,7 +206,7 @@ class PipeStageEngine:
         self.dp_world = world // stages
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
-        self.dp_rank = self.engine.grid.data_parallel_id
+        self.dp_rank = ds_compat.pipe_dp_rank(self.engine)
 
     @property
     def zero_stage(self) -> int:
@@ -215,22 +217,18 @@ class PipeStageEngine:
         for name, p in self.module.named_parameters():
             yield pipe_to_hf(name, self.config.num_hidden_layers), p
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def train_step(self, batches: list[Batch]) -> torch.Tensor:
         self.engine.train()
-        return float(self.engine.train_batch(data_iter=iter(batches)))
+        return self.engine.train_batch(data_iter=iter(batches)).detach()
 
     @torch.no_grad()
-    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def eval_loss(self, batches: list[Batch]) -> float:
         loss = self.engine.eval_batch(data_iter=iter(batches), num_micro_batches=len(batches),
                                       bcast_loss=True)
         return float(loss)
 
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:
         self.config = set_pipe_growth_mask(self.module, self.config, record)
-
-    @property
-    def global_steps(self) -> int:
-        return self.engine.global_steps
 
     def gather(self, kind: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
         """Full fp32 tensors (weights, or moment ``kind``) in canonical order, on rank 0.
@@ -245,8 +243,7 @@ class PipeStageEngine:
         local = dict(self.named_params())
         for name, shape in self.config.tensor_shapes().items():
             spec = int(hf_to_pipe(name, L).split(".", 1)[0])
-            owner_stage = self.module.stage_owner(spec)
-            owner = self.engine.grid.stage_to_global(owner_stage, data=0)
+            owner = ds_compat.pipe_owner_rank(self.engine, self.module, spec)
             t = None
             if name in local:
                 t = optim_state.get_full(self.optimizer, local[name], kind)

@@ -2,7 +2,8 @@
 
 Each run is ``torchrun --nproc_per_node 2 -m stages.worker STAGE_DIR/stage_config.json``
 on CPU (gloo), exactly what the orchestrator starts, with a tiny model and short
-sequences so a run takes a few seconds after imports.
+sequences so a run takes a few seconds after imports. Runs that must stop or pause
+mid-stage use ``tests.ds_workers`` (a Trainer subclass) as their worker module.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from growth.config import get_flavor
-from stages.config import RESOLVED_NAME, TrainConfig, to_plain
+from growth.runs import StageDir
+from stages.config import DeepSpeedCfg, ResolvedStage, StageCfg, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CFG = {"source": "embedded", "tokenizer": "byte", "eval_fraction": 0.1, "max_bytes": 300_000,
@@ -51,20 +53,17 @@ def write_stage_config(stage_dir: Path, data: dict[str, Any], *, zero: int = 1, 
                        parent_eval_loss_end: float | None = None, model_config: dict | None = None,
                        **stage: Any) -> Path:
     """Write ``stage_dir/stage_config.json`` as the orchestrator would; returns its path."""
-    cfg = to_plain(TrainConfig())
-    cfg["stage"].update({"name": stage_dir.name, **TINY_STAGE, **stage})
-    cfg["deepspeed"].update({"name": "pipe" if pipeline else f"zero{zero}", "zero_stage": zero,
-                             "pipeline": pipeline, "pipeline_stages": 2, "precision": precision,
-                             "activation_checkpointing": activation_checkpointing})
-    cfg.update({"nproc": 2, "run_dir": str(stage_dir.parent), "resume": resume,
-                "stage_dir": str(stage_dir.resolve()),
-                "init_checkpoint": None if init_checkpoint is None else str(Path(init_checkpoint).resolve()),
-                "model_config": model_config or get_flavor(cfg["stage"]["model"]).to_hf_dict(),
-                "parent_eval_loss_end": parent_eval_loss_end, "data": data, "parent_lr": parent_lr})
+    stage_cfg = StageCfg(**{"name": stage_dir.name, **TINY_STAGE, **stage})
+    ds = DeepSpeedCfg(name="pipe" if pipeline else f"zero{zero}", zero_stage=zero, pipeline=pipeline,
+                      pipeline_stages=2, precision=precision, activation_checkpointing=activation_checkpointing)
+    cfg = TrainConfig(stage=stage_cfg, deepspeed=ds, nproc=2, run_dir=str(stage_dir.parent), resume=resume)
+    resolved = ResolvedStage(
+        config=cfg, stage_dir=str(stage_dir.resolve()),
+        init_checkpoint=None if init_checkpoint is None else str(Path(init_checkpoint).resolve()),
+        model_config=model_config or get_flavor(stage_cfg.model).to_hf_dict(),
+        parent_eval_loss_end=parent_eval_loss_end, data=data, parent_lr=parent_lr)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    path = stage_dir / RESOLVED_NAME
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
-    return path
+    return resolved.save(StageDir(stage_dir).resolved)
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -75,32 +74,36 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def torchrun_argv(config_path: Path, nproc: int = 2) -> list[str]:
+def torchrun_argv(config_path: Path, nproc: int = 2, worker: list[str] | None = None) -> list[str]:
+    """``worker``: the module and its options before the config path (default stages.worker)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), "-m", "stages.worker", str(config_path)]
+            "--master_port", str(free_port()), "-m", *(worker or ["stages.worker"]), str(config_path)]
 
 
 def run_worker(config_path: Path, env: dict[str, str] | None = None, timeout: float = 180,
-               nproc: int = 2) -> subprocess.CompletedProcess:
-    """Run a stage to completion; raises with the output tail when it fails."""
-    proc = subprocess.run(torchrun_argv(config_path, nproc), env=_env(env), cwd=REPO,
+               nproc: int = 2, stop_after: int | None = None) -> subprocess.CompletedProcess:
+    """Run a stage to completion (or, with ``stop_after``, save and stop after that step:
+    tests.ds_workers); raises with the output tail when it fails."""
+    worker = None if stop_after is None else ["tests.ds_workers", "--stop-after", str(stop_after)]
+    proc = subprocess.run(torchrun_argv(config_path, nproc, worker), env=_env(env), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        ranks = [ln for ln in proc.stderr.splitlines() if ln.startswith("[rank") or ln.startswith("error:")]
+        ranks = [ln for ln in proc.stderr.splitlines() if ln.startswith("[rank") or "error:" in ln]
         raise AssertionError(f"worker failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
                              + "\n".join(ranks[-80:]) + "\n" + proc.stderr[-2000:])
     return proc
 
 
 def run_and_kill(config_path: Path, pause_after: int, nproc: int = 2, timeout: float = 180) -> None:
-    """Start a stage that pauses after step ``pause_after``, then SIGKILL torchrun's
-    process group and every rank (torchrun starts each rank in a session of its own)."""
-    from stages.worker import PAUSE_AFTER_ENV, PAUSED_MARK
+    """Start a stage that pauses after step ``pause_after`` (tests.ds_workers), then SIGKILL
+    torchrun's process group and every rank (torchrun starts each rank in a session of its own)."""
+    from tests.ds_workers import PAUSED_MARK
 
     marks = [config_path.parent / PAUSED_MARK.format(r) for r in range(nproc)]
     for mark in marks:
         mark.unlink(missing_ok=True)
-    proc = subprocess.Popen(torchrun_argv(config_path, nproc), env=_env({PAUSE_AFTER_ENV: str(pause_after)}),
+    worker = ["tests.ds_workers", "--pause-after", str(pause_after)]
+    proc = subprocess.Popen(torchrun_argv(config_path, nproc, worker), env=_env(),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -128,15 +131,11 @@ def run_and_kill(config_path: Path, pause_after: int, nproc: int = 2, timeout: f
 
 
 def read_log(stage_dir: Path) -> list[dict[str, Any]]:
-    from stages.worker import TRAIN_LOG_NAME
-
-    return [json.loads(ln) for ln in (stage_dir / TRAIN_LOG_NAME).read_text().splitlines() if ln]
+    return [json.loads(ln) for ln in StageDir(stage_dir).train_log.read_text().splitlines() if ln]
 
 
 def read_summary(stage_dir: Path) -> dict[str, Any]:
-    from stages.worker import SUMMARY_NAME
-
-    return json.loads((stage_dir / SUMMARY_NAME).read_text())
+    return json.loads(StageDir(stage_dir).summary.read_text())
 
 
 # ---------------------------------------------------------------------- shared runs

@@ -9,6 +9,7 @@ a cold Adam start. So the seeded state really is what DeepSpeed steps with.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -24,7 +25,7 @@ from ds_helpers import (
 )
 
 from growth.checkpoint import OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointReader, load_model
-from stages.config import TrainConfig, to_plain
+from stages.config import StageCfg
 from stages.data import TokenBatches
 from stages.engine import make_optimizer, set_lr
 
@@ -36,16 +37,16 @@ CHILDREN = {"zero1": {"zero": 1}, "zero2": {"zero": 2}, "zero3": {"zero": 3}, "p
 
 def one_more_step(parent_final, dp_world: int, seeded: bool):
     """Weights and moments after one AdamW step from the parent's export, in-process."""
-    stage = {**to_plain(TrainConfig())["stage"], **TINY_STAGE, **CHILD}
+    stage = dataclasses.replace(StageCfg(), **TINY_STAGE, **CHILD)
     model = load_model(parent_final)
-    train = TokenBatches(data_info(), "train", stage["seq_len"], stage["micro_batch_size"], stage["seed"])
+    train = TokenBatches(data_info(), "train", stage.seq_len, stage.micro_batch_size, stage.seed)
     rows = [train.batch(0, 0, r, dp_world) for r in range(dp_world)]
     x, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     model.loss(x, y).backward()  # mean over all ranks' rows = DeepSpeed's averaged gradient
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     named = list(model.named_parameters())
     opt = make_optimizer(named, model.config, stage)
-    set_lr(opt, stage["lr"])
+    set_lr(opt, stage.lr)
     if seeded:
         step = json.loads((parent_final / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME).read_text())["step"]
         moments = {k: CheckpointReader(parent_final / OPTIMIZER_DIR / k, config=model.config)

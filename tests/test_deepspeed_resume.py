@@ -17,7 +17,6 @@ from ds_helpers import (
 )
 
 from growth.checkpoint import CheckpointReader
-from stages.worker import STOP_AFTER_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +38,7 @@ def assert_same_run(resumed, reference):
 def test_stop_at_10_then_resume_matches_uninterrupted(name):
     reference = shared_run(name)
     stage_dir = new_stage_dir(f"{name}-stopped")
-    run_worker(write_stage_config(stage_dir, data_info(), **SHARED_RUNS[name]), env={STOP_AFTER_ENV: "10"})
+    run_worker(write_stage_config(stage_dir, data_info(), **SHARED_RUNS[name]), stop_after=10)
     assert len(read_log(stage_dir)) == 10
     assert not (stage_dir / "final").exists() and not (stage_dir / "summary.json").exists()
     run_worker(write_stage_config(stage_dir, data_info(), resume=True, **SHARED_RUNS[name]))

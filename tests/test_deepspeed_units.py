@@ -3,6 +3,7 @@ layers, config/param-group building, activation checkpointing, start-state check
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 from growth.config import get_flavor
 from growth.model import build_model, init_state_dict
+from stages.config import DeepSpeedCfg, ResolvedStage, StageCfg, TrainConfig
 from stages.engine import checkpoint_layers, ds_config, param_groups
 from stages.lr import LRSchedule, mask_c, stage_schedule
 from stages.pipeline import (
@@ -24,9 +26,9 @@ from stages.pipeline import (
 )
 from stages.worker import WorkerError, start_config
 
-STAGE = {"lr": 1e-3, "warmup_steps": 4, "steps": 20, "decay": "cosine", "min_lr_ratio": 0.1,
-         "lr_after_growth": "restart", "rewarm_peak_ratio": 0.85, "rewarm_steps": 2,
-         "micro_batch_size": 4, "grad_accum": 2}
+STAGE = StageCfg(lr=1e-3, warmup_steps=4, steps=20, decay="cosine", min_lr_ratio=0.1,
+                 lr_after_growth="restart", rewarm_peak_ratio=0.85, rewarm_steps=2,
+                 micro_batch_size=4, grad_accum=2)
 
 
 # ---------------------------------------------------------------------- schedules
@@ -47,9 +49,9 @@ def test_linear_and_constant_decay(decay, last):
 
 def test_after_growth_restart_or_rewarm():
     assert stage_schedule(STAGE, grown=True, parent_lr=3e-3).peak == 1e-3  # MSG: own peak again
-    rewarm = stage_schedule({**STAGE, "lr_after_growth": "rewarm"}, grown=True, parent_lr=4e-4)
+    rewarm = stage_schedule(dataclasses.replace(STAGE, lr_after_growth="rewarm"), grown=True, parent_lr=4e-4)
     assert rewarm.peak == pytest.approx(0.85 * 4e-4) and rewarm.warmup_steps == 2  # FLM-101B
-    fresh = stage_schedule({**STAGE, "lr_after_growth": "rewarm"}, grown=False, parent_lr=None)
+    fresh = stage_schedule(dataclasses.replace(STAGE, lr_after_growth="rewarm"), grown=False, parent_lr=None)
     assert fresh.peak == 1e-3 and fresh.warmup_steps == 4
 
 
@@ -114,13 +116,13 @@ def test_pipeline_layers_compute_the_plain_model_with_masks():
 
 # ---------------------------------------------------------------------- engine pieces
 def test_ds_config_sizes_and_refusals():
-    cfg = ds_config({"zero_stage": 3, "precision": "bf16", "gradient_clipping": 1.0}, STAGE, dp_world=4)
+    cfg = ds_config(DeepSpeedCfg(zero_stage=3, precision="bf16", gradient_clipping=1.0), STAGE, dp_world=4)
     assert cfg["train_batch_size"] == 4 * 2 * 4 and cfg["bf16"]["enabled"]
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_clipping"] == 1.0
     with pytest.raises(ValueError, match="ZeRO-2 and ZeRO-3 are incompatible"):
-        ds_config({"zero_stage": 2, "pipeline": True}, STAGE, 1)
+        ds_config(DeepSpeedCfg(zero_stage=2, pipeline=True), STAGE, 1)
     with pytest.raises(ValueError, match="fp16"):
-        ds_config({"precision": "fp16"}, STAGE, 1)
+        ds_config(DeepSpeedCfg(precision="fp16"), STAGE, 1)
 
 
 def test_param_groups_carry_mup_multipliers():
@@ -158,9 +160,10 @@ def test_activation_checkpointing_recomputes_and_keeps_gradients():
 # ---------------------------------------------------------------------- start state
 def test_start_config_takes_the_checkpoint_and_refuses_a_mismatch(tiny_checkpoint):
     tiny = get_flavor("tiny")
-    cfg = {"model_config": tiny.to_hf_dict(), "init_checkpoint": str(tiny_checkpoint)}
+    cfg = ResolvedStage(TrainConfig(), stage_dir="/nowhere", model_config=tiny.to_hf_dict(),
+                        init_checkpoint=str(tiny_checkpoint))
     assert start_config(cfg).tensor_shapes() == tiny.tensor_shapes()
-    cfg["model_config"] = get_flavor("tiny-s1").to_hf_dict()
+    cfg = dataclasses.replace(cfg, model_config=get_flavor("tiny-s1").to_hf_dict())
     with pytest.raises(WorkerError, match="model.layers.2"):
         start_config(cfg)
-    assert start_config({**cfg, "init_checkpoint": None}).num_hidden_layers == 2
+    assert start_config(dataclasses.replace(cfg, init_checkpoint=None)).num_hidden_layers == 2

@@ -1,0 +1,58 @@
+"""What may change when a crashed stage is resumed (``resume=true``), and what may not.
+
+A resume continues one stage from its own DeepSpeed checkpoint, so everything that shapes
+the model, the ranks' layout or the data stream must be what the checkpoint was written
+with: a change there is refused in one line before any worker starts. Schedule and
+bookkeeping fields may change; each change is recorded in ``stage_config.json``
+(``resume_changes``) so the stage's summary can be read with it in mind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flmcore.errors import FlmError
+
+# Fields (dotted, in stage_config.json) that a resume may change; everything else must match.
+ALLOWED = ("stage.lr", "stage.min_lr_ratio", "stage.warmup_steps", "stage.decay", "stage.rewarm_peak_ratio",
+           "stage.rewarm_steps", "stage.weight_decay", "stage.eval_every", "stage.save_every",
+           "stage.log_every", "deepspeed.gradient_clipping", "deepspeed.name", "master_port",
+           "run_dir", "data.cache_dir", "schedule.name", "schedule.stages", "worker_module")
+# Resolved fields that follow from the rest or from the machine, not compared.
+IGNORED = ("format_version", "resume_changes", "stage_dir", "data.dir", "data.paths", "data.docs",
+           "parent_eval_loss_end", "parent_lr", "parent_fingerprint", "dry_run", "resume")
+
+
+class ResumeMismatchError(FlmError):
+    """resume=true with a config the stage's checkpoint was not written with."""
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _covered(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def diff_for_resume(saved: Any, new: Any) -> list[str]:
+    """``saved`` and ``new`` are ResolvedStages; returns the allowed changes as
+    ``"field: old → new"`` lines, or raises :class:`ResumeMismatchError` naming the first
+    field that may not change."""
+    a, b = flatten(saved.to_dict()), flatten(new.to_dict())
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        if _covered(key, IGNORED) or a.get(key) == b.get(key):
+            continue
+        if key == "stage.steps" or _covered(key, ALLOWED):
+            changes.append(f"{key}: {a.get(key)!r} → {b.get(key)!r}")
+            continue
+        raise ResumeMismatchError(f"resume=true: field '{key}' is {b.get(key)!r} but the stage's checkpoint was "
+                                  f"written with {a.get(key)!r}; set it back, or start a new stage "
+                                  f"(stage.init_from={saved.stage_dir}/final after it finishes)")
+    return changes
