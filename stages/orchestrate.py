@@ -21,6 +21,7 @@ attempt's workers read is a file of its own that nothing rewrites.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -220,8 +221,9 @@ def prepare_stage(plan: StagePlan) -> ResolvedStage:
     else:
         model_config = plan.target
     parent_summary = plan.parent.read_summary() if plan.parent is not None else None
+    effective = dataclasses.replace(cfg, run_dir=str(plan.run_dir), resume=plan.resume)
     resolved = ResolvedStage(
-        config=cfg, stage_dir=str(layout.root), init_checkpoint=None if init is None else str(init),
+        config=effective, stage_dir=str(layout.root), init_checkpoint=None if init is None else str(init),
         model_config=model_config.to_hf_dict(),
         parent_eval_loss_end=None if parent_summary is None else parent_summary["eval_loss_end"],
         parent_lr=parent_peak_lr(plan), parent_fingerprint=fingerprint, data=data)

@@ -18,10 +18,12 @@ from hydra.errors import ConfigCompositionException
 from growth.checkpoint import CheckpointReader
 from growth.config import get_flavor
 from growth.init import init_checkpoint
-from stages.config import RESOLVED_KEYS, RESOLVED_NAME, check_config, to_plain
+from growth.runs import STAGE_CONFIG_NAME as RESOLVED_NAME
+from stages.config import ResolvedStage, to_config, to_plain, validate
 from stages.orchestrate import StageError, run_stage
 from stages.train import CONF_DIR
 
+RESOLVED_KEYS = ResolvedStage.RESOLVED_KEYS
 GROUPS = ("model", "stage", "growth", "deepspeed", "data", "schedule")
 SMALL_DATA = "data.max_bytes=1000000"  # a quick corpus for runs that get past the checks
 
@@ -55,8 +57,8 @@ def hydra_conf():
 def test_every_group_option_composes_and_checks(hydra_conf, group):
     assert options(group)
     for option in options(group):
+        validate(to_config(hydra_conf(f"{group}={option}")))
         cfg = to_plain(hydra_conf(f"{group}={option}"))
-        check_config(cfg)
         if group == "stage":
             assert cfg["stage"]["name"] == option
         elif group == "model":
@@ -193,8 +195,9 @@ BAD_INPUTS = {
     "corrupt parent checkpoint": (["stage=tiny_s2"], lambda run: corrupt(parent_final(run, get_flavor("tiny-s1"))),
                                   "model.safetensors: truncated"),
     "pipeline with ZeRO-2": (["deepspeed=pipe", "deepspeed.zero_stage=2"], None, "ZeRO 0 or 1 only"),
-    "unfinished stage without resume": (["stage=tiny_s1"], lambda run: (run / "tiny_s1").mkdir(parents=True)
-                                        or (run / "tiny_s1" / "train.log").write_text("crashed"), "resume=true"),
+    "unfinished stage without resume": (["stage=tiny_s1"], lambda run: (run / "tiny_s1" / "ds_ckpt").mkdir(parents=True)
+                                        or (run / "tiny_s1" / "ds_ckpt" / "latest").write_text("step00000010"),
+                                        "resume=true"),
 }
 
 
