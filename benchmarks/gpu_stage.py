@@ -3,8 +3,9 @@
 Prepared for a lent H100/H200 (one GPU, ≤ 8 minutes in all). Phases, each timed:
 
 1. **train**: the 1.3B config below (Tele-FLM shape rules: head_dim 128, MHA, SwiGLU
-   f ≈ 2.7·h, untied, vocab 80,384, μP multipliers as the 52B) through the project's own
-   DeepSpeed engine (``stages.engine.build_plain``: ZeRO-1, bf16, torch AdamW, one
+   f ≈ 2.7·h, untied, vocab 80,384, μP multipliers as the 52B) through the trainer itself
+   (``stages.trainer.Trainer.train_step``: its ZeRO-1 engine, μP LR groups, schedule and
+   logging, the loss synced to the host every ``--log-every`` steps; bf16, torch AdamW, one
    process — RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT are set here), random tokens;
    ``--warmup`` steps, then ``--steps`` timed steps;
 2. **MFU** = ``flops_per_token`` × tokens/s ÷ the card's dense bf16 peak (H100 SXM and
@@ -12,8 +13,8 @@ Prepared for a lent H100/H200 (one GPU, ≤ 8 minutes in all). Phases, each time
    is ``ModelConfig.flops_per_token``: 6 × non-embedding parameters (lm_head included) +
    12·L·heads·head_dim·T for attention (PaLM's convention, no causal halving). Without
    activation checkpointing MFU equals hardware FLOPs utilisation. Target ≥ 50 %;
-3. **export**: ``stages.export.export_final`` → canonical checkpoint (fp32) + Adam moments,
-   on the machine's disk (``--workdir``);
+3. **export**: ``Trainer.finish`` (final eval, ``stages.export.export_final`` → canonical
+   checkpoint (fp32) + Adam moments, summary.json), on the machine's disk (``--workdir``);
 4. **grow**: ``grow apply`` (the CLI, ``--workers N``) of that checkpoint into a ~2.3B
    target (hidden 2048→2560, heads 16→20, FFN 5504→6880, layers 20→24; zero strategy),
    bf16 weights, moments included; bytes and GB/s reported.
@@ -95,73 +96,76 @@ def init_single_process() -> None:
     init_distributed()
 
 
-def train(config: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """Build the engine, run warmup + timed steps; (engine, timings)."""
+class RandomTokens:
+    """The trainer's data interface (``stages.trainer.StageData``) over random token ids."""
+
+    def __init__(self, vocab: int, micro_batch: int, seq: int, grad_accum: int):
+        import torch
+
+        self.vocab, self.shape, self.grad_accum = vocab, (micro_batch, seq + 1), grad_accum
+        self.gen = torch.Generator().manual_seed(0)
+        self.eval = [self._one()]
+
+    def _one(self):
+        import torch
+
+        tokens = torch.randint(0, self.vocab, self.shape, generator=self.gen)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def batches(self, step: int):
+        return [self._one() for _ in range(self.grad_accum)]
+
+
+def make_trainer(config: Any, args: argparse.Namespace, stage_dir: Path) -> Any:
+    """A Trainer of one stage on random tokens: ``warmup + steps`` steps, no DeepSpeed saves."""
+    from growth.runs import StageDir
+    from stages.config import DeepSpeedCfg, ResolvedStage, StageCfg, TrainConfig
+    from stages.trainer import Trainer
+
+    stage = StageCfg(name="gpu_stage", steps=args.warmup + args.steps, micro_batch_size=args.micro_batch,
+                     grad_accum=args.grad_accum, seq_len=args.seq, lr=3e-4, warmup_steps=1, save_every=0,
+                     eval_batches=1, log_every=args.log_every)
+    ds = DeepSpeedCfg(zero_stage=1, precision=args.precision, activation_checkpointing=args.activation_checkpointing)
+    resolved = ResolvedStage(TrainConfig(stage=stage, deepspeed=ds, nproc=1, run_dir=str(stage_dir.parent)),
+                             stage_dir=str(StageDir(stage_dir).root), model_config=config.to_hf_dict())
+    data = RandomTokens(config.vocab_size, args.micro_batch, args.seq, args.grad_accum)
+    return Trainer(resolved, data=data)
+
+
+def train(config: Any, args: argparse.Namespace, stage_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Build the trainer (fresh init, engine), run warmup + timed ``train_step``s; (trainer, timings)."""
     import torch
 
-    from growth.model import causal_lm_loss, init_state_dict
-    from stages.engine import build_plain
-
-    stage = {"micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum, "lr": 3e-4,
-             "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-    ds = {"zero_stage": 1, "pipeline": False, "precision": args.precision, "gradient_clipping": 1.0,
-          "activation_checkpointing": args.activation_checkpointing}
     t0 = time.perf_counter()
-    state = init_state_dict(config, seed=0)
-    t_init = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    eng = build_plain(config, state, ds, stage)
-    del state
-    if args.compile:
-        eng.engine.compile()
+    trainer = make_trainer(config, args, stage_dir)
     t_engine = time.perf_counter() - t0
-    engine, dev = eng.engine, eng.engine.device
+    if args.compile:
+        trainer.engine.engine.compile()
     cuda = torch.cuda.is_available()
-    g = torch.Generator().manual_seed(0)
-
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq + 1), generator=g)
-        return tokens[:, :-1].to(dev, non_blocking=True), tokens[:, 1:].to(dev, non_blocking=True)
-
-    def step() -> torch.Tensor:
-        total = torch.zeros((), device=dev)
-        for _ in range(args.grad_accum):
-            x, y = batch()
-            loss = causal_lm_loss(engine(x), y)
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float()
-        return total / args.grad_accum
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    engine.train()
     t0 = time.perf_counter()
-    losses = [step() for _ in range(args.warmup)]
+    losses = [trainer.train_step() for _ in range(args.warmup)]
     sync()
     t_warmup = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync()
     t0 = time.perf_counter()
-    losses += [step() for _ in range(args.steps)]
+    losses += [trainer.train_step() for _ in range(args.steps)]
     sync()
     t_timed = time.perf_counter() - t0
     losses_f = [float(v) for v in losses]
-    return eng, {"init_s": t_init, "engine_s": t_engine, "warmup_s": t_warmup, "timed_s": t_timed,
-                 "losses": losses_f,
-                 "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+    return trainer, {"engine_s": t_engine, "warmup_s": t_warmup, "timed_s": t_timed,
+                     "losses": losses_f, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
-def export(eng: Any, config: Any, out: Path) -> float:
-    from growth.checkpoint import append_event, new_history
-    from stages.export import export_final
-
+def export(trainer: Any) -> float:
     start = time.perf_counter()
-    history = append_event(new_history(), {"kind": "train", "stage": "gpu_stage"})
-    export_final(eng, config, history, out, {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1})
+    trainer.finish()
     return time.perf_counter() - start
 
 
@@ -212,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps (default 30)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="the trainer's stage.log_every: loss to the host every N steps (default 10)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's module first")
@@ -224,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU-sized: tiny config, 2 steps, tiny grow")
     args = p.parse_args(argv)
     if args.smoke:
-        args.micro_batch, args.grad_accum, args.seq, args.warmup, args.steps = 2, 1, 32, 1, 2
+        args.micro_batch, args.grad_accum, args.seq, args.warmup, args.steps, args.log_every = 2, 1, 32, 1, 2, 1
         args.grow_workers = 1
         if args.workdir == "/tmp/gpu_stage":
             import tempfile
@@ -267,22 +273,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     init_single_process()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    eng, t = train(config, args)
+    shutil.rmtree(workdir / "stage", ignore_errors=True)
+    trainer, t = train(config, args, workdir / "stage")
     tokens_per_s = p["tokens_per_step"] * args.steps / t["timed_s"]
     achieved = p["flops_per_token"] * tokens_per_s
     mfu = achieved / peak if peak else None
-    rows = [["init weights (CPU)", fmt_seconds(t["init_s"]), ""],
-            ["deepspeed.initialize", fmt_seconds(t["engine_s"]), ""],
+    rows = [["Trainer (init weights, deepspeed.initialize, eval)", fmt_seconds(t["engine_s"]), ""],
             [f"warmup ({args.warmup} steps)", fmt_seconds(t["warmup_s"]), ""],
             [f"timed ({args.steps} steps)", fmt_seconds(t["timed_s"]),
              f"{tokens_per_s:,.0f} tok/s, {achieved / 1e12:.1f} TFLOP/s"
              + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ", MFU n/a (no known peak)")]]
     result.update(tokens_per_s=tokens_per_s, achieved_flops=achieved, mfu=mfu, train=t)
     if not args.no_grow:
-        ckpt, grown_dir = workdir / "final", workdir / "grown"
-        for d in (ckpt, grown_dir):
-            shutil.rmtree(d, ignore_errors=True)
-        t_export = export(eng, config, ckpt)
+        ckpt, grown_dir = trainer.layout.final, workdir / "grown"
+        shutil.rmtree(grown_dir, ignore_errors=True)
+        t_export = export(trainer)
         rows.append(["export (fp32 + Adam)", fmt_seconds(t_export), fmt_bytes(dir_bytes(ckpt))])
         g = grow(ckpt, grown, grown_dir, args.grow_workers)
         moved = g["bytes_read"] + g["bytes_written"]

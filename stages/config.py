@@ -39,7 +39,17 @@ class StageConfigError(FlmError, ValueError):
     """A stage config value is out of range or inconsistent; the message names the field."""
 
 
-class Decay(str, Enum):
+class Choice(str, Enum):
+    """A string-valued option; prints and formats as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Decay(Choice):
     """LR decay after the warmup (stages.lr)."""
 
     cosine = "cosine"
@@ -47,7 +57,7 @@ class Decay(str, Enum):
     constant = "constant"
 
 
-class AfterGrowth(str, Enum):
+class AfterGrowth(Choice):
     """LR schedule of a grown stage: ``restart`` its own peak and warmup (MSG), or
     ``rewarm`` to the parent's peak × rewarm_peak_ratio over rewarm_steps (FLM-101B)."""
 
@@ -55,7 +65,7 @@ class AfterGrowth(str, Enum):
     rewarm = "rewarm"
 
 
-class Precision(str, Enum):
+class Precision(Choice):
     """Training numerics; fp16 is unsupported (no loss scaling, and none on CPU)."""
 
     fp32 = "fp32"

@@ -170,7 +170,9 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 class Trainer:
     """One stage on this rank (every rank builds one; collectives keep them in step)."""
 
-    def __init__(self, resolved: ResolvedStage):
+    def __init__(self, resolved: ResolvedStage, data: StageData | None = None):
+        """``data``: another source of batches (the GPU benchmark's random tokens); by
+        default the prepared corpus in ``resolved.data``."""
         import torch.distributed as dist
 
         self.begin = time.perf_counter()
@@ -189,7 +191,7 @@ class Trainer:
         self.engine = build_engine(config, weights, self.cfg.deepspeed, self.stage)
         del weights
         self.schedule = stage_schedule(self.stage, grown=self.init is not None, parent_lr=resolved.parent_lr)
-        self.data = StageData(resolved.data, self.stage, self.engine.dp_rank, self.engine.dp_world)
+        self.data = data or StageData(resolved.data, self.stage, self.engine.dp_rank, self.engine.dp_world)
         self.tokens_per_step = (self.stage.micro_batch_size * self.stage.grad_accum * self.engine.dp_world
                                 * self.stage.seq_len)
         self.step, self.seeded_step = 0, None
