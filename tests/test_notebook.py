@@ -1,8 +1,8 @@
 """examples/inspect_growth.ipynb runs headless top to bottom and shows its figures.
 
 Executed with nbclient on the ``python3`` kernel of this interpreter, with FLM_RUN_DIR
-pointing at an empty directory, so the notebook trains its stand-in run there (the path a
-fresh clone takes). The stored notebook must carry no outputs.
+pointing at an empty directory, so the notebook trains a short tiny schedule there with the
+real ``train-stage`` (the path a fresh clone takes). The stored notebook must carry no outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_notebook_executes_and_shows_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("FLM_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: tiny models, no thread contention
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, timeout=240, kernel_name="python3",
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
