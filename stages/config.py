@@ -352,9 +352,9 @@ def compose_stage(name: str) -> TrainConfig:
 class ResolvedStage:
     """``stage_config.json``: the checked TrainConfig plus what the orchestrator resolved.
 
-    On disk the TrainConfig's fields sit at the top level (``stage``, ``deepspeed``, …) next
-    to the resolved ones below and ``format_version``; the file is written once per attempt,
-    before the workers start, and never rewritten while they run.
+    On disk the TrainConfig's fields sit at the top level (``stage``, ``deepspeed``, …;
+    its ``data`` section as ``data_config``) next to the resolved ones below and
+    ``format_version``; ``data`` is what the corpus preparation returned.
     """
 
     config: TrainConfig
@@ -372,6 +372,7 @@ class ResolvedStage:
 
     def to_dict(self) -> dict[str, Any]:
         out = to_plain(self.config)
+        out["data_config"] = out.pop("data")
         out.update({k: getattr(self, k) for k in self.RESOLVED_KEYS})
         out["format_version"] = RESOLVED_FORMAT_VERSION
         return out
@@ -393,6 +394,8 @@ class ResolvedStage:
         extra = {k: data.pop(k) for k in cls.RESOLVED_KEYS if k in data}
         if "stage_dir" not in extra:
             raise StageConfigError(f"{source}: no 'stage_dir'")
+        if "data_config" in data:
+            data["data"] = data.pop("data_config")
         return cls(config=validate(from_dict(data)), **extra)
 
     @classmethod

@@ -18,9 +18,10 @@ ALLOWED = ("stage.lr", "stage.min_lr_ratio", "stage.warmup_steps", "stage.decay"
            "stage.rewarm_steps", "stage.weight_decay", "stage.eval_every", "stage.save_every",
            "stage.log_every", "deepspeed.gradient_clipping", "deepspeed.name", "master_port",
            "run_dir", "data.cache_dir", "schedule.name", "schedule.stages", "worker_module")
-# Resolved fields that follow from the rest or from the machine, not compared.
-IGNORED = ("format_version", "resume_changes", "stage_dir", "data.dir", "data.paths", "data.docs",
-           "parent_eval_loss_end", "parent_lr", "parent_fingerprint", "dry_run", "resume")
+# Fields that follow from the rest, from the machine or from the attempt: not compared.
+IGNORED = ("resume", "dry_run", "resolved.resume_changes", "resolved.stage_dir", "resolved.data.dir",
+           "resolved.data.paths", "resolved.data.docs", "resolved.parent_eval_loss_end", "resolved.parent_lr",
+           "resolved.parent_fingerprint")
 
 
 class ResumeMismatchError(FlmError):
@@ -44,9 +45,16 @@ def diff_for_resume(saved: Any, new: Any) -> list[str]:
     """``saved`` and ``new`` are ResolvedStages; returns the allowed changes as
     ``"field: old → new"`` lines, or raises :class:`ResumeMismatchError` naming the first
     field that may not change."""
-    a, b = flatten(saved.to_dict()), flatten(new.to_dict())
+    from stages.config import to_plain
+
+    def fields(resolved: Any) -> dict[str, Any]:
+        extras = {k: getattr(resolved, k) for k in resolved.RESOLVED_KEYS}
+        return {**flatten(to_plain(resolved.config)), **flatten(extras, "resolved.")}
+
+    a, b = fields(saved), fields(new)
     changes = []
-    for key in sorted(set(a) | set(b)):
+    order = sorted(set(a) | set(b), key=lambda k: (k.startswith("resolved."), k))  # the user's fields first
+    for key in order:
         if _covered(key, IGNORED) or a.get(key) == b.get(key):
             continue
         if key == "stage.steps" or _covered(key, ALLOWED):

@@ -4,16 +4,13 @@ input caught before any worker starts (proved with a fake worker that leaves a m
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from stage_cli import make_cli
 
 from growth.checkpoint import CheckpointReader
 from growth.config import get_flavor
@@ -26,20 +23,6 @@ from stages.train import CONF_DIR
 RESOLVED_KEYS = ResolvedStage.RESOLVED_KEYS
 GROUPS = ("model", "stage", "growth", "deepspeed", "data", "schedule")
 SMALL_DATA = "data.max_bytes=1000000"  # a quick corpus for runs that get past the checks
-
-FAKE_WORKER = textwrap.dedent('''
-    """Stands in for stages.worker: records that it ran and writes a summary."""
-    import json, os, sys
-    from pathlib import Path
-
-    cfg = json.loads(Path(sys.argv[1]).read_text())
-    if os.environ.get("RANK", "0") == "0":
-        Path(os.environ["FAKE_WORKER_MARK"]).write_text(json.dumps(sorted(cfg)))
-        summary = {"stage": cfg["stage"]["name"], "eval_loss_start": 3.0, "eval_loss_end": 2.5,
-                   "lr_peak": cfg["stage"]["lr"]}
-        (Path(cfg["stage_dir"]) / "summary.json").write_text(json.dumps(summary))
-''')
-
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
@@ -148,21 +131,7 @@ def test_teleflm_dry_run_plans_and_memory(hydra_conf, tmp_path, capsys):
 @pytest.fixture
 def cli(tmp_path):
     """Run train-stage in a subprocess with the fake worker; returns (rc, out, err, ran)."""
-    (tmp_path / "fake").mkdir()
-    (tmp_path / "fake" / "fake_worker.py").write_text(FAKE_WORKER)
-    mark = tmp_path / "worker-ran"
-    env = dict(os.environ, FAKE_WORKER_MARK=str(mark), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "fake"), os.environ.get("PYTHONPATH")])))
-
-    def run(*overrides: str, timeout: float = 120):
-        mark.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "stages.train", f"run_dir={tmp_path / 'run'}",
-                "worker_module=fake_worker", *overrides]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, cwd=tmp_path)
-        return proc.returncode, proc.stdout, proc.stderr, mark.exists()
-
-    return run
+    return make_cli(tmp_path)
 
 
 def test_cli_teleflm_dry_run_runs_the_schedule_in_order(cli):
@@ -195,6 +164,12 @@ BAD_INPUTS = {
     "corrupt parent checkpoint": (["stage=tiny_s2"], lambda run: corrupt(parent_final(run, get_flavor("tiny-s1"))),
                                   "model.safetensors: truncated"),
     "pipeline with ZeRO-2": (["deepspeed=pipe", "deepspeed.zero_stage=2"], None, "ZeRO 0 or 1 only"),
+    # issue 16: Hydra's own errors, keys added with "+", values the ranks must never see
+    "added unknown key": (["+stage.stepz=5"], None, "unknown config key 'stage.stepz'"),
+    "wrong type": (["stage.steps=many"], None, "Value 'many' of type 'str' could not be converted"),
+    "unwritable run_dir": (["run_dir=/proc/flm-no-such-dir"], None, "/proc/flm-no-such-dir"),
+    "nan lr": (["stage.lr=nan"], None, "field 'stage.lr' must be a finite number"),
+    "port out of range": (["master_port=99999"], None, "field 'master_port' must be a TCP port"),
     "unfinished stage without resume": (["stage=tiny_s1"], lambda run: (run / "tiny_s1" / "ds_ckpt").mkdir(parents=True)
                                         or (run / "tiny_s1" / "ds_ckpt" / "latest").write_text("step00000010"),
                                         "resume=true"),
@@ -207,7 +182,7 @@ def test_bad_input_fails_before_any_worker(cli, tmp_path, case):
     if setup is not None:
         setup(tmp_path / "run")
     rc, out, err, ran = cli(*overrides)
-    assert rc != 0 and not ran, (rc, out, err)
+    assert rc == 2 and not ran, (rc, out, err)
     assert needle in err and "Traceback" not in err, err
     if "train-stage: error:" in err:  # ours: exactly one line
         assert len(err.strip().splitlines()) == 1, err
