@@ -6,11 +6,16 @@ one prints the worker's one-line user error and exits 2, as ``stages.worker`` do
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+
+_CACHE: list[Path] = []
 
 FAKE_WORKER = textwrap.dedent('''
     """Stands in for stages.worker: records that it ran and writes a summary."""
@@ -36,8 +41,18 @@ FAILING_WORKER = textwrap.dedent('''
 ''')
 
 
+def data_cache() -> Path:
+    """One tokenized-corpus cache for every CLI run of this pytest process (the corpus is the
+    same; tokenizing it again per test is most of a run's time)."""
+    if not _CACHE:
+        _CACHE.append(Path(tempfile.mkdtemp(prefix="flm-cli-data-")))
+        atexit.register(shutil.rmtree, _CACHE[0], ignore_errors=True)
+    return _CACHE[0]
+
+
 def make_cli(tmp_path: Path):
-    """``run(*overrides) -> (rc, stdout, stderr, worker_ran)`` with run_dir=tmp_path/run."""
+    """``run(*overrides) -> (rc, stdout, stderr, worker_ran)`` with run_dir=tmp_path/run and
+    the shared data cache."""
     fake = tmp_path / "fake"
     fake.mkdir(exist_ok=True)
     (fake / "fake_worker.py").write_text(FAKE_WORKER)
@@ -50,7 +65,7 @@ def make_cli(tmp_path: Path):
     def run(*overrides: str, timeout: float = 120):
         mark.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "stages.train", f"run_dir={tmp_path / 'run'}",
-                "worker_module=fake_worker", *overrides]
+                f"data.cache_dir={data_cache()}", "worker_module=fake_worker", *overrides]
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL, cwd=tmp_path)
         return proc.returncode, proc.stdout, proc.stderr, mark.exists()

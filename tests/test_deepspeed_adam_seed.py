@@ -25,6 +25,7 @@ from ds_helpers import (
 )
 
 from growth.checkpoint import OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointReader, load_model
+from growth.runs import StageDir
 from stages.config import StageCfg
 from stages.data import TokenBatches
 from stages.engine import make_optimizer, set_lr
@@ -69,7 +70,7 @@ def rel_diff(a: dict, b: dict, base: dict) -> float:
 @pytest.mark.parametrize("child", list(CHILDREN))
 def test_seeded_adam_state_gives_the_parents_next_update(child):
     parent = shared_run("zero1")
-    final = parent / "final"
+    final = StageDir(parent).final
     dp_world = 1 if CHILDREN[child].get("pipeline") else 2
     stage_dir = new_stage_dir(f"seeded-{child}")
     run_worker(write_stage_config(stage_dir, data_info(), init_checkpoint=final, **CHILDREN[child], **CHILD))
@@ -77,7 +78,7 @@ def test_seeded_adam_state_gives_the_parents_next_update(child):
     s = read_summary(stage_dir)
     assert s["adam_seeded_step"] == 20
     assert s["eval_loss_start"] == pytest.approx(read_summary(parent)["eval_loss_end"], abs=2e-6)
-    out = stage_dir / "final"
+    out = StageDir(stage_dir).final
     assert json.loads((out / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME).read_text())["step"] == 21
 
     before = CheckpointReader(final).state_dict()

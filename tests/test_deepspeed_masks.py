@@ -27,6 +27,7 @@ from ds_helpers import (
 
 from growth.checkpoint import CheckpointReader, save_checkpoint
 from growth.model import build_model, init_tensor
+from growth.runs import StageDir
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +59,12 @@ def grow_by_hand(parent: Path, out: Path) -> Path:
 def grown() -> Path:
     out = base_dir() / "grown-masked"
     if not out.exists():
-        grow_by_hand(shared_run("zero1") / "final", out)
+        grow_by_hand(StageDir(shared_run("zero1")).final, out)
     return out
 
 
 def test_hand_grown_checkpoint_is_exact_only_at_c0(grown):
-    parent = CheckpointReader(shared_run("zero1") / "final")
+    parent = CheckpointReader(StageDir(shared_run("zero1")).final)
     reader = CheckpointReader(grown)
     x = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
     valid = parent.config.valid_vocab_size  # padded ids are -inf in both
@@ -84,7 +85,7 @@ def test_masks_ramp_and_fold(grown, layout):
     s = read_summary(stage_dir)
     assert s["eval_loss_start"] == pytest.approx(parent_end, abs=1e-5)
     assert [r["c"] for r in read_log(stage_dir)] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1])
-    final = CheckpointReader(stage_dir / "final")
+    final = CheckpointReader(StageDir(stage_dir).final)
     assert final.config.growth_mask is None and final.config.num_hidden_layers == 3
     assert [e["kind"] for e in final.history["events"]][-2:] == ["train", "train"]
-    assert eval_loss_of_checkpoint(stage_dir / "final") == pytest.approx(s["eval_loss_end"], abs=2e-6)
+    assert eval_loss_of_checkpoint(StageDir(stage_dir).final) == pytest.approx(s["eval_loss_end"], abs=2e-6)

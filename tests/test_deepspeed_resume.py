@@ -17,6 +17,7 @@ from ds_helpers import (
 )
 
 from growth.checkpoint import CheckpointReader
+from growth.runs import StageDir
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def assert_same_run(resumed, reference):
     sa, sb = read_summary(resumed), read_summary(reference)
     for key in ("eval_loss_start", "eval_loss_end", "tokens", "steps"):
         assert sa[key] == sb[key], key
-    ra, rb = CheckpointReader(resumed / "final"), CheckpointReader(reference / "final")
+    ra, rb = CheckpointReader(StageDir(resumed).final), CheckpointReader(StageDir(reference).final)
     for name in ra.names():
         assert ra.get(name).equal(rb.get(name)), name
 
@@ -40,7 +41,7 @@ def test_stop_at_10_then_resume_matches_uninterrupted(name):
     stage_dir = new_stage_dir(f"{name}-stopped")
     run_worker(write_stage_config(stage_dir, data_info(), **SHARED_RUNS[name]), stop_after=10)
     assert len(read_log(stage_dir)) == 10
-    assert not (stage_dir / "final").exists() and not (stage_dir / "summary.json").exists()
+    assert not StageDir(stage_dir).final.exists() and not StageDir(stage_dir).summary.exists()
     run_worker(write_stage_config(stage_dir, data_info(), resume=True, **SHARED_RUNS[name]))
     assert_same_run(stage_dir, reference)
 
@@ -53,7 +54,7 @@ def test_sigkill_then_resume_gives_identical_trajectory():
     config = write_stage_config(stage_dir, data_info(), **SHARED_RUNS["zero3"])
     run_and_kill(config, pause_after=13)
     assert len(read_log(stage_dir)) == 13
-    assert (stage_dir / "ds_ckpt" / "latest").read_text().strip() == "step00000010"
-    assert not (stage_dir / "final").exists()
+    assert (StageDir(stage_dir).ds_ckpt / "latest").read_text().strip() == "step00000010"
+    assert not StageDir(stage_dir).final.exists()
     run_worker(write_stage_config(stage_dir, data_info(), resume=True, **SHARED_RUNS["zero3"]))
     assert_same_run(stage_dir, reference)

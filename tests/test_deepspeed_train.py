@@ -11,6 +11,7 @@ from ds_helpers import SHARED_RUNS, TINY_STAGE, eval_loss_of_checkpoint, read_lo
 
 from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointReader
 from growth.config import get_flavor
+from growth.runs import StageDir
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,9 @@ def test_stage_trains_and_exports(name):
     assert s["steps"] == 20 and s["tokens"] == 20 * dp * run["micro_batch_size"] * run["grad_accum"] * 32
     assert s["params"] == config.params and s["flops"] == config.flops_per_token(32) * s["tokens"]
     assert s["tokens_per_second"] > 0 and s["wall_seconds"] > 0 and s["parent_eval_loss_end"] is None
-    assert any((stage_dir / "tb").iterdir())
+    assert any(StageDir(stage_dir).tb.iterdir())
 
-    final = stage_dir / "final"
+    final = StageDir(stage_dir).final
     reader = CheckpointReader(final)
     assert reader.config.tensor_shapes() == config.tensor_shapes()
     assert reader.dtypes == {torch.float32}
@@ -66,15 +67,15 @@ def test_pipeline_checkpoint_files_follow_the_adapter():
 
     stage_dir = shared_run("pipe")
     config = get_flavor("tiny-s1")
-    final = CheckpointReader(stage_dir / "final")
-    tag = (stage_dir / "ds_ckpt" / "latest").read_text().strip()
+    final = CheckpointReader(StageDir(stage_dir).final)
+    tag = (StageDir(stage_dir).ds_ckpt / "latest").read_text().strip()
     by_spec: dict[int, dict[str, str]] = {}
     for name in config.tensor_shapes():
         spec, key = hf_to_pipe(name, config.num_hidden_layers).split(".", 1)
         by_spec.setdefault(int(spec), {})[key] = name
     assert sorted(by_spec) == list(range(config.num_hidden_layers + 2))
     for spec, keys in by_spec.items():
-        saved = torch.load(stage_dir / "ds_ckpt" / tag / layer_file(spec), weights_only=True)
+        saved = torch.load(StageDir(stage_dir).ds_ckpt / tag / layer_file(spec), weights_only=True)
         assert set(saved) == set(keys)
         for key, name in keys.items():
             torch.testing.assert_close(saved[key], final.get(name), rtol=0, atol=0)

@@ -167,3 +167,19 @@ def test_start_config_takes_the_checkpoint_and_refuses_a_mismatch(tiny_checkpoin
     with pytest.raises(WorkerError, match="model.layers.2"):
         start_config(cfg)
     assert start_config(dataclasses.replace(cfg, init_checkpoint=None)).num_hidden_layers == 2
+
+
+# ---------------------------------------------------------------------- DeepSpeed versions
+def test_deepspeed_outside_the_verified_range_is_refused_in_one_line():
+    import deepspeed
+
+    from stages.ds_compat import DeepSpeedVersionError, check_version
+
+    check_version()  # the installed one is in range (pyproject pins it)
+    check_version("0.19.0")
+    check_version("0.19.8+cpu")
+    for bad in ("0.18.9", "0.20.0", "1.0.0"):
+        with pytest.raises(DeepSpeedVersionError, match=f"deepspeed {bad} is not supported") as err:
+            check_version(bad)
+        assert "\n" not in str(err.value) and "pip install 'deepspeed>=0.19,<0.20'" in str(err.value)
+    assert deepspeed.__version__.startswith("0.19.")

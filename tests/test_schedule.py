@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from growth.checkpoint import CheckpointReader
+from growth.checkpoint import OPTIMIZER_DIR, CheckpointReader
 from growth.config import get_flavor
+from growth.runs import StageDir
 
 STAGES = ("tiny_s1", "tiny_s2", "tiny_s3")
 FLAVORS = ("tiny-s1", "tiny-s2", "tiny-s3")
@@ -42,7 +43,7 @@ def test_tiny_schedule_trains_grows_and_stays_exact(tmp_path):
     proc = run_cli(cwd, "-m", "schedule=tiny", f"run_dir={run}", f"stage.steps={STEPS}",
                    "stage.ramp_steps=20", "stage.save_every=0")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summaries = [json.loads((run / name / "summary.json").read_text()) for name in STAGES]
+    summaries = [json.loads(StageDir(run / name).summary.read_text()) for name in STAGES]
 
     # in order, each after its parent finished
     done = [proc.stdout.index(f"[{name}] done") for name in STAGES]
@@ -58,14 +59,14 @@ def test_tiny_schedule_trains_grows_and_stays_exact(tmp_path):
     assert summaries[1]["adam_seeded_step"] == STEPS  # Adam moments grown across the boundary
 
     for name, flavor in zip(STAGES, FLAVORS, strict=True):
-        with CheckpointReader(run / name / "final") as final:
+        with CheckpointReader(StageDir(run / name).final) as final:
             assert final.config.tensor_shapes() == get_flavor(flavor).tensor_shapes()
             assert final.config.growth_mask is None  # the MSG ramp ended and folded
     for name in STAGES[1:]:
-        with CheckpointReader(run / name / "init") as init:
+        with CheckpointReader(StageDir(run / name).init) as init:
             assert init.history["events"][-1]["kind"] == "grow"
-        assert (run / name / "init" / "optimizer").is_dir()
-    with CheckpointReader(run / "tiny_s3" / "init") as init:
+        assert (StageDir(run / name).init / OPTIMIZER_DIR).is_dir()
+    with CheckpointReader(StageDir(run / "tiny_s3").init) as init:
         assert init.config.growth_mask is not None and init.config.growth_mask["c"] == 0.0
 
     assert list(cwd.iterdir()) == []  # Hydra's outputs went under run_dir/.hydra, not the cwd
