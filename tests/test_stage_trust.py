@@ -107,7 +107,8 @@ def test_resume_refuses_a_changed_seq_len_before_any_worker(cli, crashed):
     ({"stage": {"seq_len": 64}}, "stage.seq_len"), ({"nproc": 4}, "nproc"),
     ({"stage": {"model": "tiny"}}, "stage.model"), ({"stage": {"seed": 7}}, "stage.seed"),
     ({"stage": {"micro_batch_size": 2}}, "stage.micro_batch_size"),
-    ({"deepspeed": {"zero_stage": 3}}, "deepspeed.zero_stage"), ({"data": {"eval_fraction": 0.1}}, "data.eval_fraction"),
+    ({"deepspeed": {"zero_stage": 3}}, "deepspeed.zero_stage"),
+    ({"data": {"eval_fraction": 0.1}}, "data.eval_fraction"),
     ({"model_config": {"num_hidden_layers": 4}}, "resolved.model_config.num_hidden_layers")])
 def test_resume_diff_refuses_shape_world_and_data_fields(change, field):
     saved = resolved_stage()
