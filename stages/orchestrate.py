@@ -84,7 +84,7 @@ class StagePlan:
         return self.layout.init if self.grow else self.source
 
 
-def open_checkpoint(path: Path, what: str) -> CheckpointReader:
+def checked_reader(path: Path, what: str) -> CheckpointReader:
     """A valid canonical checkpoint or a StageError naming ``what`` and the path."""
     if not path.is_dir():
         raise StageError(f"{what}: no checkpoint at {path}")
@@ -141,7 +141,7 @@ def _plan_source(plan: StagePlan, source: Path, what: str) -> None:
 
     plan.source = source
     plan.spec = growth_spec(plan.cfg.stage.growth)
-    with open_checkpoint(source, what) as reader:
+    with checked_reader(source, what) as reader:
         src_config = reader.config
         if src_config.tensor_shapes() == plan.target.tensor_shapes():
             return  # already the stage's shapes: start from it as it is
@@ -216,7 +216,7 @@ def prepare_stage(plan: StagePlan) -> ResolvedStage:
         fingerprint = grow_into(plan)
     init = plan.init_checkpoint
     if init is not None:
-        with open_checkpoint(init, "starting checkpoint") as reader:
+        with checked_reader(init, "starting checkpoint") as reader:
             model_config = reader.config
     else:
         model_config = plan.target
@@ -251,10 +251,10 @@ def grow_into(plan: StagePlan) -> str:
 
     out = plan.layout.init
     assert plan.source is not None and plan.spec is not None
-    with open_checkpoint(plan.source, "starting checkpoint") as reader:
+    with checked_reader(plan.source, "starting checkpoint") as reader:
         fingerprint = reader.fingerprint()
     if out.is_dir() and any(out.iterdir()) and (out / "config.json").is_file():
-        with open_checkpoint(out, f"{out} (grown by an earlier attempt)") as grown:
+        with checked_reader(out, f"{out} (grown by an earlier attempt)") as grown:
             grown_from = grown.history["events"][-1]["parent"]["fingerprint"]
         if grown_from == fingerprint:
             return fingerprint

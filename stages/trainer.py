@@ -199,6 +199,11 @@ class Trainer:
         self._window = [0.0, 0]  # seconds and steps since the last logged step
         self.saved_step = -1  # the step of the newest ds_ckpt/ checkpoint this run wrote
         self.resuming = self.cfg.resume and self.layout.has_ds_checkpoint
+        self.start(config)
+
+    # ------------------------------------------------------------------ start
+    def start(self, config: ModelConfig) -> None:
+        """Resume from ds_ckpt/ or seed Adam from the init checkpoint; the start eval; warnings."""
         if self.resuming:
             self.restore()
         elif optim_state.has_optimizer_state(self.init):
@@ -211,8 +216,6 @@ class Trainer:
         if not self.resuming:
             self.reporter.eval(0, self.eval_loss_start)
         self.check_start()
-
-    # ------------------------------------------------------------------ start
     def restore(self) -> None:
         """Weights, Adam state and step from the latest ``ds_ckpt/`` checkpoint."""
         path, client = self.engine.engine.load_checkpoint(str(self.layout.ds_ckpt))

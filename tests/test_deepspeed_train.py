@@ -80,3 +80,28 @@ def test_pipeline_checkpoint_files_follow_the_adapter():
         for key, name in keys.items():
             torch.testing.assert_close(saved[key], final.get(name), rtol=0, atol=0)
 
+
+
+def test_trainer_warns_when_an_exact_growth_does_not_start_at_the_parents_loss():
+    """The trainer checks eval_loss_start against the parent's end after an exact growth
+    (issue 16: an init/ grown from another parent); 1 step on a zero-grown tiny-s2."""
+    from ds_helpers import base_dir, data_info, new_stage_dir, run_worker, write_stage_config
+
+    from growth.executor import ApplyRequest
+    from growth.parallel import apply_growth
+    from operators import GrowthSpec
+
+    parent = shared_run("zero1")
+    grown = base_dir() / "grown-zero"
+    if not grown.exists():
+        apply_growth(ApplyRequest(src=str(StageDir(parent).final), target="tiny-s2",
+                                  spec=GrowthSpec.from_strategy("zero").to_dict(), out=str(grown)))
+    parent_end = read_summary(parent)["eval_loss_end"]
+    stage_dir = new_stage_dir("exactness-warning")
+    proc = run_worker(write_stage_config(stage_dir, data_info(), init_checkpoint=grown, model="tiny-s2",
+                                         model_config=CheckpointReader(grown).config.to_hf_dict(),
+                                         parent_eval_loss_end=parent_end + 0.01, steps=1, save_every=0))
+    s = read_summary(stage_dir)
+    assert s["eval_loss_start"] == pytest.approx(parent_end, abs=1e-4)  # the growth itself is exact
+    warnings = [ln for ln in proc.stderr.splitlines() if "differs from the parent's eval_loss_end" in ln]
+    assert len(warnings) == 1 and f"{parent_end + 0.01:.6f}" in warnings[0], proc.stderr[-3000:]
