@@ -24,9 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from growth.checkpoint import HISTORY_NAME
-from growth.provenance import GROW_EVENT
-
 SUMMARY_NAME = "summary.json"
 STAGE_CONFIG_NAME = "stage_config.json"
 TB_DIR = "tb"
@@ -181,6 +178,9 @@ class StageRun:
         """The stage started from a growth of its parent (a parent, or a grow event in init/)."""
         if self.parent is not None:
             return True
+        from growth.checkpoint import HISTORY_NAME  # torch: only when a run is read
+        from growth.provenance import GROW_EVENT
+
         history = read_json(self.layout.init / HISTORY_NAME) or {}
         return any(e.get("kind") == GROW_EVENT for e in history.get("events", []))
 

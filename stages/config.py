@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flmcore.errors import FlmError
+from growth.runs import STAGE_CONFIG_NAME as RESOLVED_NAME  # noqa: F401  (the file's one name: StageDir)
 
 log = logging.getLogger(__name__)
 
