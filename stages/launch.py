@@ -1,5 +1,7 @@
 """Start the ranks of one stage: ``torchrun … -m <worker_module> SNAPSHOT.json``.
 
+(torchrun as ``stages.torchrun``: the same launcher without its multi-line failure report.)
+
 The workers' output (tqdm bars included) is passed through byte for byte to this
 process's stdout and appended to ``STAGE_DIR/train.log``. torchrun runs in its own
 session; Ctrl-C, SIGTERM or even SIGKILL of the orchestrator stops it and its ranks, so no
@@ -38,7 +40,7 @@ def free_port() -> int:
 
 
 def worker_command(cfg: TrainConfig, resolved_path: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+    return [sys.executable, "-m", "stages.torchrun", "--nnodes", "1",
             "--nproc_per_node", str(cfg.nproc), "--master_addr", "127.0.0.1",
             "--master_port", str(port), "-m", cfg.worker_module, str(resolved_path)]
 
