@@ -38,7 +38,7 @@ CHILDREN = {"zero1": {"zero": 1}, "zero2": {"zero": 2}, "zero3": {"zero": 3}, "p
 
 def one_more_step(parent_final, dp_world: int, seeded: bool):
     """Weights and moments after one AdamW step from the parent's export, in-process."""
-    stage = dataclasses.replace(StageCfg(), **TINY_STAGE, **CHILD)
+    stage = dataclasses.replace(StageCfg(), **{**TINY_STAGE, **CHILD})
     model = load_model(parent_final)
     train = TokenBatches(data_info(), "train", stage.seq_len, stage.micro_batch_size, stage.seed)
     rows = [train.batch(0, 0, r, dp_world) for r in range(dp_world)]
