@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from growth.config import resolve_config
     from growth.executor import peak_memory_estimate, shard_tasks
     from operators import make_plan
+    from stages.config import growth_spec
     from stages.dry_run import memory_report
-    from stages.orchestrate import growth_spec
 
     info = machine_info()
     print_machine(info)

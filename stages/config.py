@@ -329,10 +329,13 @@ def ramp_unfinished(stage: StageCfg, c_start: float) -> bool:
 
 
 # ---------------------------------------------------------------------- shared with the dry run
-def growth_spec(growth: GrowthCfg):
-    """``stage.growth`` → operators.GrowthSpec; GrowthError names a bad field."""
+def growth_spec(growth: GrowthCfg | dict[str, Any]):
+    """``stage.growth`` (typed, or its plain-dict form) → operators.GrowthSpec; GrowthError
+    names a bad field."""
     from operators import GrowthSpec
 
+    if isinstance(growth, dict):
+        growth = GrowthCfg(**growth)
     return GrowthSpec.from_strategy(
         growth.strategy, hidden=growth.hidden, ffn=growth.ffn, heads=growth.heads, depth=growth.depth,
         positions=growth.positions, seed=growth.seed, init_std=growth.init_std, noise=growth.noise)

@@ -34,8 +34,7 @@ from typing import Any
 from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig, resolve_config
 from operators import GrowthSpec
-from stages.config import GrowthCfg
-from stages.config import growth_spec as typed_growth_spec
+from stages.config import growth_spec
 
 GB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -207,11 +206,6 @@ def dry_run_stage(cfg: dict[str, Any], echo: Any = print) -> dict[str, Any]:
     echo(f"     model states per GPU: {fmt_bytes(mem['gpu_bytes'])} (DeepSpeed {mem['function']}, "
          f"no offload; weights, gradients and Adam state, activations not included)")
     return report
-
-
-def growth_spec(growth: dict[str, Any]) -> GrowthSpec:
-    """``stage.growth`` (a plain dict here) → GrowthSpec, through the config layer's one function."""
-    return typed_growth_spec(GrowthCfg(**growth))
 
 
 def _ranges(indices: list[int]) -> str:
