@@ -15,6 +15,7 @@ from stage_cli import make_cli
 from growth.checkpoint import CheckpointReader
 from growth.config import get_flavor
 from growth.init import init_checkpoint
+from growth.runs import DS_LATEST_NAME, StageDir
 from growth.runs import STAGE_CONFIG_NAME as RESOLVED_NAME
 from stages.config import ResolvedStage, to_config, to_plain, validate
 from stages.orchestrate import StageError, run_stage
@@ -142,7 +143,13 @@ def test_cli_teleflm_dry_run_runs_the_schedule_in_order(cli):
 
 
 def parent_final(run: Path, config, name: str = "tiny_s1") -> Path:
-    return init_checkpoint(config, run / name / "final", seed=0)
+    return init_checkpoint(config, StageDir(run / name).final, seed=0)
+
+
+def fake_ds_checkpoint(layout: StageDir) -> None:
+    """What a crashed stage leaves: ds_ckpt/ with DeepSpeed's ``latest`` pointer."""
+    layout.ds_ckpt.mkdir(parents=True, exist_ok=True)
+    (layout.ds_ckpt / DS_LATEST_NAME).write_text("step00000020")
 
 
 def corrupt(final: Path) -> None:
@@ -170,8 +177,7 @@ BAD_INPUTS = {
     "unwritable run_dir": (["run_dir=/proc/flm-no-such-dir"], None, "/proc/flm-no-such-dir"),
     "nan lr": (["stage.lr=nan"], None, "field 'stage.lr' must be a finite number"),
     "port out of range": (["master_port=99999"], None, "field 'master_port' must be a TCP port"),
-    "unfinished stage without resume": (["stage=tiny_s1"], lambda run: (run / "tiny_s1" / "ds_ckpt").mkdir(parents=True)
-                                        or (run / "tiny_s1" / "ds_ckpt" / "latest").write_text("step00000010"),
+    "unfinished stage without resume": (["stage=tiny_s1"], lambda run: fake_ds_checkpoint(StageDir(run / "tiny_s1")),
                                         "resume=true"),
 }
 
@@ -215,7 +221,7 @@ def test_parent_is_grown_into_the_stage_init(cli, tmp_path):
     rc, out, err, ran = cli("stage=tiny_s2", "nproc=1", SMALL_DATA)
     assert rc == 0 and ran, err
     resolved = json.loads((run / "tiny_s2" / RESOLVED_NAME).read_text())
-    assert resolved["init_checkpoint"] == str(run / "tiny_s2" / "init")
+    assert resolved["init_checkpoint"] == str(StageDir(run / "tiny_s2").init)
     with CheckpointReader(resolved["init_checkpoint"]) as grown:
         assert grown.config.tensor_shapes() == get_flavor("tiny-s2").tensor_shapes()
         assert resolved["model_config"] == grown.config.to_hf_dict()  # eps rescaled by zero growth
@@ -225,7 +231,7 @@ def test_parent_is_grown_into_the_stage_init(cli, tmp_path):
     rc, out, err, ran = cli("stage=tiny_s2", "stage.name=same", "model=tiny-s1", "nproc=1", SMALL_DATA)
     assert rc == 0 and ran, err
     same = json.loads((run / "same" / RESOLVED_NAME).read_text())
-    assert same["init_checkpoint"] == str(run / "tiny_s1" / "final") and not (run / "same" / "init").exists()
+    assert same["init_checkpoint"] == str(StageDir(run / "tiny_s1").final) and not StageDir(run / "same").init.exists()
 
 
 def test_run_stage_in_process_raises_stage_error(hydra_conf, tmp_path):
@@ -237,9 +243,9 @@ def test_run_stage_in_process_raises_stage_error(hydra_conf, tmp_path):
 def test_resume_continues_only_from_a_deepspeed_checkpoint(cli, tmp_path):
     run = tmp_path / "run"
     for name, has_ckpt in (("crashed", True), ("died_early", False)):
-        (run / name / "ds_ckpt").mkdir(parents=True)
+        StageDir(run / name).ds_ckpt.mkdir(parents=True)
         if has_ckpt:
-            (run / name / "ds_ckpt" / "latest").write_text("step00000020")
+            fake_ds_checkpoint(StageDir(run / name))
         rc, out, err, ran = cli("stage=tiny_s1", f"stage.name={name}", "nproc=1", SMALL_DATA, "resume=true")
         assert rc == 0 and ran, err
         resolved = json.loads((run / name / RESOLVED_NAME).read_text())

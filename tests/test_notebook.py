@@ -13,6 +13,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from growth.runs import StageDir
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "inspect_growth.ipynb"
 
 
@@ -34,7 +36,7 @@ def test_notebook_executes_and_shows_figures(tmp_path, monkeypatch):
     assert not errors, errors[0].get("evalue") if errors else ""
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2, [o.output_type for o in outputs]
-    assert (tmp_path / "run" / "tiny_s3" / "final" / "config.json").is_file()
+    assert (StageDir(tmp_path / "run" / "tiny_s3").final / "config.json").is_file()
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "trained a stand-in" in text and "new layers:" in text
 

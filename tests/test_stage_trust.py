@@ -16,7 +16,7 @@ from stage_cli import make_cli
 
 from growth.config import get_flavor
 from growth.init import init_checkpoint
-from growth.runs import StageDir
+from growth.runs import DS_LATEST_NAME, StageDir
 from stages.config import ResolvedStage, TrainConfig, from_dict, to_plain
 from stages.lock import StageLock, StageLockedError
 from stages.resume import ResumeMismatchError, diff_for_resume
@@ -77,7 +77,7 @@ def test_a_failed_first_attempt_does_not_lock_the_stage_dir(cli, tmp_path):
 def test_failure_with_a_checkpoint_hints_resume(cli, tmp_path):
     layout = StageDir(tmp_path / "run" / "tiny_s1")
     layout.ds_ckpt.mkdir(parents=True)
-    (layout.ds_ckpt / "latest").write_text("step00000010")
+    (layout.ds_ckpt / DS_LATEST_NAME).write_text("step00000010")
     rc, out, err, ran = cli(*ONE, "resume=true", "worker_module=failing_worker")
     assert rc == 2 and ran
     assert "resume=true continues" in one_error_line(err)
@@ -92,7 +92,7 @@ def crashed(cli, tmp_path):
     layout = StageDir(tmp_path / "run" / "tiny_s1")
     layout.summary.unlink()  # as if the workers had died after a checkpoint
     layout.ds_ckpt.mkdir()
-    (layout.ds_ckpt / "latest").write_text("step00000010")
+    (layout.ds_ckpt / DS_LATEST_NAME).write_text("step00000010")
     return layout
 
 
