@@ -16,7 +16,6 @@ import ctypes
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import shutil
 import signal
 import sys
 import traceback
@@ -51,25 +50,24 @@ def apply_growth(request: ApplyRequest, workers: int = 1, progress: bool = False
         if workers != 1:
             raise CheckpointError("--workers cannot be combined with torchrun: the ranks are the workers")
         return _apply_distributed(request, rank, world, progress, log_tensors)
-    if workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CheckpointError(f"--workers must be at least 1, got {workers}")
     job = prepare(request)
-    manifest = open_staging(job)
+    workers = min(workers, len(job.tasks))  # more processes than shards would only idle
     bar = _bar(job, progress or log_tensors)
     log = bar.write if log_tensors else None
     try:
-        if workers == 1:
-            write_shards(job, 0, 1, bar.update, log)
-        else:
-            _run_spawned(request, workers, bar.update, log)
-        return finalize(job, manifest)
-    except OSError as err:  # disk full, I/O, a lost worker: keep the finished shards
-        raise _resumable(err, job) from None
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        shutil.rmtree(job.staging, ignore_errors=True)
-        raise
+        # The writer keeps the staging dir on OSError / interrupt (resumable), removes it
+        # on anything else, and holds OUT's lock throughout.
+        with open_staging(job) as writer:
+            try:
+                if workers == 1:
+                    write_shards(job, 0, 1, bar.update, log)
+                else:
+                    _run_spawned(request, workers, bar.update, log)
+                return finalize(job, writer)
+            except OSError as err:  # disk full, I/O, a lost worker: keep the finished shards
+                raise _resumable(err, job) from None
     finally:
         bar.close()
 
@@ -97,8 +95,16 @@ def _run_spawned(request: ApplyRequest, workers: int, progress: Callable[[int], 
     procs = [ctx.Process(target=_worker_main, daemon=True,
                          args=(request, rank, workers, messages, os.getpid(), log is not None))
              for rank in range(workers)]
-    for p in procs:
-        p.start()
+    try:
+        for p in procs:
+            p.start()
+    except KeyboardInterrupt:  # Ctrl-C while the workers start: stop those already running
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            if p.pid is not None:
+                p.join()
+        raise
     finished: dict[int, tuple[str, str] | None] = {}
     try:
         while len(finished) < workers:
@@ -196,21 +202,25 @@ def _apply_distributed(request: ApplyRequest, rank: int, world: int, progress: b
 
     try:
         job = phase(lambda: prepare(request, check_out=True))
-        manifest = phase(lambda: open_staging(job) if rank == 0 else None)
+        writer = phase(lambda: open_staging(job) if rank == 0 else None)
         bar = _bar(job, (progress or log_tensors) and rank == 0)
         try:
             phase(lambda: write_shards(job, rank, world, bar.update, bar.write if log_tensors else None))
+            return phase(lambda: finalize(job, writer) if rank == 0 else None)
         except OSError as err:
+            if writer is not None:
+                writer.abort(keep=True)
             raise _resumable(err, job) from None
         except KeyboardInterrupt:
+            if writer is not None:
+                writer.abort(keep=True)
             raise
         except BaseException:
-            if rank == 0:
-                shutil.rmtree(job.staging, ignore_errors=True)
+            if writer is not None:
+                writer.abort()
             raise
         finally:
             bar.close()
-        return phase(lambda: finalize(job, manifest) if rank == 0 else None)
     finally:
         if owned:
             dist.destroy_process_group()

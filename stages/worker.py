@@ -276,7 +276,7 @@ def run_stage(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if not exported:
         meta = {"betas": list(stage["betas"]), "eps": float(stage["eps"]),
                 "weight_decay": float(stage["weight_decay"])}
-        export_final(eng, eng.config, history, final_dir, meta)  # the model's mask state
+        export_final(eng, eng.config, history, final_dir, meta, source=init)  # the model's mask state
     wall = wall_before + time.perf_counter() - begin
     summary = {
         "stage": stage["name"],
