@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -621,6 +622,8 @@ class CheckpointWriter:
             if isinstance(old, dict) and old.get("key") == json.loads(json.dumps(self.key)):
                 self.resumed = True
                 return old
+            print(f"grow: {self.staging} holds the partial output of another request (or of a "
+                  f"source that has changed since); starting afresh", file=sys.stderr)
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
