@@ -427,8 +427,19 @@ def import_checkpoint(request: ImportRequest, workers: int = 1, progress: bool =
 
 
 def _run_workers(request: ImportRequest, workers: int) -> None:
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_worker, request, rank, workers) for rank in range(workers)]
+    from growth.parallel import ignoring_sigint
+
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    try:
+        with ignoring_sigint():  # the workers start with SIGINT ignored; Ctrl-C stops them here
+            futures = [pool.submit(_worker, request, rank, workers) for rank in range(workers)]
+            pool._adjust_process_count()  # start them all now, inside the SIG_IGN window
         for f in futures:
             f.result()
+    except BaseException:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 

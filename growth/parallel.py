@@ -12,14 +12,16 @@ worker count.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +98,9 @@ def _run_spawned(request: ApplyRequest, workers: int, progress: Callable[[int], 
                          args=(request, rank, workers, messages, os.getpid(), log is not None))
              for rank in range(workers)]
     try:
-        for p in procs:
-            p.start()
+        with ignoring_sigint():  # workers inherit SIG_IGN: a Ctrl-C is handled here, once
+            for p in procs:
+                p.start()
     except KeyboardInterrupt:  # Ctrl-C while the workers start: stop those already running
         for p in procs:
             if p.is_alive():
@@ -136,8 +139,34 @@ def _run_spawned(request: ApplyRequest, workers: int, progress: Callable[[int], 
         raise _rebuild(errors[0])
 
 
+@contextlib.contextmanager
+def ignoring_sigint() -> Iterator[None]:
+    """Start child processes with SIGINT blocked, so only the coordinator handles Ctrl-C.
+
+    Note: a terminal's Ctrl-C goes to the whole process group; children still importing
+    torch would each print a KeyboardInterrupt traceback (55 lines for 2 workers). A
+    blocked signal mask survives fork and exec, so children started here never see SIGINT
+    (the coordinator stops them with SIGTERM), while a Ctrl-C that arrives meanwhile stays
+    pending here and is raised as KeyboardInterrupt as soon as the block is lifted.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []  # a Ctrl-C taken by another thread must not interrupt a start
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _worker_main(request: ApplyRequest, rank: int, world: int, messages: Any, parent: int,
                  log_tensors: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C and stops us
     _die_with_parent(parent)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:

@@ -374,3 +374,23 @@ def test_init_refuses_a_huge_tensor_up_front(tmp_path, capsys):
     assert_one_line_error(rc, err, "model.embed_tokens.weight")
     assert not (tmp_path / "out").exists() and not staging_dir(tmp_path / "out").exists()
     assert torch.get_num_threads() >= 1
+
+
+def test_ctrl_c_during_worker_start_up_is_one_line(tmp_path, s1):
+    """SIGINT to the whole process group (a terminal's Ctrl-C) while the spawned workers
+    are still starting: one line, exit 130, nothing published."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "apply", "--from", str(s1), "--to", "tiny-s2",
+                             "--out", str(out), "--workers", "2", "--max-shard-size", "20KB"], cwd=REPO,
+                            env={**_env(), "GROW_TEST_SHARD_DELAY": "0.5"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    while len(children.read_text().split()) < 2:  # the spawned workers exist: they are starting
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["grow: interrupted"], err
+    assert not out.exists() and not lock_path(out).exists()
