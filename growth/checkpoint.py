@@ -403,6 +403,17 @@ def read_history(directory: Path) -> dict[str, Any]:
     return data
 
 
+def parent_fingerprint(directory: str | Path) -> str | None:
+    """The content fingerprint of the parent DIRECTORY was last grown from (growth.json's
+    last ``grow`` event), or None. Compare it with ``CheckpointReader(parent).fingerprint()``
+    to know whether a grown checkpoint still matches its parent."""
+    for event in reversed(read_history(Path(directory))["events"]):
+        if isinstance(event, dict) and event.get("kind") == "grow":
+            parent = event.get("parent")
+            return parent.get("fingerprint") if isinstance(parent, dict) else None
+    return None
+
+
 def append_event(history: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``history`` with ``event`` (timestamped) appended."""
     stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

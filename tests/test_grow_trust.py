@@ -394,3 +394,19 @@ def test_ctrl_c_during_worker_start_up_is_one_line(tmp_path, s1):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["grow: interrupted"], err
     assert not out.exists() and not lock_path(out).exists()
+
+
+def test_parent_fingerprint_tells_a_retrained_parent(tmp_path, capsys):
+    """What train-stage's reuse of init/ checks: the grown checkpoint's recorded parent
+    fingerprint against the parent as it is now (retrained: same shapes, other data)."""
+    from growth.checkpoint import parent_fingerprint
+
+    parent = init_checkpoint(get_flavor("tiny-s1"), tmp_path / "parent", seed=0)
+    assert grow(capsys, "apply", "--from", parent, "--to", "tiny-s2", "--out", tmp_path / "init")[0] == 0
+    assert parent_fingerprint(tmp_path / "init") == CheckpointReader(parent).fingerprint()
+    for p in parent.iterdir():
+        p.unlink()
+    parent.rmdir()
+    init_checkpoint(get_flavor("tiny-s1"), parent, seed=5)  # "retrained"
+    assert parent_fingerprint(tmp_path / "init") != CheckpointReader(parent).fingerprint()
+    assert parent_fingerprint(parent) is None
