@@ -30,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apply": ("apply", "grow a checkpoint into a bigger config (streaming, resumable)"),
     "verify": ("verify", "compare a source and a grown checkpoint's logits and loss"),
     "inspect": ("inspect", "config, shards, growth history, mask state and per-tensor statistics"),
-    "export-hf": ("export_hf", "write a plain HF Llama checkpoint (μP, masks, vocab padding folded)"),
+    "export-hf": ("export_hf", "write an HF checkpoint: plain Llama (μP folded) or Tele-FLM (μP kept)"),
+    "import": ("import_", "convert a pickle release / HF / DeepSpeed checkpoint to the canonical layout"),
 }
 
 

@@ -15,10 +15,12 @@ How it stays bounded, resumable and parallel:
 - **Determinism.** The shard plan depends only on target shapes, dtype and
   ``--max-shard-size``; every tensor depends only on (seed, name) and its source. Shards
   are therefore byte-identical across runs, worker counts and interruptions.
-- **Resume.** Work happens in ``staging_dir(out)``. Each shard is renamed into place when
-  complete, so after a kill the same command skips the shards that exist whole and writes
-  the rest. A manifest in the staging dir records the request; a different request
-  starts the staging dir afresh.
+- **Resume.** Work happens in ``staging_dir(out)``, held by a :class:`CheckpointWriter`
+  (an exclusive lock: a second apply to the same OUT is refused while the first lives).
+  Each shard is renamed into place when complete and carries the sha256 of its data, so
+  after a kill the same command skips the shards that exist whole with a matching digest
+  and writes the rest. The manifest beside the staging dir records the request and the
+  source's *content* fingerprint; a different request or a changed source starts afresh.
 - **Workers.** Shard i goes to worker ``i % N``: ``--workers N`` spawns N processes, and
   under ``torchrun`` each rank (RANK / WORLD_SIZE, gloo) takes its share; rank 0 (or the
   parent) sets up and finalises. Across nodes the output must be on a shared filesystem.
@@ -33,12 +35,8 @@ is byte-identical to the uninterrupted one.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import json
 import os
-import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,27 +49,23 @@ from growth.checkpoint import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     DTYPE_NAMES,
-    MOMENT_KINDS,
     OPTIMIZER_DIR,
-    OPTIMIZER_STATE_NAME,
     CheckpointError,
     CheckpointReader,
+    CheckpointWriter,
     append_event,
     check_output_dir,
+    open_moments,
     plan_shards,
-    publish,
     shard_file_names,
     staging_dir,
     torch_dtype,
-    write_index,
-    write_metadata,
 )
 from growth.config import ModelConfig, resolve_config
 from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_streaming
 from operators import GrowthPlan, GrowthSpec, make_plan
 from operators.plan import CHUNK_ELEMENTS
 
-MANIFEST_NAME = ".grow-apply.json"
 GROW_EVENT = "grow"
 DELAY_ENV = "GROW_TEST_SHARD_DELAY"  # test hook: seconds to sleep after each shard written
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -155,23 +149,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def open_moments(src: Path, config: ModelConfig) -> dict[str, CheckpointReader]:
-    """Readers for SRC/optimizer/{exp_avg,exp_avg_sq}, or {} when there is no optimizer dir."""
-    opt = src / OPTIMIZER_DIR
-    if not opt.is_dir():
-        return {}
-    state = opt / OPTIMIZER_STATE_NAME
-    try:
-        step = json.loads(state.read_text()).get("step")
-    except FileNotFoundError:
-        raise CheckpointError(f"{state}: missing (optimizer state needs step, betas, eps)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise CheckpointError(f"{state}: corrupt optimizer state (not a JSON object)") from None
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{state}: field 'step' must be a non-negative integer, got {step!r}")
-    return {kind: CheckpointReader(opt / kind, config=config) for kind in MOMENT_KINDS}
-
-
 def shard_tasks(config: ModelConfig, dtype: torch.dtype, max_shard_size: int, root: str = "",
                 kind: str = "weight") -> list[ShardTask]:
     """The deterministic shard plan of ``config`` in ``dtype``: names, shapes, file names."""
@@ -238,17 +215,33 @@ class ShardWriter:
               progress: Callable[[int], None] | None = None) -> bool:
         """Write ``task`` under ``root`` unless a complete copy exists; True if written."""
         path = root / task.path
-        if shard_complete(path, task.entries):
+        if shard_complete(path, task.entries) is not None:
             if progress is not None:
                 progress(task.nbytes)
             return False
-        write_shard_streaming(path, task.entries, lambda n: self.tensor(n, task.kind),
-                              after_tensor=(lambda _n, size: progress(size)) if progress else None,
-                              label=lambda n: self.label(n, task.kind))
+        try:
+            write_shard_streaming(path, task.entries, lambda n: self.tensor(n, task.kind),
+                                  after_tensor=(lambda _n, size: progress(size)) if progress else None,
+                                  label=lambda n: self.label(n, task.kind))
+        except CheckpointError as err:
+            if "NaN or inf" in str(err):
+                self._blame_source(task)
+            raise
         delay = float(os.environ.get(DELAY_ENV) or 0)
         if delay:
             time.sleep(delay)
         return True
+
+    def _blame_source(self, task: ShardTask) -> None:
+        """A non-finite output whose source already holds NaN/inf is the source's fault:
+        say so, naming the source file and tensor."""
+        source = self.sources[task.kind]
+        for name, _, _ in task.entries:
+            src = self.ops[name].src_name
+            if src and not all(torch.isfinite(c).all() for c in source.chunks(src)):
+                stored, fname = source.locate(src)
+                raise CheckpointError(f"{source.directory / fname}: source tensor '{stored}' holds NaN "
+                                      f"or inf; fix or replace the source checkpoint") from None
 
     def close(self) -> None:
         for s in self.sources.values():
@@ -279,62 +272,38 @@ def manifest_key(job: ApplyJob) -> dict[str, Any]:
             "moments": sorted(job.moments)}
 
 
-def event_time() -> str:
-    """Now (UTC, ISO 8601), or ``SOURCE_DATE_EPOCH`` when set, for reproducible outputs."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = datetime.datetime.fromtimestamp(int(epoch) if epoch else time.time(), datetime.timezone.utc)
-    return when.isoformat(timespec="seconds")
+def open_staging(job: ApplyJob) -> CheckpointWriter:
+    """Lock and create or resume the staging dir of ``job.out`` (keyed by the request and
+    the source's content fingerprint)."""
+    return CheckpointWriter(job.out, key=manifest_key(job))
 
 
-def open_staging(job: ApplyJob) -> dict[str, Any]:
-    """Create or resume the staging dir; returns its manifest (with the event time)."""
-    staging = job.staging
-    key = manifest_key(job)
-    manifest_path = staging / MANIFEST_NAME
-    if staging.is_dir():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            old = None
-        if isinstance(old, dict) and old.get("key") == key:
-            return old
-        print(f"grow: {staging} holds another request's partial output; starting afresh",
-              file=sys.stderr)
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    manifest = {"key": key, "time": event_time()}
-    tmp = staging / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
-    return manifest
-
-
-def finalize(job: ApplyJob, manifest: dict[str, Any]) -> Path:
-    """Check every shard, write indexes, config, history and optimizer state; publish."""
-    staging = job.staging
+def finalize(job: ApplyJob, writer: CheckpointWriter) -> Path:
+    """Check every shard, write indexes, config, history, optimizer state and the
+    release's files; publish."""
+    staging = writer.staging
     for task in job.tasks:
-        if not shard_complete(staging / task.path, task.entries):
+        if shard_complete(staging / task.path, task.entries, verify_data=False) is None:
             raise CheckpointError(f"{staging / task.path}: shard missing or incomplete after all "
                                   f"workers finished; rerun the same command to resume")
     roots = {"weight": ""} | {k: f"{OPTIMIZER_DIR}/{k}/" for k in job.moments}
     for kind, root in roots.items():
         tasks = [t for t in job.tasks if t.kind == kind]
         weight_map = {n: Path(t.path).name for t in tasks for n, _, _ in t.entries}
-        write_index(staging / root, weight_map, sum(t.nbytes for t in tasks))
+        writer.write_index(root, weight_map, sum(t.nbytes for t in tasks))
     if job.moments:
-        shutil.copyfile(Path(job.request.src) / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME,
-                        staging / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME)
-    write_metadata(staging, job.plan.config, append_event(job.reader.history, grow_event(job, manifest)))
-    (staging / MANIFEST_NAME).unlink()
-    publish(staging, job.out)
-    return job.out
+        writer.copy_optimizer_state(job.request.src)
+    writer.write_config(job.plan.config, raw=job.reader.raw_config, dtype=job.dtype)
+    carried = writer.carry(job.request.src)
+    writer.write_history(append_event(job.reader.history, grow_event(job, writer.manifest, carried)))
+    return writer.publish()
 
 
-def grow_event(job: ApplyJob, manifest: dict[str, Any]) -> dict[str, Any]:
+def grow_event(job: ApplyJob, manifest: dict[str, Any], carried: list[str]) -> dict[str, Any]:
     event = job.plan.event()
     event.update({
         "kind": GROW_EVENT, "time": manifest["time"], "seed": job.plan.spec.seed,
-        "dtype": _dtype_name(job.dtype), "optimizer_state": bool(job.moments),
+        "dtype": _dtype_name(job.dtype), "optimizer_state": bool(job.moments), "carried": carried,
         "parent": {"path": str(Path(job.request.src).resolve()),
                    "fingerprint": manifest["key"]["source_fingerprint"],
                    "config_sha256": _sha256(Path(job.request.src) / CONFIG_NAME)},

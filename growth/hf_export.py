@@ -1,7 +1,8 @@
-"""Export a checkpoint as a plain HF Llama checkpoint (``grow export-hf``).
+"""Export a checkpoint for other tools (``grow export-hf --format llama|teleflm``).
 
-transformers' ``LlamaForCausalLM`` has no μP multipliers, growth masks or padded-vocab
-masking, so each is folded into the weights (fp32 arithmetic, then the output dtype):
+``llama`` (default): a plain HF ``LlamaForCausalLM`` checkpoint. transformers' Llama has
+no μP multipliers, growth masks or padded-vocab masking, so each is folded into the
+weights (fp32 arithmetic, then the output dtype):
 
 - μP: ``embed_tokens *= input_mult``; ``lm_head *= output_mult / mup_scale_factor``.
 - MSG masks: refused while c < 1 (the masked model is a different function); at c = 1
@@ -10,14 +11,18 @@ masking, so each is folded into the weights (fp32 arithmetic, then the output dt
   (our model gives them −inf logits; a plain Llama would not), so the exported softmax
   over the valid ids is exactly ours.
 
-Tensors stream one at a time into header-first shards (:mod:`growth.tensor_io`); the
+``teleflm``: what the Tele-FLM release's own code (``modeling_teleflm.py``) and vLLM's
+TeleFLM load: the multipliers stay in config.json (``use_mup``, ``input_mult``,
+``output_mult``, ``mup_scale_factor``), the release's fields (``model_type`` "TeleFLM",
+``auto_map``, token ids, …) and files (tokenizer, ``*.py``) are kept, shards are bf16 by
+default. Masks and vocab padding are handled as for ``llama``.
+
+Tensors stream one at a time through :class:`growth.checkpoint.CheckpointWriter`; the
 directory appears only when complete. The history is kept, with an ``export`` event.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +32,22 @@ from growth.checkpoint import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     DTYPE_NAMES,
-    HISTORY_NAME,
     CheckpointError,
     CheckpointReader,
+    CheckpointWriter,
     append_event,
-    check_output_dir,
+    config_dict,
+    event_time,
     parse_size,
-    publish,
-    write_index,
+    torch_dtype,
 )
 from growth.config import ModelConfig
-from growth.executor import event_time, output_dtype, shard_tasks
-from growth.tensor_io import TensorSource, write_shard_streaming
+from growth.executor import output_dtype, shard_tasks
 
 EXPORT_EVENT = "export-hf"
 MUP_KEYS = ("use_mup", "input_mult", "output_mult", "mup_scale_factor")
+FORMATS = ("llama", "teleflm")
+TELEFLM_IDENTITY = {"model_type": "TeleFLM", "architectures": ["TeleFLMForCausalLM"]}
 
 
 def plain_config(config: ModelConfig, source: str = CONFIG_NAME) -> ModelConfig:
@@ -56,6 +62,23 @@ def plain_config(config: ModelConfig, source: str = CONFIG_NAME) -> ModelConfig:
                           vocab_size=config.valid_vocab_size or config.vocab_size, extra=dict(config.extra))
 
 
+def teleflm_config(config: ModelConfig, source: str = CONFIG_NAME) -> ModelConfig:
+    """``config`` with finished masks dropped and vocab padding cropped; μP kept."""
+    folded = plain_config(config, source)
+    return config.replace(growth_mask=None, valid_vocab_size=None, tie_word_embeddings=False,
+                          vocab_size=folded.vocab_size, extra=dict(config.extra))
+
+
+def teleflm_config_dict(config: ModelConfig, raw: dict[str, Any] | None, dtype: torch.dtype) -> dict[str, Any]:
+    data = config_dict(config, raw, dtype)
+    if str(data.get("model_type", "")).lower() != "teleflm" or raw is None \
+            or str(raw.get("model_type", "")).lower() != "teleflm":
+        data.update(TELEFLM_IDENTITY)
+    data.update({k: v for k, v in config.to_hf_dict().items() if k in MUP_KEYS})
+    data["torch_dtype"] = DTYPE_NAMES[dtype]
+    return data
+
+
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     data = config.to_hf_dict()
     for key in MUP_KEYS:
@@ -64,46 +87,52 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return data
 
 
-def exported_tensor(source: TensorSource, config: ModelConfig, name: str) -> torch.Tensor:
-    """``name`` of the plain model, fp32: vocab rows cropped, μP multipliers folded."""
-    t = source.get(name, torch.float32)
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        valid = config.valid_vocab_size or config.vocab_size
-        scale = config.embedding_scale if name.startswith("model.") else config.logit_scale
-        t = t[:valid]
-        t = t * scale if scale != 1.0 else t.clone()  # the clone frees the cropped rows
-    return t
+def exported_tensor(source: CheckpointReader, config: ModelConfig, name: str,
+                    fold_mup: bool = True) -> torch.Tensor:
+    """``name`` of the exported model: vocab rows cropped, μP multipliers folded (llama).
+    Tensors that need no change come back in their stored dtype (no fp32 round trip)."""
+    if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+        return source.get(name)
+    valid = config.valid_vocab_size or config.vocab_size
+    scale = (config.embedding_scale if name.startswith("model.") else config.logit_scale) if fold_mup else 1.0
+    if scale == 1.0:
+        t = source.get(name)
+        return t[:valid].clone() if valid < t.shape[0] else t  # the clone frees the cropped rows
+    return source.get(name, torch.float32)[:valid] * scale
 
 
 def export_hf(src: str | Path, out: str | Path, dtype: str | None = None,
-              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write ``src`` as a plain Llama checkpoint at ``out`` (which must be new or empty)."""
+              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, format: str = "llama") -> Path:
+    """Write ``src`` as a ``format`` checkpoint at ``out`` (which must be new or empty)."""
+    if format not in FORMATS:
+        raise CheckpointError(f"--format {format}: use one of {', '.join(FORMATS)}")
     src, out = Path(src), Path(out)
-    check_output_dir(out)
-    reader = CheckpointReader(src)
-    cast = output_dtype(reader, dtype)
-    config = reader.config
-    plain = plain_config(config, str(src / CONFIG_NAME))
-    tasks = shard_tasks(plain, cast, parse_size(max_shard_size))
-    event = {"kind": EXPORT_EVENT, "time": event_time(), "format": "hf-llama", "dtype": DTYPE_NAMES[cast],
-             "folded": {"input_mult": config.embedding_scale, "logit_scale": config.logit_scale,
-                        "growth_mask": config.growth_mask, "vocab_cropped_to": plain.vocab_size},
-             "parent": {"path": str(src.resolve()), "fingerprint": reader.fingerprint()}}
-    tmp = out.parent / f".{out.name}.export-partial"  # not resumable: always started afresh
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with TensorSource(reader) as source:
-            for task in tasks:
-                write_shard_streaming(tmp / task.path, task.entries,
-                                      lambda n: exported_tensor(source, config, n))
-        write_index(tmp, {n: t.path for t in tasks for n, _, _ in t.entries}, sum(t.nbytes for t in tasks))
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config_dict(plain, cast), indent=2, sort_keys=True) + "\n")
-        history = append_event(reader.history, event)
-        (tmp / HISTORY_NAME).write_text(json.dumps(history, indent=2) + "\n")
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
+    limit = parse_size(max_shard_size)
+    if limit <= 0:
+        raise CheckpointError(f"--max-shard-size must be positive, got {max_shard_size!r}")
+    with CheckpointWriter(out) as writer, CheckpointReader(src) as reader:
+        config = reader.config
+        if format == "llama":
+            cast = output_dtype(reader, dtype)
+            exported = plain_config(config, str(src / CONFIG_NAME))
+            data = hf_config_dict(exported, cast)
+        else:
+            cast = torch_dtype(dtype) if dtype is not None else torch.bfloat16
+            exported = teleflm_config(config, str(src / CONFIG_NAME))
+            data = teleflm_config_dict(exported, reader.raw_config, cast)
+        event = {"kind": EXPORT_EVENT, "time": event_time(),
+                 "format": "hf-llama" if format == "llama" else "teleflm", "dtype": DTYPE_NAMES[cast],
+                 "folded": {"input_mult": config.embedding_scale if format == "llama" else 1.0,
+                            "logit_scale": config.logit_scale if format == "llama" else 1.0,
+                            "growth_mask": config.growth_mask, "vocab_cropped_to": exported.vocab_size},
+                 "parent": {"path": str(src.resolve()), "fingerprint": reader.fingerprint()}}
+        tasks = shard_tasks(exported, cast, limit)
+        for task in tasks:
+            writer.write_shard(task.path, task.entries,
+                               lambda n: exported_tensor(reader, config, n, fold_mup=format == "llama"))
+        writer.write_index("", {n: t.path for t in tasks for n, _, _ in t.entries},
+                           sum(t.nbytes for t in tasks))
+        writer.write_config(exported, data=data)
+        event["carried"] = writer.carry(src)
+        writer.write_history(append_event(reader.history, event))
+        return writer.publish()

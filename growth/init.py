@@ -9,6 +9,9 @@ shard as soon as it fills: at most one shard plus one fp32 tensor is in memory.
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from tqdm import tqdm
 from growth.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     DTYPE_NAMES,
+    CheckpointError,
     append_event,
     new_history,
     save_checkpoint,
@@ -43,6 +47,34 @@ def iter_init_tensors(config: ModelConfig, seed: int, dtype: torch.dtype,
         yield name, tensor
 
 
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes), or physical memory where that is missing."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_resources(config: ModelConfig, dtype: torch.dtype, out: Path) -> None:
+    """Refuse, before any work, a checkpoint whose largest tensor cannot be held in memory
+    (generated in fp32, then cast) or whose bytes do not fit on OUT's filesystem."""
+    name, shape = max(config.tensor_shapes().items(), key=lambda kv: math.prod(kv[1]))
+    need = math.prod(shape) * 4 * 2  # the fp32 draw and its cast
+    have = available_memory()
+    if need > have:
+        raise CheckpointError(f"tensor '{name}' {list(shape)} needs {need / 1e9:.3g} GB of memory to "
+                              f"generate, {have / 1e9:.3g} GB are available; choose a smaller config")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(parent).free
+    total = config.bytes(DTYPE_NAMES[dtype])
+    if total > free:
+        raise CheckpointError(f"{out}: the checkpoint needs {total / 1e9:.3g} GB, {parent} has "
+                              f"{free / 1e9:.3g} GB free")
+
+
 def init_checkpoint(config: ModelConfig, out: str | Path, seed: int = 0,
                     dtype: torch.dtype | str = "float32",
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -56,6 +88,7 @@ def init_checkpoint(config: ModelConfig, out: str | Path, seed: int = 0,
     failed or interrupted init leaves nothing that looks like a checkpoint.
     """
     cast = torch_dtype(dtype)
+    check_resources(config, cast, Path(out))
     event = {"kind": INIT_EVENT, "seed": int(seed), "config": source or "custom",
              "dtype": DTYPE_NAMES[cast]}
     history = append_event(new_history(), event)

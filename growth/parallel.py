@@ -12,15 +12,16 @@ worker count.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import shutil
 import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,25 +52,24 @@ def apply_growth(request: ApplyRequest, workers: int = 1, progress: bool = False
         if workers != 1:
             raise CheckpointError("--workers cannot be combined with torchrun: the ranks are the workers")
         return _apply_distributed(request, rank, world, progress, log_tensors)
-    if workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CheckpointError(f"--workers must be at least 1, got {workers}")
     job = prepare(request)
-    manifest = open_staging(job)
+    workers = min(workers, len(job.tasks))  # more processes than shards would only idle
     bar = _bar(job, progress or log_tensors)
     log = bar.write if log_tensors else None
     try:
-        if workers == 1:
-            write_shards(job, 0, 1, bar.update, log)
-        else:
-            _run_spawned(request, workers, bar.update, log)
-        return finalize(job, manifest)
-    except OSError as err:  # disk full, I/O, a lost worker: keep the finished shards
-        raise _resumable(err, job) from None
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        shutil.rmtree(job.staging, ignore_errors=True)
-        raise
+        # The writer keeps the staging dir on OSError / interrupt (resumable), removes it
+        # on anything else, and holds OUT's lock throughout.
+        with open_staging(job) as writer:
+            try:
+                if workers == 1:
+                    write_shards(job, 0, 1, bar.update, log)
+                else:
+                    _run_spawned(request, workers, bar.update, log)
+                return finalize(job, writer)
+            except OSError as err:  # disk full, I/O, a lost worker: keep the finished shards
+                raise _resumable(err, job) from None
     finally:
         bar.close()
 
@@ -97,8 +97,17 @@ def _run_spawned(request: ApplyRequest, workers: int, progress: Callable[[int], 
     procs = [ctx.Process(target=_worker_main, daemon=True,
                          args=(request, rank, workers, messages, os.getpid(), log is not None))
              for rank in range(workers)]
-    for p in procs:
-        p.start()
+    try:
+        with ignoring_sigint():  # workers inherit SIG_IGN: a Ctrl-C is handled here, once
+            for p in procs:
+                p.start()
+    except KeyboardInterrupt:  # Ctrl-C while the workers start: stop those already running
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            if p.pid is not None:
+                p.join()
+        raise
     finished: dict[int, tuple[str, str] | None] = {}
     try:
         while len(finished) < workers:
@@ -130,8 +139,34 @@ def _run_spawned(request: ApplyRequest, workers: int, progress: Callable[[int], 
         raise _rebuild(errors[0])
 
 
+@contextlib.contextmanager
+def ignoring_sigint() -> Iterator[None]:
+    """Start child processes with SIGINT blocked, so only the coordinator handles Ctrl-C.
+
+    Note: a terminal's Ctrl-C goes to the whole process group; children still importing
+    torch would each print a KeyboardInterrupt traceback (55 lines for 2 workers). A
+    blocked signal mask survives fork and exec, so children started here never see SIGINT
+    (the coordinator stops them with SIGTERM), while a Ctrl-C that arrives meanwhile stays
+    pending here and is raised as KeyboardInterrupt as soon as the block is lifted.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []  # a Ctrl-C taken by another thread must not interrupt a start
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _worker_main(request: ApplyRequest, rank: int, world: int, messages: Any, parent: int,
                  log_tensors: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C and stops us
     _die_with_parent(parent)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
@@ -196,21 +231,25 @@ def _apply_distributed(request: ApplyRequest, rank: int, world: int, progress: b
 
     try:
         job = phase(lambda: prepare(request, check_out=True))
-        manifest = phase(lambda: open_staging(job) if rank == 0 else None)
+        writer = phase(lambda: open_staging(job) if rank == 0 else None)
         bar = _bar(job, (progress or log_tensors) and rank == 0)
         try:
             phase(lambda: write_shards(job, rank, world, bar.update, bar.write if log_tensors else None))
+            return phase(lambda: finalize(job, writer) if rank == 0 else None)
         except OSError as err:
+            if writer is not None:
+                writer.abort(keep=True)
             raise _resumable(err, job) from None
         except KeyboardInterrupt:
+            if writer is not None:
+                writer.abort(keep=True)
             raise
         except BaseException:
-            if rank == 0:
-                shutil.rmtree(job.staging, ignore_errors=True)
+            if writer is not None:
+                writer.abort()
             raise
         finally:
             bar.close()
-        return phase(lambda: finalize(job, manifest) if rank == 0 else None)
     finally:
         if owned:
             dist.destroy_process_group()

@@ -1,20 +1,25 @@
-"""Tensor-at-a-time safetensors I/O for the streaming commands (apply, verify, export-hf).
+"""The safetensors file format, one tensor at a time: strict header parsing, exact reads,
+and a header-first streaming shard writer that digests the data while it writes.
 
-Reading: :class:`TensorSource` reads one tensor's bytes with ``readinto`` at the offsets
-``CheckpointReader`` already parsed, instead of ``safe_open``'s memory map. A map keeps
-every page it touched resident (and counted in RSS) until the file is closed, so reading a
-2 TB model through it looks like 2 TB of memory; a plain read holds one tensor only.
+Reading (:func:`read_header`, :func:`read_tensor`): the header is validated as strictly as
+``safetensors.safe_open`` does — entries sorted by offset, contiguous from 0, no overlap,
+each tensor's byte count exactly ``numel × itemsize``, the last one ending at the end of
+the file. A tensor is read with plain reads (no memory map: a map keeps every touched page
+resident until the file closes) and a read must deliver exactly the bytes it asked for.
 
-Writing: :func:`write_shard_streaming` writes the header first (every shape is known in
-advance) and then each tensor's bytes as soon as it is produced, so a shard of any size
-costs one tensor of memory. The file is a standard safetensors file (8-byte little-endian
-header length, JSON header padded with spaces to 8 bytes, data in header order), written
-under a temporary name and renamed, so a shard either exists complete or not at all.
+Writing (:func:`write_shard_streaming`): every shape is known in advance, so the header is
+written first and each tensor's bytes follow as soon as they are produced; a shard of any
+size costs one tensor of memory. A sha256 of the data section is computed on the way and
+stored in the header's ``__metadata__`` (``sha256``): the shard carries its own content
+digest. The file is written as ``<name>.partial`` and renamed when complete, so a shard
+either exists whole or not at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,86 +29,144 @@ from typing import Any, BinaryIO
 
 import torch
 
-from growth.checkpoint import SAFETENSORS_DTYPES, CheckpointError, CheckpointReader, read_header
+from flmcore.errors import FlmError
 
+
+class CheckpointError(FlmError):
+    """A checkpoint is unusable; the one-line message names the file and tensor/field."""
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F64": torch.float64}
 ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
 PARTIAL_SUFFIX = ".partial"
 CHUNK = 1 << 24  # elements cast and written at a time (64 MB of fp32)
+READ_CHUNK = 1 << 26  # bytes per read call when hashing or reading
+MAX_HEADER = 100 * 1024**2  # safetensors' own limit
+DIGEST_KEY = "sha256"  # __metadata__ key holding the data section's sha256
+_PLACEHOLDER = "0" * 64
 
 
 def nbytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-class TensorSource:
-    """Read whole tensors of a checkpoint with plain file reads (no memory map).
+# ---------------------------------------------------------------------- headers
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """(entries, __metadata__, data start) of a safetensors file, strictly validated.
 
-    ``get(name, dtype)`` has the signature of ``CheckpointReader.get``; a tied HF
-    checkpoint's ``lm_head.weight`` reads the embedding, as the reader does.
+    Entries keep the file's JSON order; each has ``dtype``, ``shape`` (tuple) and
+    ``data_offsets`` relative to the data start. Nothing but the header is read.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > size - 8 or n > MAX_HEADER:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header says {n} bytes, file has {size})")
+            raw = fh.read(n)
+        header = json.loads(raw)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing shard file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a shard file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__' must map to strings)")
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = info["dtype"]
+            start, stop = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(x) for x in info["shape"])
+            if any(not isinstance(x, int) or isinstance(x, bool) for x in
+                   [*info["data_offsets"], *info["shape"]]):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{name}'") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+        if any(s < 0 for s in shape) or start < 0:
+            raise CheckpointError(f"{path}: tensor '{name}' has a negative shape or offset")
+        need = math.prod(shape) * ITEMSIZE[dtype]
+        if stop - start != need:
+            raise CheckpointError(f"{path}: tensor '{name}' has data_offsets [{start}, {stop}] "
+                                  f"({stop - start} bytes) but shape {list(shape)} {dtype} needs "
+                                  f"{need}; the header is corrupt")
+        info["shape"] = shape
+        info["data_offsets"] = (start, stop)
+        spans.append((start, stop, name))
+    spans.sort()
+    end = 0
+    for start, stop, name in spans:
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves a gap of {start - end} bytes"
+            raise CheckpointError(f"{path}: tensor '{name}' at offset {start} {what}; "
+                                  f"the header is corrupt")
+        end = stop
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: truncated or padded shard (header needs {8 + n + end} bytes, "
+                              f"file has {size}); re-copy or regenerate it")
+    return header, metadata, 8 + n
+
+
+def read_exact(fh: BinaryIO, offset: int, out: memoryview, path: Path, what: str) -> None:
+    """Fill ``out`` with the bytes at ``offset``: exactly ``len(out)`` of them or an error."""
+    fh.seek(offset)
+    got = 0
+    while got < len(out):
+        n = fh.readinto(out[got:])
+        if not n:
+            raise CheckpointError(f"{path}: {what} is cut short ({got} of {len(out)} bytes; "
+                                  f"file changed while reading?)")
+        got += n
+
+
+def data_digest(path: Path, data_start: int) -> str:
+    """sha256 of a file's data section (everything after the header)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(data_start)
+        while chunk := fh.read(READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TensorSource:
+    """A reader's tensors through the old ``TensorSource(reader)`` interface.
+
+    Note: :class:`growth.checkpoint.CheckpointReader` is the one reader; this wrapper only
+    keeps ``with TensorSource(reader) as s: s.get(...)`` call sites working.
     """
 
-    def __init__(self, reader: CheckpointReader):
+    def __init__(self, reader: Any):
         self.reader = reader
         self.directory = reader.directory
-        self._files: dict[str, BinaryIO] = {}
-        self._data_start: dict[str, int] = {}
 
     def locate(self, name: str) -> tuple[str, str]:
-        """(stored name, file) of ``name``."""
-        wm = self.reader.weight_map
-        if name in wm:
-            return name, wm[name]
-        if name == "lm_head.weight" and self.reader.tied:
-            return "model.embed_tokens.weight", wm["model.embed_tokens.weight"]
-        raise CheckpointError(f"{self.directory}: tensor '{name}' is not in this checkpoint")
-
-    def _open(self, fname: str) -> BinaryIO:
-        fh = self._files.get(fname)
-        if fh is None:
-            fh = open(self.directory / fname, "rb")  # noqa: SIM115 (kept open until close())
-            (n,) = struct.unpack("<Q", fh.read(8))
-            self._files[fname], self._data_start[fname] = fh, 8 + n
-        return fh
+        return self.reader._locate(name)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        stored, fname = self.locate(name)
-        info = self.reader.headers[fname][stored]
-        start, stop = info["data_offsets"]
-        out = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-        fh = self._open(fname)
-        fh.seek(self._data_start[fname] + start)
-        if stop > start and fh.readinto(_as_bytes(out)) != stop - start:
-            raise CheckpointError(f"{self.directory / fname}: tensor '{stored}' is cut short "
-                                  f"(file changed while reading?)")
-        return out if dtype is None or dtype == out.dtype else out.to(dtype)
+        return self.reader.get(name, dtype)
 
-    def chunks(self, name: str, elements: int = 1 << 24) -> Iterator[torch.Tensor]:
-        """``name`` flattened, in pieces of at most ``elements`` (stored dtype): bounded
-        memory for statistics over tensors of any size."""
-        stored, fname = self.locate(name)
-        info = self.reader.headers[fname][stored]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        start, stop = info["data_offsets"]
-        size = torch.empty((), dtype=dtype).element_size()
-        fh = self._open(fname)
-        for first in range(0, (stop - start) // size, elements):
-            piece = torch.empty(min(elements, (stop - start) // size - first), dtype=dtype)
-            fh.seek(self._data_start[fname] + start + first * size)
-            if fh.readinto(_as_bytes(piece)) != piece.numel() * size:
-                raise CheckpointError(f"{self.directory / fname}: tensor '{stored}' is cut short")
-            yield piece
+    def chunks(self, name: str, elements: int = CHUNK) -> Iterator[torch.Tensor]:
+        return self.reader.chunks(name, elements)
 
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files.clear()
+        self.reader.close()
 
     def __enter__(self) -> TensorSource:
         return self
@@ -112,6 +175,7 @@ class TensorSource:
         self.close()
 
 
+# ---------------------------------------------------------------------- writing
 def shard_header(entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
                  metadata: dict[str, str] | None = None) -> bytes:
     """The length-prefixed, 8-byte padded safetensors header for ``entries`` in order."""
@@ -130,26 +194,29 @@ def shard_header(entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
 def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
                           produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
                           after_tensor: Callable[[str, int], None] | None = None,
-                          label: Callable[[str], str] = lambda name: f"tensor '{name}'") -> None:
-    """Write a safetensors shard whose tensors ``produce(name)`` returns one at a time.
+                          label: Callable[[str], str] = lambda name: f"tensor '{name}'",
+                          check_finite: bool = True) -> str:
+    """Write a safetensors shard whose tensors ``produce(name)`` returns one at a time;
+    returns the sha256 of its data section (also stored in its ``__metadata__``).
 
     ``produce`` returns the tensor, or an iterable of its consecutive row blocks (so a
     tensor bigger than memory can be streamed). Together they must have the announced shape;
-    it is cast to the announced dtype piece by piece as it is written (so a float32 result
-    costs no extra bf16 copy). The file is written as ``<name>.partial`` and renamed when
-    complete; on any error the partial file is removed. ``after_tensor(name, nbytes)`` is
-    called after each piece is written; ``label(name)`` names a tensor in error messages
-    (e.g. with the source it came from).
+    it is cast to the announced dtype piece by piece as it is written. The file is written as
+    ``<name>.partial`` and renamed when complete; on any error the partial file is removed.
+    ``after_tensor(name, nbytes)`` is called after each piece is written; ``label(name)``
+    names a tensor in error messages (e.g. with the source it came from).
 
-    Note: one background thread writes tensor k while ``produce`` computes tensor k + 1
-    (both release the GIL), so I/O and growth math overlap; one finished tensor (or row
-    block) is in flight at a time, never more.
+    Note: one background thread casts, hashes and writes tensor k while ``produce``
+    computes tensor k + 1 (torch, hashlib and file writes release the GIL), so I/O, the
+    digest and growth math overlap; one finished piece is in flight at a time, never more.
     """
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    header = shard_header(entries, {"format": "pt", DIGEST_KEY: _PLACEHOLDER})
+    digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as fh, ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as pool:
-            fh.write(shard_header(entries))
+            fh.write(header)
             pending: tuple[Future, str, int] | None = None
             for name, shape, dtype in entries:
                 produced = produce(name)
@@ -163,14 +230,19 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
                     rows += piece.shape[0] if piece.dim() else 1
                     if pending is not None:
                         _finish(pending, after_tensor)
-                    pending = (pool.submit(_write_tensor, fh, piece, dtype, path, label(name)), name,
-                               nbytes_of(piece.shape, dtype))
+                    pending = (pool.submit(_write_tensor, fh, digest, piece, dtype, path, label(name),
+                                           check_finite), name, nbytes_of(piece.shape, dtype))
                     del piece
                 if rows != (shape[0] if len(shape) else 1):
                     raise CheckpointError(f"{path}: {label(name)} came out with {rows} rows, "
                                           f"expected {list(shape)}")
             if pending is not None:
                 _finish(pending, after_tensor)
+            hexdigest = digest.hexdigest()
+            at = header.index(_PLACEHOLDER.encode())
+            fh.seek(at)
+            fh.write(hexdigest.encode())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -182,6 +254,13 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return hexdigest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _finish(pending: tuple[Future, str, int], after_tensor: Callable[[str, int], None] | None) -> None:
@@ -191,38 +270,51 @@ def _finish(pending: tuple[Future, str, int], after_tensor: Callable[[str, int],
         after_tensor(name, size)
 
 
-def _write_tensor(fh: BinaryIO, tensor: torch.Tensor, dtype: torch.dtype, path: Path, label: str) -> None:
-    """Cast to ``dtype`` and write in CHUNK-element pieces (no full-size cast copy), refusing
-    NaN/inf so that an overflowing cast (e.g. to float16) or a broken source is caught."""
+def _write_tensor(fh: BinaryIO, digest: Any, tensor: torch.Tensor, dtype: torch.dtype, path: Path,
+                  label: str, check_finite: bool = True) -> None:
+    """Cast to ``dtype``, hash and write in CHUNK-element pieces (no full-size cast copy),
+    refusing NaN/inf so that an overflowing cast (e.g. to float16) or a broken source is caught."""
     flat = tensor.contiguous().reshape(-1)
     for chunk in flat.split(CHUNK):
         out = chunk if chunk.dtype == dtype else chunk.to(dtype)
         # A sum is finite iff every element is (torch accumulates in fp32; a sum too big for
         # the dtype only sends us to the exact check), and it is ~10× cheaper than
         # isfinite().all(), which materialises a bool tensor.
-        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+        if check_finite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             raise CheckpointError(f"{path}: {label} holds NaN or inf as "
                                   f"{str(dtype).replace('torch.', '')} (values out of the dtype's "
                                   f"range, or NaN/inf in the source)")
+        data = _as_bytes(out)
+        digest.update(data)
         try:
-            fh.write(_as_bytes(out))
+            fh.write(data)
         except OSError as err:  # disk full, file size limit, I/O error
             wrapped = OSError(f"{path}: {err.strerror or err} while writing {label}")
             wrapped.errno = err.errno
             raise wrapped from None
 
 
-def shard_complete(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> bool:
-    """True when ``path`` is a whole safetensors file holding exactly ``entries``.
+def shard_complete(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                   verify_data: bool = True) -> str | None:
+    """The shard's digest when ``path`` is a whole safetensors file holding exactly
+    ``entries`` with a digest that matches its data; None otherwise.
 
-    Note: shards are renamed into place only when complete, so a header that parses and a
-    size that matches it mean the data was written in full by a run of the same plan.
+    Note: names, shapes and dtypes alone prove nothing about the data (a shard written for
+    another source has the same header); the stored digest is re-checked against the bytes
+    unless ``verify_data`` is false.
     """
     if not path.is_file():
-        return False
+        return None
     try:
-        header, _ = read_header(path)
+        header, meta, start = read_header(path)
     except CheckpointError:
-        return False
+        return None
     expected = {n: (tuple(s), ST_NAMES[d]) for n, s, d in entries}
-    return {n: (tuple(i["shape"]), i["dtype"]) for n, i in header.items()} == expected
+    if {n: (tuple(i["shape"]), i["dtype"]) for n, i in header.items()} != expected:
+        return None
+    stored = meta.get(DIGEST_KEY)
+    if not stored or stored == _PLACEHOLDER:
+        return None
+    if verify_data and data_digest(path, start) != stored:
+        return None
+    return stored

@@ -2,74 +2,76 @@
 
 Layout (growth.checkpoint names)::
 
-    final/                       save_checkpoint: shards, index, config.json, growth.json
+    final/                       shards, index, config.json, growth.json
     final/optimizer/exp_avg/     tensor directory (shards + index, no config.json)
     final/optimizer/exp_avg_sq/
     final/optimizer/state.json   {"step", "betas", "eps", "weight_decay"}
+    final/tokenizer.model, …     the release files of the stage's init checkpoint, carried
 
 Every rank takes part (the fp32 masters and moments are gathered collectively, one tensor
-at a time); rank 0 streams them into a hidden staging directory, which is renamed to
-``final/`` only when everything is written, and the other ranks wait on a barrier.
+at a time); rank 0 streams them through :class:`growth.checkpoint.CheckpointWriter`
+(locked staging dir, header-first shards with digests, renamed to ``final/`` only when
+everything is written), and the other ranks wait on a barrier.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from growth.checkpoint import (
-    CONFIG_NAME,
-    HISTORY_NAME,
-    MOMENT_KINDS,
-    OPTIMIZER_DIR,
-    OPTIMIZER_STATE_NAME,
-    save_checkpoint,
-)
+import torch
+
+from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointReader, CheckpointWriter, staging_dir
 from growth.config import ModelConfig
 from stages import optim_state
 
 
 def staging_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.export"
+    return staging_dir(out)
 
 
 def export_final(eng: Any, config: ModelConfig, history: dict[str, Any], out: str | Path,
-                 optimizer_meta: dict[str, Any]) -> Path:
+                 optimizer_meta: dict[str, Any], source: str | Path | None = None) -> Path:
     """Write ``out`` from the engine ``eng`` (a StageEngine or PipeStageEngine).
 
     ``optimizer_meta`` holds betas, eps and weight_decay; the step is read from the
-    optimizer. A leftover staging directory from a killed export is replaced.
+    optimizer. ``source`` (the stage's init checkpoint, if any) gives config.json's other
+    fields and the release files carried along. A leftover staging directory from a
+    killed export is replaced.
     """
     import torch.distributed as dist
 
     out = Path(out)
     rank = dist.get_rank()
-    tmp = staging_path(out)
-    if rank == 0:
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out}: a final checkpoint already exists")
-        shutil.rmtree(tmp, ignore_errors=True)
-    optim_state.create_adam_state(eng.optimizer, 0, only_missing=True)  # a stage of 0 steps
-    step = optim_state.adam_step(eng.optimizer)
-    targets = [(tmp, None)] + [(tmp / OPTIMIZER_DIR / kind, kind) for kind in MOMENT_KINDS]
-    for target, kind in targets:
-        stream = eng.gather(kind)
-        if rank == 0:
-            save_checkpoint(target, config, stream, history if kind is None else None)
-            if kind is not None:  # moments are config-less tensor directories
-                (target / CONFIG_NAME).unlink()
-                (target / HISTORY_NAME).unlink()
-        else:
-            for _ in stream:
-                pass
-    if rank == 0:
-        state = {"step": step, **optimizer_meta}
-        (tmp / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+    writer = CheckpointWriter(out) if rank == 0 else None
+    try:
+        optim_state.create_adam_state(eng.optimizer, 0, only_missing=True)  # a stage of 0 steps
+        step = optim_state.adam_step(eng.optimizer)
+        for kind in (None, *MOMENT_KINDS):
+            stream = eng.gather(kind)
+            if writer is not None:
+                root = "" if kind is None else f"{OPTIMIZER_DIR}/{kind}/"
+                writer.write_tensors(config, stream, root=root, dtype=torch.float32)
+            else:
+                for _ in stream:
+                    pass
+        if writer is not None:
+            writer.write_optimizer_state({"step": step, **optimizer_meta})
+            raw = None
+            if source is not None:
+                with CheckpointReader(source, check_shapes=False) as reader:
+                    raw = reader.raw_config
+            writer.write_config(config, raw=raw)
+            carried = writer.carry(source)
+            if carried:
+                history = {**history, "events": [*history["events"][:-1],
+                                                 {**history["events"][-1], "carried": carried}]} \
+                    if history.get("events") else history
+            writer.write_history(history)
+            writer.publish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     dist.barrier()
     return out

@@ -332,7 +332,7 @@ class Trainer:
                                          "tokens": tokens, "eval_loss_end": eval_end})
         if not self.exported:
             meta = {"betas": list(stage.betas), "eps": stage.eps, "weight_decay": stage.weight_decay}
-            export_final(self.engine, config, history, self.layout.final, meta)
+            export_final(self.engine, config, history, self.layout.final, meta, source=self.init)
         ds = self.cfg.deepspeed
         summary = {
             "stage": stage.name, "params": config.params, "steps": total, "tokens": tokens,

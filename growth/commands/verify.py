@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="use these ids instead: one row per line, whitespace-separated integers")
     p.add_argument("--tolerance", type=float, default=None, metavar="X",
                    help="relative tolerance on max|Δlogit| / max|logit| and on the loss "
-                        "(default 1e-5 for fp32 checkpoints, 5e-3 when either is 16-bit)")
+                        "(default 1e-5 for fp32 checkpoints; when either is 16-bit, 3× the error "
+                        "one rounding of the source's weights to that dtype causes)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--streaming", dest="streaming", action="store_true", default=None,
                       help="load one decoder layer at a time")
