@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,7 @@ class ModelConfig:
         which are arithmetic (a 10⁹-layer config has 9·10⁹ tensors)."""
         return _params.tensor_shapes(self)
 
-    def iter_tensor_shapes(self):  # -> Iterator[tuple[str, tuple[int, ...]]]
+    def iter_tensor_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
         """(name, shape) one at a time, in canonical order."""
         return _params.iter_tensor_shapes(self)
 
