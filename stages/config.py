@@ -131,6 +131,8 @@ class DeepSpeedCfg:
     precision: Precision = Precision.fp32
     gradient_clipping: float = 1.0  # global gradient-norm clip (0 = off)
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    # --- tensor parallelism (issue 13; stages.tensor_parallel, stages.dry_run) ---
+    tensor_parallel: int = 1  # Megatron-style TP degree; data parallel = ranks / (TP × pipeline)
 
 
 @dataclass
@@ -169,6 +171,7 @@ class TrainConfig:
     master_port: int = 0  # 0 = pick a free port
     nnodes: int = 1  # nodes of nproc GPUs each: sizes the dry run's memory estimates
     worker_module: str = "stages.worker"  # what torchrun runs per rank (tests swap in their own)
+    gpu_memory_gib: float = 80.0  # per-GPU memory the dry run checks the layout against (A800/H100 80 GB)
 
     @property
     def world(self) -> int:
@@ -292,6 +295,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if stage.parent == stage.name:
         raise StageConfigError(f"field 'stage.parent' names the stage itself ({stage.name!r})")
     check_deepspeed(ds, cfg.world)
+    # --- tensor parallelism (issue 13): TP × PP × DP = ranks; model shapes: stages.tensor_parallel ---
+    from stages.tensor_parallel.layout import check_layout_fields
+
+    check_layout_fields(dataclasses.asdict(cfg))
     return cfg
 
 

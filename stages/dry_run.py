@@ -1,4 +1,4 @@
-"""``dry_run=true``: a stage's growth plan and DeepSpeed's per-GPU memory, without weights.
+"""``dry_run=true``: a stage's growth plan and whether its parallel layout fits, without weights.
 
 For each stage it prints
 
@@ -6,17 +6,17 @@ For each stage it prints
   parameters before → after, tensors, bytes read and written (weights in the stage's
   precision, Adam moments in fp32 when ``stage.growth.optimizer_state``), new layers and
   the operators used;
-- DeepSpeed's own estimate of the model states per GPU (weights, gradients, Adam):
-  ``estimate_zero2_model_states_mem_needs`` for ZeRO 0–2 and
-  ``estimate_zero3_model_states_mem_needs`` for ZeRO-3, from parameter counts.
+- whether the stage's TP × PP × DP layout fits a GPU of ``gpu_memory_gib`` (default 80):
+  model states per GPU (DeepSpeed's estimators, for the fullest pipeline stage split over
+  TP) plus activations (1F1B micro-batches in flight, activation checkpointing, TP, SwiGLU
+  width, flash attention) less a stated margin, the pipeline bubble and the tokens per step;
+  every term is stated in :mod:`stages.tensor_parallel.memory`.
 
-Note: DeepSpeed has no ZeRO-1 formula; ZeRO-1 and ZeRO-2 share one optimizer
-(stage_1_and_2.py), and the ZeRO-2 estimate (16-bit weights and gradients plus 18 B per
-parameter divided over the data-parallel ranks) is used for both. For the pipeline
-(ZeRO-1 + pipeline parallel) every GPU holds one pipeline stage, so the estimate gets
-parameters ÷ pipeline degree and the data-parallel degree (ranks ÷ pipeline degree) as its
-GPU count. Activations are not included; they depend on micro batch, sequence length and
-activation checkpointing.
+Each stage writes ``RUN_DIR/<stage>/dry_run.json`` (:data:`DRY_RUN_NAME`): ``layout``
+(tp, pp, dp, zero_stage, micro_batch_size, grad_accum, seq_len, activation_checkpointing),
+``memory_gib`` (model_states, activations, total), ``gpu_memory_gib``, ``fits``, ``bubble``.
+Nothing else is written; a stage directory holding only that file still counts as empty
+when the stage is trained.
 
 The parent's model is the parent's final checkpoint when it exists in RUN_DIR, else its
 stage config composed with Hydra (and grown through its own parents, so eps/μP changes
@@ -26,6 +26,8 @@ of earlier growths carry over), so a whole schedule is checked before anything t
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -35,8 +37,11 @@ from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig, resolve_config
 from operators import GrowthSpec
 from stages.config import growth_spec
+from stages.tensor_parallel.layout import check_model_split, layout_of
+from stages.tensor_parallel.memory import MARGIN, dry_run_record, fit
 
 GB = 1024**3
+DRY_RUN_NAME = "dry_run.json"  # RUN_DIR/<stage>/dry_run.json: layout, memory, fits, bubble
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -105,46 +110,30 @@ def plan_report(src: ModelConfig, target: ModelConfig, spec: GrowthSpec, precisi
 
 # ---------------------------------------------------------------------- memory
 def memory_report(config: ModelConfig, cfg: dict[str, Any]) -> dict[str, Any]:
-    """DeepSpeed's model-state estimate per GPU for this stage's parallel layout."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    ds = cfg["deepspeed"]
-    world = cfg["nproc"] * cfg["nnodes"]
-    params = config.params
-    pp = ds["pipeline_stages"] if ds["pipeline"] else 1
-    dp = world // pp
-    out: dict[str, Any] = {"params": params, "ranks": world, "pipeline_degree": pp, "data_parallel": dp,
-                           "zero_stage": ds["zero_stage"]}
-    if ds["zero_stage"] == 3:
-        largest = max(_numel(s) for s in config.tensor_shapes().values())
-        _, gpu, _ = estimate_zero3_model_states_mem_needs(
-            params, largest, num_gpus_per_node=cfg["nproc"], num_nodes=cfg["nnodes"], cpu_offload=False)
-        out.update(function="estimate_zero3_model_states_mem_needs", params_per_gpu=params,
-                   largest_layer_params=largest)
-    else:
-        per_stage = fullest_pipeline_stage(config, pp)
-        ranks = dp if ds["zero_stage"] > 0 else 1  # ZeRO-0: every rank keeps all Adam state
-        # the formula divides the Adam state by num_nodes × num_gpus_per_node: pass the DP degree
-        _, gpu = estimate_zero2_model_states_mem_needs(per_stage, num_gpus_per_node=ranks, num_nodes=1,
-                                                       cpu_offload=False)
-        out.update(function="estimate_zero2_model_states_mem_needs", params_per_gpu=per_stage,
-                   params_per_gpu_mean=-(-params // pp))
-    out["gpu_bytes"] = gpu
+    """Per-GPU model states (DeepSpeed's estimators), activations and the fits verdict for
+    this stage's TP × PP × DP layout (stages.tensor_parallel.memory states every term)."""
+    layout = layout_of(cfg)
+    check_model_split(config, layout.tp)
+    verdict = fit(config, layout, cfg["deepspeed"]["precision"], cfg["gpu_memory_gib"])
+    states = verdict["model_states"]
+    out: dict[str, Any] = {"params": config.params, "ranks": layout.world, "pipeline_degree": layout.pp,
+                           "tensor_parallel": layout.tp, "data_parallel": layout.dp,
+                           "zero_stage": layout.zero_stage, **states, "gpu_bytes": states["bytes"]}
+    if layout.pp > 1:
+        out["params_per_gpu_mean"] = -(-config.params // (layout.pp * layout.tp))
+    out["verdict"] = verdict
+    out["record"] = dry_run_record(layout, verdict, cfg["gpu_memory_gib"])
     return out
 
 
-def fullest_pipeline_stage(config: ModelConfig, pp: int) -> int:
-    """Parameters on the fullest GPU of a ``pp``-stage pipeline partitioned by decoder layer
-    (stages.pipeline uses ``partition_method="type:DecoderLayerPipe"``): ceil(L / pp) layers,
-    plus the embedding or the final norm + lm_head that ride on the first / last stage."""
-    if pp == 1:
-        return config.params
-    shapes = config.tensor_shapes()
-    layer = sum(_numel(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
-    ends = max(_numel(shapes["model.embed_tokens.weight"]),
-               _numel(shapes["lm_head.weight"]) + config.hidden_size)
-    return -(-config.num_hidden_layers // pp) * layer + ends
+def write_record(stage_dir: Path, record: dict[str, Any]) -> Path:
+    """RUN_DIR/<stage>/dry_run.json, written whole or not at all."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path = stage_dir / DRY_RUN_NAME
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -195,17 +184,35 @@ def dry_run_stage(cfg: dict[str, Any], echo: Any = print) -> dict[str, Any]:
         echo(f"   fresh init (seed {stage['seed']}): no growth plan")
     mem = memory_report(model, cfg)
     report["memory"] = mem
-    layout = (f"pipeline {mem['pipeline_degree']} stages + ZeRO-{ds['zero_stage']}" if ds["pipeline"]
+    echo_memory(mem, cfg, echo)
+    report["dry_run_json"] = str(write_record(run_dir / stage["name"], mem["record"]))
+    return report
+
+
+def echo_memory(mem: dict[str, Any], cfg: dict[str, Any], echo: Any) -> None:
+    ds, verdict = cfg["deepspeed"], mem["verdict"]
+    acts, lay = verdict["activations"], mem["record"]["layout"]
+    engine = (f"pipeline {mem['pipeline_degree']} stages + ZeRO-{ds['zero_stage']}" if ds["pipeline"]
               else f"ZeRO-{ds['zero_stage']}")
-    echo(f"   DeepSpeed {layout}, {ds['precision']}, {cfg['nnodes']} node(s) × {cfg['nproc']} GPUs = "
-         f"{mem['ranks']} ranks, data parallel {mem['data_parallel']}")
+    echo(f"   layout TP {mem['tensor_parallel']} × PP {mem['pipeline_degree']} × DP {mem['data_parallel']} = "
+         f"{mem['ranks']} ranks ({cfg['nnodes']} node(s) × {cfg['nproc']} GPUs), DeepSpeed {engine}, "
+         f"{ds['precision']}, activation checkpointing {'on' if lay['activation_checkpointing'] else 'off'}")
     if ds["pipeline"]:
         echo(f"     pipeline: {mem['pipeline_degree']} stages of {fmt_params(mem['params_per_gpu_mean'])} "
-             f"on average; the fullest holds {fmt_params(mem['params_per_gpu'])} (ceil(layers / stages) "
-             f"layers + embedding or lm_head), which is what DeepSpeed's estimate gets")
-    echo(f"     model states per GPU: {fmt_bytes(mem['gpu_bytes'])} (DeepSpeed {mem['function']}, "
-         f"no offload; weights, gradients and Adam state, activations not included)")
-    return report
+             f"per GPU on average; the fullest holds {fmt_params(mem['params_per_gpu'])} (ceil(layers / "
+             f"stages) layers + embedding or lm_head, ÷ TP), which is what DeepSpeed's estimate gets")
+    extra = (f" + {fmt_bytes(mem['unpartitioned_grad_bytes'])} of 16-bit gradients ZeRO-{ds['zero_stage']} "
+             f"does not partition" if mem["unpartitioned_grad_bytes"] else "")
+    echo(f"     model states per GPU: {fmt_bytes(mem['gpu_bytes'])} (DeepSpeed {mem['function']}, no "
+         f"offload, for {fmt_params(mem['params_per_gpu'])} parameters{extra})")
+    echo(f"     activations per GPU: {fmt_bytes(acts['bytes'])} (first stage: {acts['in_flight_first_stage']} "
+         f"micro-batch(es) in flight × {acts['layers_per_stage']} layers; last stage: logits "
+         f"{fmt_bytes(acts['logits_bytes'])})")
+    word = "fits" if verdict["fits"] else "DOES NOT FIT"
+    echo(f"     total {fmt_bytes(verdict['total_bytes'])} per GPU vs {verdict['usable_gib']:.1f} GiB usable "
+         f"({cfg['gpu_memory_gib']:g} GiB less a {MARGIN:.0%} margin): {word}")
+    echo(f"     pipeline bubble (p−1)/(m+p−1) = {verdict['bubble']:.1%}; "
+         f"{verdict['tokens_per_step']:,} tokens per step")
 
 
 def _ranges(indices: list[int]) -> str:

@@ -39,6 +39,7 @@ from stages.config import ResolvedStage, TrainConfig, growth_spec, to_config, va
 from stages.launch import launch_workers
 from stages.lock import StageLock
 from stages.resume import diff_for_resume
+from stages.tensor_parallel.layout import check_stage_layout  # issue 13
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def _check_launch(cfg: TrainConfig, target: ModelConfig) -> None:
     if ds.pipeline and ds.pipeline_stages > target.num_hidden_layers:
         raise StageError(f"deepspeed.pipeline_stages {ds.pipeline_stages} exceeds the model's "
                          f"{target.num_hidden_layers} decoder layers")
+    check_stage_layout(dataclasses.asdict(cfg), target)  # issue 13: TP splits the model; engine supports it
     if cfg.dry_run:
         return
     if cfg.nnodes != 1:

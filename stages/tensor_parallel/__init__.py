@@ -1,0 +1,9 @@
+"""Megatron-style tensor parallelism for the Tele-FLM model.
+
+- :mod:`.layout`: the TP × PP × DP layout of a stage and the shape rules TP imposes
+  (heads, kv heads, FFN units and vocab rows divide evenly), checked before any worker starts;
+- :mod:`.layers`: column/row/vocab-parallel layers and a TP model built from growth.model's
+  pieces (RoPE, RMSNorm, μP, MSG masks sliced with their shards);
+- :mod:`.io`: each TP rank reads only its slices of a canonical checkpoint
+  (safetensors ``get_slice``) and a TP model is gathered back to HF names tensor by tensor.
+"""
