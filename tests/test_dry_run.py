@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from growth.config import ModelConfig, get_flavor
 from growth.model import DecoderLayer, rope_cos_sin
-from stages.config import StageConfigError, check_config, to_plain
+from stages.config import StageConfigError, to_config, validate
 from stages.orchestrate import run_stage
 from stages.tensor_parallel.layout import Layout, LayoutError, check_model_split
 from stages.tensor_parallel.memory import GIB, activations, fit, layer_activation_bytes_per_token, model_states
@@ -177,11 +177,11 @@ def test_tp_must_split_whole_heads_units_and_rows(config, tp, field):
 
 
 def test_tp_times_pp_must_divide_the_world(hydra_conf):
-    check_config(to_plain(hydra_conf("deepspeed=pipe", "deepspeed.tensor_parallel=2", "nproc=4")))
+    validate(to_config(hydra_conf("deepspeed=pipe", "deepspeed.tensor_parallel=2", "nproc=4")))
     with pytest.raises(StageConfigError, match=r"TP × PP × DP ≠ world size"):
-        check_config(to_plain(hydra_conf("deepspeed=pipe", "deepspeed.tensor_parallel=2", "nproc=6")))
+        validate(to_config(hydra_conf("deepspeed=pipe", "deepspeed.tensor_parallel=2", "nproc=6")))
     with pytest.raises(StageConfigError, match="tensor_parallel"):
-        check_config(to_plain(hydra_conf("deepspeed.tensor_parallel=0")))
+        validate(to_config(hydra_conf("deepspeed.tensor_parallel=0")))
 
 
 @pytest.mark.parametrize("overrides,message", [
