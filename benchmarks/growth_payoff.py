@@ -178,6 +178,8 @@ class Runner:
     def __init__(self, root: Path, preset: Preset, grow_fraction: float, jobs: int, keep: bool):
         self.root, self.preset, self.grow_fraction, self.jobs, self.keep = root, preset, grow_fraction, jobs, keep
         self.extra: list[str] = []  # --override: passed to every train-stage run
+        self.no_train = False  # --no-train: report from finished runs only
+        self.missing: set[str] = set()  # stage keys left untrained under no_train
         self.models = root / "models"
         self.models.mkdir(parents=True, exist_ok=True)
         self.flops_per_step: dict[str, float] = {}
@@ -246,6 +248,10 @@ class Runner:
                                            usage.get("cpu_seconds", float("nan")), reused=True)
                 del pending[key]
         if not pending:
+            return
+        if self.no_train:
+            self.missing.update(pending)
+            print(f"\n{label}: --no-train: {len(pending)} runs not trained, left out of the report", flush=True)
             return
         from tqdm import tqdm
 
@@ -333,6 +339,10 @@ class Runner:
                            f"{fmt_seconds(result.cpu_seconds)} CPU")
 
     # -------------------------------------------------------------- reading back
+    def complete(self, cell: Cell, arm: str) -> bool:
+        keys = [f"{cell.key}/{arm}"] + ([f"{cell.key}/grow_base"] if arm in GROWN else [])
+        return all(k in self.results for k in keys)
+
     def arm_result(self, cell: Cell, arm: str) -> dict[str, Any]:
         """Final eval loss, total FLOPs, wall and CPU seconds of one arm in one cell."""
         keys = [f"{cell.key}/{arm}"] + ([f"{cell.key}/grow_base"] if arm in GROWN else [])
@@ -359,6 +369,10 @@ class Runner:
                 "cpu_seconds": sum(r.cpu_seconds for r in fresh),
                 "startup_seconds_median": statistics.median(overhead),
                 "startup_seconds_total": sum(overhead)}
+
+
+def _secs(seconds: float) -> str:
+    return "?" if math.isnan(seconds) else fmt_seconds(seconds)  # ? = usage not recorded
 
 
 def _steps(flops: float, per_step: float) -> int:
@@ -427,12 +441,12 @@ def stats(values: list[float]) -> dict[str, float]:
 def reading(table: dict[float, dict[str, list[float]]]) -> list[dict[str, Any]]:
     """Per budget and grown arm: the margin over the better control, whether the arm's worst
     seed beats every seed of both controls, and FLOPs-to-reach along each control's frontier."""
-    budgets = sorted(table)
+    budgets = sorted(b for b in table if all(table[b].get(c) for c in CONTROLS))
     frontier = {c: Curve(c, budgets, [statistics.fmean(table[b][c]) for b in budgets]) for c in CONTROLS}
     out = []
     for b in budgets:
         for arm in GROWN:
-            if arm not in table[b]:
+            if not table[b].get(arm):
                 continue
             mine = table[b][arm]
             mean = statistics.fmean(mine)
@@ -524,6 +538,7 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
     jobs = args.jobs or preset.jobs
     runner = Runner(root, preset, args.grow_fraction, jobs, args.keep_checkpoints)
     runner.extra = list(args.override)
+    runner.no_train = args.no_train
     seeds = list(range(args.seeds))
     lr_mults = [float(x) for x in args.lr_mults.split(",") if x]
     t0 = time.perf_counter()
@@ -546,7 +561,8 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
             cells = [Cell(b, preset.lr, 0, set(CONTROLS)) for b in grid[i:i + step]]
             runner.run(cells, f"coarse sweep {i // step + 1}")
             for cell in cells:
-                coarse[cell.budget] = {a: [runner.arm_result(cell, a)["eval_loss"]] for a in CONTROLS}
+                if all(runner.complete(cell, a) for a in CONTROLS):
+                    coarse[cell.budget] = {a: [runner.arm_result(cell, a)["eval_loss"]] for a in CONTROLS}
             done = sorted(coarse)
             ahead = [coarse[b]["scratch_final"][0] < coarse[b]["scratch_small"][0] for b in done]
             if len(done) >= 2 and ahead[-1] and not ahead[0]:
@@ -574,7 +590,8 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
         runner.run(sweep_cells, "LR sweep")
         for cell in sweep_cells:
             for arm in ARMS:
-                sweep[arm][cell.lr] = runner.arm_result(cell, arm)["eval_loss"]
+                sweep[arm][cell.lr] = (runner.arm_result(cell, arm)["eval_loss"] if runner.complete(cell, arm)
+                                       else float("inf"))
         best_lr = {a: min(sweep[a], key=sweep[a].get) for a in ARMS}
         print_table(["arm", *(f"LR {lr:.3g}" for lr in lrs), "best"],
                     [[a, *(f"{sweep[a][lr]:.4f}" for lr in lrs), f"{best_lr[a]:.3g}"] for a in ARMS],
@@ -582,18 +599,21 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. main grid: every arm at its own best LR
     cells: dict[tuple[float, float, int], Cell] = {}
-    for b in budgets:
-        for s in seeds:
+    for s in seeds:  # seed-major: an interrupted grid still covers every budget
+        for b in budgets:
             for arm in ARMS:
                 cells.setdefault((b, best_lr[arm], s), Cell(b, best_lr[arm], s)).arms.add(arm)
     runner.run(list(cells.values()), "main grid")
-    records = [runner.arm_result(cell, arm) for cell in cells.values() for arm in sorted(cell.arms)]
+    records = [runner.arm_result(cell, arm) for cell in cells.values() for arm in sorted(cell.arms)
+               if runner.complete(cell, arm)]
     table: dict[float, dict[str, list[float]]] = {b: {} for b in budgets}
     for r in sorted(records, key=lambda r: (r["budget"], r["arm"], r["seed"])):
         table[r["budget"]].setdefault(r["arm"], []).append(r["eval_loss"])
-    cross = crossover(budgets, [statistics.fmean(table[b]["scratch_small"]) for b in budgets],
-                      [statistics.fmean(table[b]["scratch_final"]) for b in budgets])
-    return {"table": table, "records": records, "coarse": coarse, "coarse_crossover": coarse_cross,
+    both = [b for b in budgets if all(table[b].get(c) for c in CONTROLS)]
+    cross = crossover(both, [statistics.fmean(table[b]["scratch_small"]) for b in both],
+                      [statistics.fmean(table[b]["scratch_final"]) for b in both])
+    return {"table": table, "records": records, "missing_runs": sorted(runner.missing),
+            "coarse": coarse, "coarse_crossover": coarse_cross,
             "crossover": cross, "budgets": budgets, "best_lr": best_lr, "lr_sweep": sweep, "lr_sweep_budget": mid,
             "preset": preset.__dict__, "params": runner.params, "flops_per_step": runner.flops_per_step,
             "grow_fraction": args.grow_fraction, "jobs": jobs, "run_dir": str(root),
@@ -615,7 +635,7 @@ def report(res: dict[str, Any], png: Path, device: str) -> list[dict[str, Any]]:
                          " ".join(f"{r['eval_loss']:.4f}" for r in rs), f"{s['mean']:.4f}",
                          f"{(s['max'] - s['min']) / 2:.4f}", f"{statistics.fmean(r['flops'] for r in rs):.3g}",
                          fmt_seconds(statistics.fmean(r["process_seconds"] for r in rs)),
-                         fmt_seconds(statistics.fmean(r["cpu_seconds"] for r in rs))])
+                         _secs(statistics.fmean(r["cpu_seconds"] for r in rs))])
     print_table(["budget", "arm", "peak LR", "eval loss per seed", "mean", "± half-range", "FLOPs run",
                  "wall/run", "CPU/run"], rows, title="main grid: final eval loss at equal training FLOPs")
     read = reading(table)
@@ -630,8 +650,11 @@ def report(res: dict[str, Any], png: Path, device: str) -> list[dict[str, Any]]:
                       "yes" if r["beats_both_beyond_spread"] else "no", reach])
     print_table(["budget", "arm", "margin over better control", "better control", "beats both beyond spread",
                  "control FLOPs to reach the arm's mean loss (budget ÷ that)"], lines, title="reading")
+    if res["missing_runs"]:
+        print(f"NOT in this report ({len(res['missing_runs'])} runs never trained): "
+              + ", ".join(res["missing_runs"]))
     cross = res["crossover"]
-    print("crossover (3-seed means): " + (f"≈ {cross:.3g} FLOPs" if cross else "not inside the budgets run"))
+    print(f"crossover ({len(res['seeds'])}-seed means): " + (f"≈ {cross:.3g} FLOPs" if cross else "not inside the budgets run"))
     wins = [r for r in read if r["beats_both_beyond_spread"]]
     print("growth beats both controls beyond the seed spread at: "
           + (", ".join(f"{r['arm']} @ {r['budget']:.3g} ({r['margin']:+.4f})" for r in wins) or "no budget"))
@@ -672,6 +695,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=0, help="train-stage processes at once (default 4 on cpu, 1 on cuda)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra train-stage (Hydra) override for every run, e.g. data.source=DIR; repeatable")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: report from the finished runs in --run-dir (missing ones are listed)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each stage's ds_ckpt/ (deleted by default)")
     p.add_argument("--png", default=str(REPO / "docs" / "growth_payoff.png"),
                    help="the plot (default docs/growth_payoff.png; a temp dir with --smoke)")
