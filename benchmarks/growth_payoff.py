@@ -654,7 +654,8 @@ def report(res: dict[str, Any], png: Path, device: str) -> list[dict[str, Any]]:
         print(f"NOT in this report ({len(res['missing_runs'])} runs never trained): "
               + ", ".join(res["missing_runs"]))
     cross = res["crossover"]
-    print(f"crossover ({len(res['seeds'])}-seed means): " + (f"≈ {cross:.3g} FLOPs" if cross else "not inside the budgets run"))
+    print(f"crossover ({len(res['seeds'])}-seed means): "
+          + (f"≈ {cross:.3g} FLOPs" if cross else "not inside the budgets run"))
     wins = [r for r in read if r["beats_both_beyond_spread"]]
     print("growth beats both controls beyond the seed spread at: "
           + (", ".join(f"{r['arm']} @ {r['budget']:.3g} ({r['margin']:+.4f})" for r in wins) or "no budget"))
