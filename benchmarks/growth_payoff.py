@@ -109,13 +109,13 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(small=_shape(32, 88, 1, 2, 16), final=_shape(32, 88, 2, 2, 16), seq_len=128,
                   micro_batch_size=8, coarse=(2e11, 4e11, 8e11, 1.6e12), lr=3e-3, warmup_steps=20,
                   eval_batches=16, jobs=4),
-    # One GPU, the same design ~100× in parameters (4 → 8 layers at width 256: 3.2M → 6.3M
-    # non-embedding) and ~100× in tokens (10× the batch, 10× the steps), bf16. Budgets of
-    # ~1e16 FLOPs read ~4e8 tokens: far more than the embedded corpus (8 MB), so pass a real
-    # corpus, e.g. --override data.source=/data/corpus.jsonl.
-    "cuda": Preset(small=_shape(256, 688, 4, 4, 64), final=_shape(256, 688, 8, 4, 64), seq_len=128,
-                   micro_batch_size=320, coarse=(2.5e15, 5e15, 1e16, 2e16), lr=3e-3, warmup_steps=100,
-                   eval_batches=8, overrides=("deepspeed.precision=bf16",), jobs=1),
+    # One GPU, the same design ~100× in parameters (1 → 2 layers at width 320: 1.24M → 2.48M
+    # non-embedding) and ~100× in tokens (10× the batch, 10× the steps), so ~1e4× the FLOPs,
+    # bf16. Such budgets read ~1e8-1e9 tokens: far more than the embedded corpus (8 MB), so
+    # pass a real corpus, e.g. --override data.source=/data/corpus.jsonl.
+    "cuda": Preset(small=_shape(320, 864, 1, 5, 64), final=_shape(320, 864, 2, 5, 64), seq_len=128,
+                   micro_batch_size=80, coarse=(2e15, 4e15, 8e15, 1.6e16), lr=3e-3, warmup_steps=200,
+                   eval_batches=16, overrides=("deepspeed.precision=bf16",), jobs=1),
     # The test suite: the smallest shapes that still grow 2 → 4 layers; one budget of ~30 steps.
     "smoke": Preset(small=_shape(32, 88, 2, 2, 16), final=_shape(32, 88, 4, 2, 16), seq_len=64,
                     micro_batch_size=4, coarse=(2e9,), lr=3e-3, warmup_steps=4, eval_batches=2),
