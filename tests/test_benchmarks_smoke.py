@@ -63,12 +63,44 @@ def test_plan_scale_smoke(capsys):
 
 
 def test_growth_payoff_smoke(capsys, tmp_path):
+    """Real train-stage runs (5 processes, a few seconds of training each): every arm at one
+    tiny budget and one seed; the zero growth is exact, the budgets are equal."""
     png = tmp_path / "payoff.png"
-    load("growth_payoff").main(["--smoke", "--png", str(png)])
+    mod = load("growth_payoff")
+    mod.main(["--smoke", "--png", str(png), "--run-dir", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     result = last_json(out)
     assert has_table(out) and png.stat().st_size > 0
-    assert 0 < result["flops_ratio_to_reach_scratch_loss"] < 1  # the synthetic growth curve is lower
+    assert list(result) == ["budgets"] and len(result["budgets"]) == 1
+    budget = result["budgets"][0]
+    assert sorted(budget["arms"]) == ["growth", "scratch_final", "scratch_small", "stack"]
+    assert all(len(v) == 1 and 0 < v[0] < 6 for v in budget["arms"].values())
+    full = json.loads((tmp_path / "runs" / "growth_payoff.json").read_text())
+    records = {r["arm"]: r for r in full["records"]}
+    for arm in records.values():  # equal training FLOPs, up to whole steps
+        assert arm["flops"] == pytest.approx(budget["flops"], rel=0.06)
+    # zero growth is function-preserving: the grown model starts at the small model's loss
+    assert records["growth"]["eval_loss_start"] == pytest.approx(records["growth"]["parent_eval_loss_end"], abs=1e-4)
+    assert records["growth"]["steps"][1] > 0 and records["stack"]["steps"][1] == records["growth"]["steps"][1]
+
+
+def test_growth_payoff_reading():
+    """The analysis on made-up losses: the crossover and a growth arm that beats both."""
+    mod = load("growth_payoff")
+    budgets = [1e12, 2e12, 4e12]
+    assert mod.crossover(budgets, [2.0, 1.8, 1.7], [2.2, 1.85, 1.65]) == pytest.approx(2e12 * 2 ** 0.5, rel=1e-3)
+    assert mod.crossover(budgets, [2.0, 1.8, 1.7], [2.2, 1.9, 1.8]) is None
+    table = {b: {"scratch_small": [s - 0.01, s, s + 0.01], "scratch_final": [f - 0.01, f, f + 0.01],
+                 "growth": [g - 0.01, g, g + 0.01], "stack": [k - 0.01, k, k + 0.01]}
+             for b, s, f, g, k in zip(budgets, [2.0, 1.8, 1.7], [2.2, 1.85, 1.6], [2.05, 1.7, 1.55],
+                                      [2.3, 1.9, 1.65], strict=True)}
+    read = {(r["budget"], r["arm"]): r for r in mod.reading(table)}
+    assert not read[(1e12, "growth")]["beats_both_beyond_spread"]  # worse than scratch_small there
+    win = read[(2e12, "growth")]
+    assert win["beats_both_beyond_spread"] and win["margin"] == pytest.approx(0.1)
+    ratio = win["flops_to_reach"]["scratch_final"]["ratio"]
+    assert 0 < ratio < 1 and win["flops_to_reach"]["scratch_final"]["where"] == "inside"
+    assert not any(read[(b, "stack")]["beats_both_beyond_spread"] for b in budgets)
 
 
 def test_growth_payoff_interpolation():
