@@ -61,6 +61,7 @@ class DataCfg:
     max_bytes: int = 8_000_000  # cap on the embedded corpus size
     jsonl_field: str = "text"  # jsonl field / parquet column of a document source
     seed: int = 0  # held-out documents and the per-epoch document order; one value per schedule
+    vocab_size: int | None = None  # indexed sets without a prepare-data manifest: None = data.tokenizer's
     eos_token: str | None = None  # tokenizer.json only: None = found by name (</s>, <|endoftext|>, …)
     bos_token: str | None = None
     workers: int = 1  # prepare-data processes for a document source
@@ -78,6 +79,8 @@ def validate(cfg: DataCfg) -> None:
     """Field rules (no files read)."""
     if not 0.0 < cfg.eval_fraction < 1.0 and not (cfg.source == "indexed" and cfg.eval_paths):
         raise DataError(f"data.eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.vocab_size is not None and cfg.vocab_size < 1:
+        raise DataError(f"data.vocab_size must be positive, got {cfg.vocab_size}")
     if cfg.workers < 1:
         raise DataError(f"data.workers must be >= 1, got {cfg.workers}")
     if cfg.source == "indexed":
@@ -163,8 +166,8 @@ def describe(prefix: str, full: bool = False) -> dict[str, Any]:
     manifest = read_manifest(prefix)
     if manifest is not None:
         shards = [str(Path(prefix).parent / name) for name in manifest["shards"]]
-    elif indexed.exists(prefix):
-        shards = [prefix]
+    elif indexed.idx_path(prefix).is_file() or indexed.bin_path(prefix).is_file():
+        shards = [prefix]  # IndexedDataset names the missing half, if any
     else:
         raise DataError(f"{prefix}: no dataset here (need PREFIX.bin + PREFIX.idx, or prepare-data's "
                         f"PREFIX.json); run prepare-data --out {prefix}")
@@ -190,6 +193,9 @@ def _vocab_facts(datasets: list[dict[str, Any]], cfg: DataCfg) -> dict[str, Any]
         seen[d["prefix"]] = facts
     if seen:
         return next(iter(seen.values()))
+    if cfg.vocab_size is not None:
+        return {"vocab_size": int(cfg.vocab_size), "eos_id": None, "bos_id": None, "pad_id": None,
+                "tokenizer": None}
     tok = load_tokenizer(cfg.tokenizer, cfg.eos_token, cfg.bos_token)
     return {"vocab_size": int(tok.vocab_size), "eos_id": int(tok.eos_id),
             "bos_id": None if tok.bos_id is None else int(tok.bos_id),
@@ -256,7 +262,7 @@ def prepare_corpus(cfg: DataCfg | dict[str, Any], cache_dir: str | Path, seed: i
         if by_fraction:
             tr, ev = Documents(d["shards"], "train", seed_, cfg.eval_fraction), \
                 Documents(d["shards"], "eval", seed_, cfg.eval_fraction)
-            if len(tr) == 0:
+            if d["documents"] < 2:
                 raise DataError(f"{d['prefix']}: {d['documents']} document(s); holding out a fraction needs at "
                                 f"least 2 (add documents or give data.eval_paths)")
             n_tokens["train"] += tr.n_tokens
