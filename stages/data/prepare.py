@@ -213,7 +213,11 @@ def _run_units(todo: list[Unit], units: list[Unit], parts: Path, tok: Any, spec:
             return
         import multiprocessing as mp
 
-        ctx = mp.get_context("spawn")  # no fork: the caller may hold torch / tokenizer threads
+        # Note: fork where there is one: a spawned worker re-imports numpy and this package
+        # (seconds on a loaded machine, per worker); the workers never touch torch, and each
+        # loads its own tokenizer (_init_worker), so no thread pool crosses the fork.
+        methods = mp.get_all_start_methods()
+        ctx = mp.get_context("fork" if "fork" in methods else "spawn")
         with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
                       initargs=(spec, eos_token, bos_token)) as pool:
             tasks = [(u, str(parts), text_field, strict) for u in todo]
