@@ -107,6 +107,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(spec: str, eos_token: str | None, bos_token: str | None) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool, one message
     _WORKER["tok"] = load_tokenizer(spec, eos_token, bos_token)
 
 
