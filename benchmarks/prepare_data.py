@@ -32,6 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, emit_json, machine_info, median, print_machine, print_table  # noqa: E402
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process plus its reaped children (the pool's workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def make_jsonl(path: Path, mb: float) -> int:
     from stages.data import embedded_files
 
@@ -142,18 +150,21 @@ def main() -> int:
         size = make_jsonl(src, args.mb)
         model = train_sp(tmp)
         times: dict[int, list[float]] = {1: [], 2: []}
+        cpus: dict[int, list[float]] = {1: [], 2: []}
         outputs: dict[int, bytes] = {}
         for r in range(args.repeats):
             for workers in (1, 2):
                 out = tmp / f"out{workers}-{r}" / "c"
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_seconds()
                 prepare([str(src)], str(model), out, workers=workers, progress=False)
                 times[workers].append(time.perf_counter() - t0)
+                cpus[workers].append(cpu_seconds() - c0)
                 outputs[workers] = Path(f"{out}.bin").read_bytes() + Path(f"{out}.idx").read_bytes()
                 shutil.rmtree(out.parent)
         identical = outputs[1] == outputs[2]
         mbps = {w: size / 2**20 / median(t) for w, t in times.items()}
         speedup = median(times[1]) / median(times[2])
+        cpu_ratio = median(cpus[2]) / median(cpus[1])  # extra CPU work of the 2-worker path
 
         big = tmp / "big.jsonl"
         big_size = make_jsonl(big, args.rss_mb)
@@ -167,12 +178,16 @@ def main() -> int:
                 [[w, f"{median(t):.2f}", f"{mbps[w]:.2f}"] for w, t in times.items()],
                 title=f"prepare-data, {size / 2**20:.0f} MB jsonl, SentencePiece vocab 2000 (outputs identical: "
                       f"{identical})")
-    print(f"2 workers / 1 worker: {speedup:.2f}x (target >= 1.7x on 2 cores)")
+    print(f"2 workers / 1 worker: {speedup:.2f}x wall (target >= 1.7x on 2 cores); CPU seconds 1 worker "
+          f"{median(cpus[1]):.1f}, 2 workers {median(cpus[2]):.1f} (ratio {cpu_ratio:.2f}: 2 idle cores would "
+          f"give at most {2 / cpu_ratio:.2f}x)")
     print(f"peak RSS of prepare-data on a {big_size / 2**20:.0f} MB jsonl: {rss / 2**20:.0f} MB ({rss_s:.1f} s)")
     print(f"batch fetch {fetch['fetch_seconds'] * 1e3:.3f} ms of a {fetch['step_seconds'] * 1e3:.1f} ms tiny step: "
           f"{100 * fetch['fetch_share']:.3f} % (target < 1 %)")
     emit_json({"benchmark": "prepare_data", "input_mb": size / 2**20, "mb_per_s_1_worker": mbps[1],
                "mb_per_s_2_workers": mbps[2], "speedup_2_workers": speedup, "speedup_target": 1.7,
+               "cpu_seconds_1_worker": median(cpus[1]), "cpu_seconds_2_workers": median(cpus[2]),
+               "speedup_bound_from_cpu": 2 / cpu_ratio, "load_average": os.getloadavg()[0],
                "outputs_identical": identical, "rss_input_mb": big_size / 2**20, "rss_peak_mb": rss / 2**20,
                "fetch_ms": fetch["fetch_seconds"] * 1e3, "step_ms": fetch["step_seconds"] * 1e3,
                "fetch_share": fetch["fetch_share"], "fetch_share_target": 0.01, "machine": info})

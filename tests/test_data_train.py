@@ -101,3 +101,51 @@ def test_train_on_blend_then_grown_stage_continues(corpus, tmp_path):
     for name, pos in second["data_positions"].items():
         assert pos > first["data_positions"][name]  # both datasets went on from where s1 stopped
     assert math.isfinite(second["eval_loss_end"])
+
+
+@pytest.mark.parametrize("case", ["weights", "idx", "vocab"])
+def test_stage_planning_refuses_bad_data(corpus, tmp_path, case):
+    """The orchestrator's planning (train-stage's first step) refuses before writing anything."""
+    from stages.data import DataError
+    from stages.orchestrate import plan_stage
+
+    _, sp_prefix, indep, _ = corpus
+    broken = tmp_path / "broken"
+    write_megatron(broken, [np.arange(5, 50), np.arange(7, 90)])
+    with open(f"{broken}.bin", "ab") as fh:
+        fh.write(b"\0\0\0\0")
+    data, message = {
+        "weights": ({"paths": [str(sp_prefix), str(indep)], "weights": [1.0]},
+                    "data.weights has 1 values but data.paths has 2"),
+        "idx": ({"paths": [str(broken)]}, r"broken.bin: 260 bytes, but .*broken.idx describes 256"),
+        "vocab": ({"paths": [str(indep)], "vocab_size": 300},
+                  "data.tokenizer has 300 tokens but stage.model 'tiny-s1' has only 259"),
+    }[case]
+    cfg = to_plain(TrainConfig())
+    cfg["stage"].update({"name": "s1", "model": "tiny-s1"})
+    cfg["data"].update({"source": "indexed", **data})
+    cfg.update({"run_dir": str(tmp_path / "run")})
+    with pytest.raises(DataError, match=message):
+        plan_stage(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_stage_cli_refuses_a_mismatched_idx(tmp_path):
+    """Through the real train-stage CLI: one line naming the file, exit 2, no stage dir."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import assert_one_line_error
+
+    broken = tmp_path / "broken"
+    write_megatron(broken, [np.arange(5, 50), np.arange(7, 90)])
+    with open(f"{broken}.bin", "ab") as fh:
+        fh.write(b"\0\0\0\0")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "stage=tiny_s1", "data=indexed", f"run_dir={run}",
+                           "nproc=1", f"data.paths=[{broken}]"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert_one_line_error(proc.returncode, proc.stderr, "broken.bin", "broken.idx", "does not match")
+    assert not (run / "tiny_s1").exists()  # refused in planning: no stage dir, no worker
