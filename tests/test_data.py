@@ -150,7 +150,7 @@ def test_workers_shards_resume_and_no_op(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing", "tokenizer_file", "tokenizer_kind", "field_first", "field_later",
-                                  "shard_size"])
+                                  "shard_size", "workers", "empty"])
 def test_prepare_data_bad_input_is_one_line(tmp_path, case):
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "ok"}\n' * 3)
@@ -162,7 +162,10 @@ def test_prepare_data_bad_input_is_one_line(tmp_path, case):
         "field_first": ([good, "--field", "body"], ["good.jsonl:1", "'body'"]),
         "field_later": ([tmp_path / "late.jsonl"], ["late.jsonl:3", "'text'"]),
         "shard_size": ([good, "--shard-size", "infGB"], ["--shard-size"]),
+        "workers": ([good, "--workers", "0"], ["--workers"]),
+        "empty": ([tmp_path / "empty.jsonl"], ["empty.jsonl", "no non-empty document"]),
     }[case]
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
     (tmp_path / "late.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"body": "c"}\n')
     proc = prepare_cli(*args, "--out", out, "--quiet")
     assert proc.returncode == 2

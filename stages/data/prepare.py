@@ -235,6 +235,9 @@ def _run_units(todo: list[Unit], units: list[Unit], parts: Path, tok: Any, spec:
 def _publish(prefix: Path, parts: Path, units: list[Unit], tok: Any, shard_size: int, digest: str,
              job: dict[str, Any]) -> dict[str, Any]:
     datasets = [indexed.IndexedDataset(parts / PART_NAME.format(u.index)) for u in units]
+    if not any(len(ds) for ds in datasets):
+        raise DataError(f"{job['inputs'][0][0] if job['inputs'] else prefix}: the inputs hold no non-empty "
+                        f"document (nothing to write to {prefix})")
     groups: list[list[int]] = []
     size = 0
     for i, ds in enumerate(datasets):

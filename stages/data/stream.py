@@ -165,7 +165,6 @@ class Blend:
     def counts(self, n: int) -> np.ndarray:
         """Samples per dataset among the stage's first ``n``."""
         b, o = divmod(n, BLOCK)
-        self._block(b)
         labels, _ = self._block(b)
         return self._starts[b] + np.bincount(labels[:o], minlength=len(self.weights))
 
