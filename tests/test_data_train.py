@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from growth.config import get_flavor
-from stages.config import TrainConfig, to_plain
+from stages.config import TrainConfig, from_dict, to_plain
 from stages.data import check_data, embedded_files, prepare_stage_data
 from tests.data_helpers import prepare_cli, read_megatron, write_megatron
 from tests.ds_helpers import read_log, read_summary, run_worker, write_stage_config
@@ -61,6 +60,7 @@ def test_prepare_data_output_reads_back_in_megatron_core(corpus):
 
 
 def test_train_on_blend_then_grown_stage_continues(corpus, tmp_path):
+    from stages.lock import StageLock
     from stages.orchestrate import plan_stage, prepare_stage
 
     _, sp_prefix, indep, _ = corpus
@@ -91,9 +91,12 @@ def test_train_on_blend_then_grown_stage_continues(corpus, tmp_path):
                          "warmup_steps": 1, "eval_batches": 2})
     cfg["data"].update({**data_cfg, "weights": [0.5, 0.5], "cache_dir": str(tmp_path / "cache")})
     cfg.update({"run_dir": str(run), "nproc": 2})
-    resolved_path = prepare_stage(plan_stage(cfg))
-    resolved = json.loads(Path(resolved_path).read_text())
-    assert resolved["data"]["start"] == {"tokens": first["data_tokens_end"], "positions": first["data_positions"]}
+    plan = plan_stage(from_dict(cfg))
+    with StageLock(plan.layout.lock):  # as run_stage does (the lock creates the stage dir)
+        resolved = prepare_stage(plan)
+    resolved_path = run / "s2" / "stage_config.json"
+    assert resolved_path.is_file()
+    assert resolved.data["start"] == {"tokens": first["data_tokens_end"], "positions": first["data_positions"]}
     run_worker(resolved_path)
     second = read_summary(run / "s2")
     assert second["data_tokens_start"] == first["data_tokens_end"]
@@ -126,7 +129,7 @@ def test_stage_planning_refuses_bad_data(corpus, tmp_path, case):
     cfg["data"].update({"source": "indexed", **data})
     cfg.update({"run_dir": str(tmp_path / "run")})
     with pytest.raises(DataError, match=message):
-        plan_stage(cfg)
+        plan_stage(from_dict(cfg))
     assert not (tmp_path / "run").exists()
 
 
