@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flmcore.errors import FlmError
+from stages.data.stage import DataCfg  # the data group's schema lives with the data code
 from growth.runs import STAGE_CONFIG_NAME as RESOLVED_NAME  # noqa: F401  (the file's one name: StageDir)
 
 log = logging.getLogger(__name__)
@@ -133,21 +134,6 @@ class DeepSpeedCfg:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     # --- tensor parallelism (issue 13; stages.tensor_parallel, stages.dry_run) ---
     tensor_parallel: int = 1  # Megatron-style TP degree; data parallel = ranks / (TP × pipeline)
-
-
-@dataclass
-class DataCfg:
-    """Where tokens come from; defaults need no download (stages.data)."""
-
-    source: str = "embedded"  # embedded | a file/dir/glob of .txt/.jsonl
-    tokenizer: str = "byte"  # byte | path to an HF tokenizers tokenizer.json
-    cache_dir: str | None = None  # where the memmapped token file goes (default RUN_DIR/data)
-    eval_fraction: float = 0.02  # share of documents held out for eval
-    max_bytes: int = 8_000_000  # cap on the embedded corpus size
-    jsonl_field: str = "text"  # the text field of .jsonl records
-    seed: int = 0  # picks the held-out documents; one value for all stages of a schedule
-    eos_token: str | None = None  # HF tokenizer only: None = found by name (</s>, <|endoftext|>, …)
-    bos_token: str | None = None  # HF tokenizer only, as eos_token
 
 
 @dataclass
@@ -375,7 +361,7 @@ class ResolvedStage:
     parent_eval_loss_end: float | None = None  # the parent's summary, for the exactness check
     parent_lr: float | None = None  # the parent's peak LR (lr_after_growth: rewarm)
     parent_fingerprint: str | None = None  # content fingerprint of the checkpoint init/ was grown from
-    data: dict[str, Any] = field(default_factory=dict)  # what stages.data.prepare_corpus returned
+    data: dict[str, Any] = field(default_factory=dict)  # what stages.data.prepare_stage_data returned
     resume_changes: list[str] = field(default_factory=list)  # "field: old → new" accepted by resume=true
 
     RESOLVED_KEYS = ("stage_dir", "init_checkpoint", "model_config", "parent_eval_loss_end", "parent_lr",

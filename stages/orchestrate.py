@@ -183,15 +183,10 @@ def _check_launch(cfg: TrainConfig, target: ModelConfig) -> None:
 
 
 def _check_data(cfg: TrainConfig, target: ModelConfig) -> None:
-    from stages.data import corpus_files, load_tokenizer
+    # data (stages.data): inputs, tokenizer vs vocabulary, .idx/.bin, paths/weights
+    from stages.data import check_data
 
-    data = data_dict(cfg)
-    corpus_files(data)  # the source exists and holds text (listing only)
-    vocab = load_tokenizer(data).vocab_size
-    usable = target.valid_vocab_size or target.vocab_size
-    if vocab > usable:
-        raise StageError(f"data.tokenizer has {vocab} tokens but stage.model {cfg.stage.model!r} "
-                         f"has only {usable} usable vocabulary rows")
+    check_data(data_dict(cfg), target.valid_vocab_size or target.vocab_size, f"stage.model {cfg.stage.model!r}")
 
 
 def data_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -204,11 +199,13 @@ def data_dict(cfg: TrainConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------- preparation
 def prepare_stage(plan: StagePlan) -> ResolvedStage:
     """Data, the starting checkpoint and the resolved config (saved to STAGE_DIR/stage_config.json)."""
-    from stages.data import prepare_corpus
+    from stages.data import prepare_stage_data
 
     cfg, layout = plan.cfg, plan.layout
     data_dir = Path(cfg.data.cache_dir or plan.run_dir / "data").expanduser().resolve()
-    data = prepare_corpus(data_dict(cfg), data_dir, seed=cfg.data.seed)
+    # data (stages.data): a grown stage's stream starts where its parent's summary says it ended
+    parent_summary = plan.parent.read_summary() if plan.parent is not None else None
+    data = prepare_stage_data(data_dict(cfg), data_dir, parent=parent_summary)
     for split in ("train", "eval"):
         if data["n_tokens"][split] < cfg.stage.seq_len + 1:
             raise StageError(f"data: the {split} split has {data['n_tokens'][split]} tokens, fewer than "

@@ -99,15 +99,16 @@ class StageData:
     """The trainer's one view of the data: the micro batches of a step, the eval batches."""
 
     def __init__(self, info: dict[str, Any], stage: StageCfg, dp_rank: int, dp_world: int):
-        from stages.data import TokenBatches, eval_batches
+        from stages.data import TrainStream, eval_batches
 
         self.stage, self.dp_rank, self.dp_world = stage, dp_rank, dp_world
-        self.train = TokenBatches(info, "train", stage.seq_len, stage.micro_batch_size, stage.seed)
+        # data (stages.data): one stream across stages; a batch is a pure function of (start, step)
+        self.train = TrainStream(info, stage.seq_len, stage.micro_batch_size, stage.grad_accum, dp_world, dp_rank)
         self.eval = eval_batches(info, stage.seq_len, stage.micro_batch_size, stage.eval_batches)
 
     def batches(self, step: int) -> list[Batch]:
         """This rank's ``grad_accum`` micro batches of optimizer step ``step`` (a pure function)."""
-        return [self.train.batch(step, m, self.dp_rank, self.dp_world) for m in range(self.stage.grad_accum)]
+        return self.train.step_batches(step)  # data (stages.data)
 
     def steps(self, start: int, stop: int) -> Iterator[list[Batch]]:
         for step in range(start, stop):
@@ -225,6 +226,10 @@ class Trainer:
         self.eval_loss_start = client["eval_loss_start"]
         self.train_seconds, self.wall_before = float(client["train_seconds"]), float(client["wall_seconds"])
         self.seeded_step = client["seeded_step"]
+        start = client.get("data_tokens_start", self.data.train.tokens_start)  # data (stages.data)
+        if start != self.data.train.tokens_start:
+            raise WorkerError(f"{self.layout.ds_ckpt}: the checkpoint's data stream started at token {start}, "
+                              f"this resume at {self.data.train.tokens_start}; keep the parent's summary.json")
 
     def check_start(self) -> None:
         """Warnings about the start, once, on rank 0."""
@@ -305,7 +310,8 @@ class Trainer:
         ds_dir = self.layout.ds_ckpt
         client = {"step": self.step, "eval_loss_start": self.eval_loss_start,
                   "train_seconds": self.train_seconds, "seeded_step": self.seeded_step,
-                  "wall_seconds": self.wall_before + time.perf_counter() - self.begin}
+                  "wall_seconds": self.wall_before + time.perf_counter() - self.begin,
+                  "data_tokens_start": self.data.train.tokens_start}  # data (stages.data)
         self.engine.engine.save_checkpoint(str(ds_dir), tag=DS_TAG.format(self.step), client_state=client)
         dist.barrier()
         if self.rank == 0:
@@ -345,6 +351,7 @@ class Trainer:
             "adam_seeded_step": self.seeded_step, "zero_stage": self.engine.zero_stage,
             "pipeline": ds.pipeline, "precision": Precision(ds.precision).value, "world_size": self.world,
             "final": str(self.layout.final),
+            **self.data.train.position(total),  # data (stages.data): data_tokens_start/_end, data_epoch, positions
         }
         if self.rank == 0:
             write_json_atomic(self.layout.summary, summary)
