@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flmcore.params import PARAMS
 from growth.config import ModelConfig
 from growth.model import (
     MLP,
@@ -50,13 +51,13 @@ from growth.model import (
 )
 from stages.tensor_parallel.layout import check_model_split
 
-# HF name suffix → dimension split across TP ranks (absent: replicated)
-SHARD_DIM: dict[str, int] = {
-    "self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 0, "self_attn.v_proj.weight": 0,
-    "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0,
-    "self_attn.o_proj.weight": 1, "mlp.down_proj.weight": 1,
-    "model.embed_tokens.weight": 0, "lm_head.weight": 0,
-}
+# HF name suffix → dimension split across TP ranks (absent: replicated), from the parameter
+# table: the axis that spans query/key-value heads, SwiGLU units or the vocabulary is split
+# (column-parallel q/k/v/gate/up and the vocab-parallel embedding/lm_head on rows,
+# row-parallel o/down on columns); norm gains span only the hidden width and stay whole.
+TP_SPLIT_WIDTHS = ("q", "kv", "ffn", "vocab")
+SHARD_DIM: dict[str, int] = {p.key: i for p in PARAMS for i, axis in enumerate(p.axes)
+                             if axis.split(".", 1)[0] in TP_SPLIT_WIDTHS}
 
 
 def shard_dim(name: str) -> int | None:
