@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from flmcore.params import BLOCK_MATRICES, split_name
 from growth import provenance as prov
 from growth.checkpoint import (
     DTYPE_NAMES,
@@ -44,7 +45,6 @@ from growth.checkpoint import (
     CheckpointError,
     CheckpointReader,
 )
-from flmcore.params import BLOCK_MATRICES, split_name
 from growth.config import ModelConfig
 from growth.tensor_io import TensorSource
 from operators import GrowthPlan

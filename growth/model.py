@@ -11,7 +11,8 @@ Module paths equal the HF Llama names (``model.layers.0.self_attn.q_proj.weight`
 ``state_dict()`` keys are the on-disk names. Build under ``torch.device("meta")`` and load
 with ``load_state_dict(..., assign=True)`` to materialise only what is read.
 
-MSG masks (Masked Structural Growth, Yao et al., ICLR 2024; docs/operators.md) are non-persistent buffers set from ``config.growth_mask``:
+MSG masks (Masked Structural Growth, Yao et al., ICLR 2024; docs/operators.md) are
+non-persistent buffers set from ``config.growth_mask``:
 ``{"c": c, "hidden_size": h_old, "intermediate_size": f_old, "num_key_value_heads":
 kv_old, "new_layers": [i, ...]}`` — each entry optional but ``c``. New residual
 coordinates, FFN units and heads are multiplied by ``c``, norms use mask-weighted

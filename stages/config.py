@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from flmcore.errors import FlmError
-from stages.data.stage import DataCfg  # the data group's schema lives with the data code
 from growth.runs import STAGE_CONFIG_NAME as RESOLVED_NAME  # noqa: F401  (the file's one name: StageDir)
+from stages.data.stage import DataCfg  # the data group's schema lives with the data code
 
 log = logging.getLogger(__name__)
 

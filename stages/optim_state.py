@@ -17,7 +17,6 @@ DeepSpeed internals this needs are in ``stages.ds_compat``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointError, CheckpointReader
+from growth.checkpoint import OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointError, open_moments, read_optimizer_state
 from growth.config import ModelConfig
 from stages.ds_compat import base_optimizer, flat_partitions, fp32_twin, is_deepspeed_mapped, relink, update_lp_params
 
@@ -100,24 +99,6 @@ def has_optimizer_state(checkpoint: str | Path | None) -> bool:
     return checkpoint is not None and (Path(checkpoint) / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME).is_file()
 
 
-def read_state_json(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME
-    try:
-        data = json.loads(path.read_text())
-        step = data["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: corrupt optimizer state (needs an integer 'step' >= 0)") from None
-    return data
-
-
-def moment_readers(checkpoint: str | Path, config: ModelConfig) -> dict[str, CheckpointReader]:
-    """One lazy reader per moment kind; shapes are checked against ``config``."""
-    root = Path(checkpoint) / OPTIMIZER_DIR
-    return {kind: CheckpointReader(root / kind, config=config) for kind in MOMENT_KINDS}
-
-
 def seed_adam_state(opt: Any, named: Iterable[tuple[str, nn.Parameter]], checkpoint: str | Path,
                     config: ModelConfig) -> int:
     """Seed a fresh engine's Adam state from ``checkpoint/optimizer/``; returns the step.
@@ -125,9 +106,12 @@ def seed_adam_state(opt: Any, named: Iterable[tuple[str, nn.Parameter]], checkpo
     ``named`` yields ``(hf_name, param)`` for the parameters this rank holds. Every rank
     calls this (the final lp-parameter refresh is collective under ZeRO-1/2).
     """
-    step = int(read_state_json(checkpoint)["step"])
+    state = read_optimizer_state(checkpoint)
+    if state is None:
+        raise CheckpointError(f"{checkpoint}: no {OPTIMIZER_DIR}/ to seed Adam from")
+    step = int(state["step"])
     create_adam_state(opt, step)
-    readers = moment_readers(checkpoint, config)
+    readers = open_moments(checkpoint, config)
     try:
         for name, p in named:
             for kind, reader in readers.items():

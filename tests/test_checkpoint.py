@@ -13,7 +13,6 @@ import torch
 from conftest import assert_one_line_error, grow_in_process, run_grow
 from safetensors.torch import load_file, save_file
 
-import growth.checkpoint as ckpt
 from growth.checkpoint import (
     INDEX_NAME,
     WEIGHTS_NAME,

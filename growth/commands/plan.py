@@ -89,7 +89,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     limit = parse_size(args.max_shard_size)
     return {
         "source": args.src, "target": args.target, "spec": plan.spec.to_dict(),
-        "summary": plan.summary(), "not_exact": plan.spec.not_exact_reasons(), "source_dtype": DTYPE_NAMES.get(src_dtype, str(src_dtype)),
+        "summary": plan.summary(), "not_exact": plan.spec.not_exact_reasons(),
+        "source_dtype": DTYPE_NAMES.get(src_dtype, str(src_dtype)),
         "dtype": DTYPE_NAMES[dtype],
         "optimizer_state": moments, "tensors": rows,
         "shards": len(shard_tasks(plan.config, dtype, limit)),
