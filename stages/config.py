@@ -88,6 +88,7 @@ class GrowthCfg:
     init_std: float | None = None  # None = the model's μP-scaled init
     noise: float = 0.0  # ± pair noise on cloned/split copies (stays exact)
     optimizer_state: bool = True  # grow Adam moments too, so the stage starts warm
+    workers: int = 1  # processes that write the grown shards on one node (a multi-node stage: all ranks)
 
 
 @dataclass
@@ -155,9 +156,18 @@ class TrainConfig:
     resume: bool = False  # resume a crashed stage from its latest DeepSpeed checkpoint
     dry_run: bool = False  # print plans and memory estimates, train nothing
     master_port: int = 0  # 0 = pick a free port
-    nnodes: int = 1  # nodes of nproc GPUs each: sizes the dry run's memory estimates
+    nnodes: int = 1  # nodes of nproc ranks each; > 1: one train-stage per node (stages.multinode)
     worker_module: str = "stages.worker"  # what torchrun runs per rank (tests swap in their own)
     gpu_memory_gib: float = 80.0  # per-GPU memory the dry run checks the layout against (A800/H100 80 GB)
+    # scale-out settings (stages.multinode, stages.elastic, stages.launchers; docs/scale_out.md)
+    node_rank: int = 0  # this node's rank when nnodes > 1 (node 0 coordinates)
+    master_addr: str = "127.0.0.1"  # node 0's address (the coordinator and the rendezvous)
+    local_addr: str | None = None  # this node's address for the rendezvous (None = its hostname)
+    rdzv_timeout: int = 900  # seconds the nodes wait for each other (config check, rendezvous)
+    collective_timeout: int = 1800  # seconds a collective may hang before the ranks fail
+    max_restarts: int = 0  # torchrun restarts of the worker group; each resumes from ds_ckpt/
+    keep_checkpoints: int = 2  # DeepSpeed checkpoints kept in ds_ckpt/ (older ones are deleted)
+    launcher: str = "local"  # local (start the ranks) | slurm (write launch.sbatch) | print (commands)
 
     @property
     def world(self) -> int:
@@ -285,6 +295,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from stages.tensor_parallel.layout import check_layout_fields
 
     check_layout_fields(dataclasses.asdict(cfg))
+    from stages.multinode import check_scale
+
+    check_scale(cfg)
     return cfg
 
 

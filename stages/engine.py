@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
@@ -64,7 +65,7 @@ def on_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
-def init_distributed() -> None:
+def init_distributed(timeout: float | None = None) -> None:
     """torch.distributed through DeepSpeed: gloo on CPU, the accelerator's backend elsewhere."""
     import deepspeed
 
@@ -74,7 +75,8 @@ def init_distributed() -> None:
     if on_cpu():
         ds_compat.skip_cpu_shm_build()
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    extra = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}  # collective_timeout
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **extra)
 
 
 def device() -> torch.device:

@@ -170,10 +170,6 @@ def _check_launch(cfg: TrainConfig, target: ModelConfig) -> None:
     check_stage_layout(dataclasses.asdict(cfg), target)  # issue 13: TP splits the model; engine supports it
     if cfg.dry_run:
         return
-    if cfg.nnodes != 1:
-        raise StageError(f"nnodes={cfg.nnodes}: train-stage launches one node; on a cluster run "
-                         f"`torchrun ... -m {cfg.worker_module} RUN_DIR/<stage>/stage_config.json` on "
-                         f"every node (dry_run=true sizes the multi-node job)")
     try:
         found = importlib.util.find_spec(cfg.worker_module) is not None
     except (ImportError, ValueError):
@@ -264,7 +260,7 @@ def grow_into(plan: StagePlan) -> str:
              spec.heads, spec.depth)
     request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=spec.to_dict(), out=str(out),
                            optimizer_state=plan.cfg.stage.growth.optimizer_state)
-    apply_growth(request, progress=True)
+    apply_growth(request, workers=plan.cfg.stage.growth.workers, progress=True)
     return fingerprint
 
 
@@ -299,6 +295,10 @@ def run_stage(cfg: Any) -> dict[str, Any]:
         from stages.dry_run import dry_run_stage
 
         return dry_run_stage(to_plain(typed))
+    if typed.launcher != "local" or typed.nnodes > 1:  # stages.launchers, stages.multinode
+        from stages.launchers import run_elsewhere
+
+        return run_elsewhere(typed)
     plan = plan_stage(typed)
     if plan.finished:
         log.info("[%s] already finished in %s; skipped (resume=true)", plan.name, plan.stage_dir)
@@ -307,7 +307,8 @@ def run_stage(cfg: Any) -> dict[str, Any]:
         return train_planned(plan)
 
 
-def train_planned(plan: StagePlan) -> dict[str, Any]:
+def train_planned(plan: StagePlan, on_ready: Any = None) -> dict[str, Any]:
+    """``on_ready(snapshot)`` is called before the workers start (stages.multinode: tell the other nodes)."""
     start = time.time()
     resolved = prepare_stage(plan)
     cfg = plan.cfg
@@ -318,6 +319,8 @@ def train_planned(plan: StagePlan) -> dict[str, Any]:
     resolved.save(snapshot)  # this attempt's workers read this file; nothing rewrites it
     os.chmod(snapshot, 0o444)
     try:
+        if on_ready is not None:
+            on_ready(snapshot)
         launch_workers(cfg, snapshot, plan.layout)
     finally:
         snapshot.unlink(missing_ok=True)

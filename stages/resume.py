@@ -15,9 +15,11 @@ from flmcore.errors import FlmError
 
 # Fields (dotted, in stage_config.json) that a resume may change; everything else must match.
 ALLOWED = ("stage.lr", "stage.min_lr_ratio", "stage.warmup_steps", "stage.decay", "stage.rewarm_peak_ratio",
-           "stage.rewarm_steps", "stage.weight_decay", "stage.eval_every", "stage.save_every",
+           "stage.rewarm_steps", "stage.weight_decay", "stage.growth.workers", "stage.eval_every", "stage.save_every",
            "stage.log_every", "deepspeed.gradient_clipping", "deepspeed.name", "master_port",
-           "run_dir", "data.cache_dir", "schedule.name", "schedule.stages", "worker_module")
+           "run_dir", "data.cache_dir", "schedule.name", "schedule.stages", "worker_module",
+           "node_rank", "master_addr", "local_addr", "rdzv_timeout", "collective_timeout", "max_restarts",
+           "keep_checkpoints", "launcher")
 # Fields that follow from the rest, from the machine or from the attempt: not compared.
 IGNORED = ("resume", "dry_run", "resolved.resume_changes", "resolved.stage_dir", "resolved.data.dir",
            "resolved.data.paths", "resolved.data.docs", "resolved.parent_eval_loss_end", "resolved.parent_lr",

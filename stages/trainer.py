@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from growth.checkpoint import CheckpointReader, append_event, new_history
 from growth.config import ModelConfig
 from growth.model import init_state_dict
 from growth.runs import StageDir
-from stages import optim_state
+from stages import elastic, optim_state
 from stages.config import DeepSpeedCfg, Precision, ResolvedStage, StageCfg, ramp_unfinished
 from stages.engine import Batch, Engine, build_plain
 from stages.export import export_final
@@ -48,7 +47,6 @@ from stages.lr import mask_c, stage_schedule
 log = logging.getLogger(__name__)
 
 DS_TAG = "step{:08d}"
-KEEP_DS_CHECKPOINTS = 2  # older DeepSpeed checkpoints are deleted after each save
 EXACT_TOLERANCE = 1e-4  # |eval_loss_start − parent's eval_loss_end| an exact growth may show
 
 
@@ -199,7 +197,7 @@ class Trainer:
         self.train_seconds, self.wall_before, self.eval_loss_start = 0.0, 0.0, None
         self._window = [0.0, 0]  # seconds and steps since the last logged step
         self.saved_step = -1  # the step of the newest ds_ckpt/ checkpoint this run wrote
-        self.resuming = self.cfg.resume and self.layout.has_ds_checkpoint
+        self.resuming = (self.cfg.resume or elastic.restart_count() > 0) and self.layout.has_ds_checkpoint
         self.start(config)
 
     # ------------------------------------------------------------------ start
@@ -219,7 +217,8 @@ class Trainer:
         self.check_start()
     def restore(self) -> None:
         """Weights, Adam state and step from the latest ``ds_ckpt/`` checkpoint."""
-        path, client = self.engine.engine.load_checkpoint(str(self.layout.ds_ckpt))
+        tag = elastic.pick_tag(self.layout.ds_ckpt, warn=self.rank == 0)  # the newest sound one
+        path, client = self.engine.engine.load_checkpoint(str(self.layout.ds_ckpt), tag=tag)
         if path is None:
             raise WorkerError(f"{self.layout.ds_ckpt}: could not load the latest DeepSpeed checkpoint")
         self.step = int(client["step"])
@@ -280,6 +279,7 @@ class Trainer:
         batches = self.data.batches(self.step)
         t0 = time.perf_counter()
         loss = self.engine.train_step(batches)
+        elastic.check_finite(loss, self.step + 1, self.layout.root, self.rank, self.layout.ds_ckpt, self.saved_step)
         self.step += 1
         logged = self.step % max(1, self.stage.log_every) == 0 or self.done
         value = float(loss) if logged else None  # the host sync
@@ -314,10 +314,8 @@ class Trainer:
                   "data_tokens_start": self.data.train.tokens_start}  # data (stages.data)
         self.engine.engine.save_checkpoint(str(ds_dir), tag=DS_TAG.format(self.step), client_state=client)
         dist.barrier()
-        if self.rank == 0:
-            tags = sorted(p for p in ds_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-            for old in tags[:-KEEP_DS_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
+        if self.rank == 0:  # sealed once every rank saved; keeps the newest cfg.keep_checkpoints
+            elastic.seal(ds_dir, DS_TAG.format(self.step), self.cfg.keep_checkpoints)
         dist.barrier()
         self.saved_step = self.step
 

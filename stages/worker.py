@@ -37,12 +37,14 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     import torch.distributed as dist
 
+    from stages import elastic
     from stages.config import ResolvedStage
     from stages.engine import init_distributed
 
     try:
         resolved = ResolvedStage.load(args[0])
-        init_distributed()
+        elastic.before_start(resolved.stage_dir)  # a restarted group after a non-finite loss stops again
+        init_distributed(timeout=resolved.config.collective_timeout)
         trainer_cls(resolved).run()
     except FlmError as err:
         if not dist.is_initialized() or dist.get_rank() == 0:

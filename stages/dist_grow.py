@@ -1,0 +1,156 @@
+"""The parent → child growth of a multi-node stage, on every rank of every node.
+
+Node 0 (the coordinator, ``stages.multinode``) decides the job once: the
+``growth.executor.ApplyRequest`` with ``positions: distance`` already resolved to explicit
+layer indices (the distance rule reads every layer matrix of the parent; resolved here
+once, the ranks only read the tensors they grow). It publishes the job; every node then
+runs ``torchrun --nnodes N --nproc-per-node nproc -m stages.dist_grow JOB.json`` with a
+rendezvous on ``master_port + 2``; each rank writes its own shards and global rank 0
+finalises STAGE_DIR/init (``growth.parallel``, the executor's torchrun mode). Afterwards
+``stages.orchestrate.grow_into`` finds the complete init/ grown from this parent and
+reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flmcore.errors import FlmError
+
+if TYPE_CHECKING:
+    from growth.runs import StageDir
+    from stages.config import TrainConfig
+    from stages.multinode import Coordinator
+    from stages.orchestrate import StagePlan
+
+log = logging.getLogger(__name__)
+
+JOB_NAME = ".grow_job.json"
+GROW_PORT_OFFSET = 2  # master_port + 2: the growth ranks' rendezvous
+
+
+class DistGrowError(FlmError):
+    """The distributed growth failed; the message names the stage and the log."""
+
+
+def resolve_positions(plan: StagePlan) -> dict[str, Any]:
+    """The growth spec as a dict, ``distance`` positions replaced by the indices they pick."""
+    from operators import make_plan
+
+    spec = plan.spec
+    assert spec is not None and plan.source is not None
+    out = spec.to_dict()
+    if spec.positions != "distance":
+        return out
+    from stages.orchestrate import open_checkpoint
+
+    with open_checkpoint(plan.source, "starting checkpoint") as reader:
+        grown = make_plan(reader.config, plan.target, spec, get_tensor=reader.get)
+    out["positions"] = [i for i, entry in enumerate(grown.layer_map) if entry["new"]]
+    log.info("[%s] positions=distance resolved once: new layers at %s", plan.name, out["positions"])
+    return out
+
+
+def init_is_current(plan: StagePlan) -> bool:
+    """STAGE_DIR/init is complete and was grown from this very source (nothing to do)."""
+    from stages.orchestrate import open_checkpoint
+
+    out = plan.layout.init
+    if not (out / "config.json").is_file():
+        return False
+    with open_checkpoint(plan.source, "starting checkpoint") as reader:
+        fingerprint = reader.fingerprint()
+    with open_checkpoint(out, f"{out} (grown by an earlier attempt)") as grown:
+        return grown.history["events"][-1]["parent"]["fingerprint"] == fingerprint
+
+
+def grow_on_all_nodes(plan: StagePlan, coord: Coordinator) -> None:
+    """Node 0: publish the growth job, run this node's ranks of it (the others run theirs)."""
+    import shutil
+
+    from growth.executor import ApplyRequest
+    from stages.orchestrate import target_spec
+
+    if init_is_current(plan):
+        return
+    out = plan.layout.init
+    if (out / "config.json").is_file():  # grown from another version of the parent
+        shutil.rmtree(out)
+    request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=resolve_positions(plan),
+                           out=str(out), optimizer_state=plan.cfg.stage.growth.optimizer_state)
+    job = asdict(request)
+    coord.publish("ready", {"grow": job})
+    run_grow_ranks(plan.cfg, job, plan.layout)
+
+
+def grow_command(cfg: TrainConfig, job_path: Path) -> list[str]:
+    from stages.multinode import rdzv_id
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cfg.nnodes),
+           "--nproc-per-node", str(cfg.nproc), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"{cfg.master_addr}:{cfg.master_port + GROW_PORT_OFFSET}",
+           "--rdzv-id", rdzv_id(cfg) + "-grow", "--rdzv-conf", f"join_timeout={cfg.rdzv_timeout}"]
+    if cfg.local_addr:
+        cmd += ["--local-addr", cfg.local_addr]
+    return cmd + ["-m", "stages.dist_grow", str(job_path)]
+
+
+def run_grow_ranks(cfg: TrainConfig, job: dict[str, Any], layout: StageDir) -> None:
+    """This node's growth ranks (torchrun), output appended to this node's launch log."""
+    import subprocess
+
+    from stages.launch import node_log, worker_env
+
+    job_path = layout.root / f".grow_job.node{cfg.node_rank}.json"
+    layout.root.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(json.dumps(job))
+    log_path = node_log(cfg, layout)
+    cmd = grow_command(cfg, job_path)
+    log.info("[%s] growing %s → %s on %d nodes × %d ranks", cfg.stage.name, job["src"], job["out"],
+             cfg.nnodes, cfg.nproc)
+    try:
+        with open(log_path, "ab") as fh:
+            fh.write(f"\n$ {' '.join(cmd)}\n".encode())
+            fh.flush()
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=worker_env(cfg),
+                                stdin=subprocess.DEVNULL).returncode
+    finally:
+        job_path.unlink(missing_ok=True)
+    if rc != 0:
+        lines = [ln for ln in Path(log_path).read_text(errors="replace").splitlines() if "grow error:" in ln]
+        cause = lines[-1].split("grow error:", 1)[1].strip() if lines else f"torchrun exit code {rc}"
+        raise DistGrowError(f"stage {cfg.stage.name}: the distributed growth into {job['out']} failed: {cause} "
+                            f"(full output: {log_path}); a rerun resumes it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One growth rank: ``torchrun … -m stages.dist_grow JOB.json``."""
+    import os
+
+    import torch.distributed as dist
+
+    from growth.executor import ApplyRequest
+    from growth.parallel import apply_growth
+
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    request = ApplyRequest(**json.loads(Path(args[0]).read_text()))
+    dist.init_process_group("gloo")
+    try:
+        apply_growth(request, progress=int(os.environ.get("RANK", "0")) == 0)
+    except (FlmError, OSError) as err:
+        if dist.get_rank() == 0:
+            print(f"grow error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Faults a stage survives: restarted worker groups, partial checkpoints, non-finite losses.
+
+- ``max_restarts=N`` is torchrun's ``--max-restarts``: when a rank dies torchrun stops
+  the group and starts it again (``TORCHELASTIC_RESTART_COUNT`` > 0). A restarted rank
+  resumes by itself from this stage's newest *sound* DeepSpeed checkpoint, at the same
+  data position (batches are a pure function of the step).
+- Sound = sealed and readable: after every save, once all ranks passed the barrier,
+  rank 0 writes ``TAG/.complete`` (a save killed midway has none) and deletes all but the
+  newest ``keep_checkpoints`` tags (and any tag newer than this one: a crashed future).
+  On resume every ``*.pt`` of the tag must open as a zip archive (torch's format; a
+  truncated file has no central directory). An unsound newest tag is skipped for the
+  one before it, with one warning line.
+- The loss of every step is checked on every rank (one tiny all-reduce) before any
+  checkpoint of that step is written; a NaN/inf stops the stage on all ranks with a
+  message naming the step, and the last good checkpoint stays the newest sound one. A
+  restarted group finds the stop record (``STAGE_DIR/.nonfinite``) and stops again
+  instead of training into the same NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from flmcore.errors import FlmError
+
+log = logging.getLogger(__name__)
+
+SEAL_NAME = ".complete"
+NONFINITE_NAME = ".nonfinite"
+TAG_PREFIX = "step"
+
+
+class NonFiniteLossError(FlmError):
+    """The training loss became NaN or infinite; the stage stopped."""
+
+
+class NoSoundCheckpointError(FlmError):
+    """ds_ckpt/ holds no checkpoint that can be resumed."""
+
+
+def restart_count() -> int:
+    """How often torchrun restarted this worker group (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def tags(ds_dir: Path) -> list[Path]:
+    """The checkpoint tags in ds_dir, oldest first (tags are step{:08d})."""
+    if not ds_dir.is_dir():
+        return []
+    return sorted(p for p in ds_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+
+
+def seal(ds_dir: Path, tag: str, keep: int) -> None:
+    """Rank 0, after every rank saved ``tag``: mark it sound and rotate."""
+    (ds_dir / tag / SEAL_NAME).write_text("")
+    import shutil
+
+    sound = [t for t in tags(ds_dir) if t.name <= tag and (t / SEAL_NAME).is_file()]
+    stale = [t for t in tags(ds_dir) if t.name > tag]  # written by a run that crashed after it
+    for old in [t for t in tags(ds_dir) if t.name < tag and t not in sound[-keep:]] + stale:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def unsound_reason(tag_dir: Path) -> str | None:
+    """None for a sealed, readable checkpoint; else why it cannot be resumed."""
+    if not (tag_dir / SEAL_NAME).is_file():
+        return "incomplete (no seal: the save did not finish on every rank)"
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        return "holds no .pt files"
+    for path in files:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"truncated or corrupt ({path.name}: {err})"
+    return None
+
+
+def pick_tag(ds_dir: Path, warn: bool) -> str:
+    """The newest sound tag; a one-line warning (if ``warn``) for each newer one skipped."""
+    skipped = []
+    for tag_dir in reversed(tags(ds_dir)):
+        reason = unsound_reason(tag_dir)
+        if reason is None:
+            if skipped and warn:
+                log.warning("%s: the newest checkpoint %s is %s; resuming from %s instead",
+                            ds_dir, skipped[0][0], skipped[0][1], tag_dir.name)
+            return tag_dir.name
+        skipped.append((tag_dir.name, reason))
+    detail = f" ({skipped[0][0]} is {skipped[0][1]})" if skipped else ""
+    raise NoSoundCheckpointError(f"{ds_dir}: no sound DeepSpeed checkpoint to resume from{detail}; "
+                                 f"start the stage over in a new run_dir")
+
+
+def unseal(ds_dir: Path, tag: str) -> None:
+    (ds_dir / tag / SEAL_NAME).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- non-finite losses
+def check_finite(loss: Any, step: int, stage_dir: Path, rank: int, ds_dir: Path,
+                 saved_step: int) -> None:
+    """Collective: raise NonFiniteLossError on every rank if any rank's loss of ``step`` is NaN/inf.
+
+    The checkpoint of the step before (if one was written right after the update that
+    produced this loss) holds the weights that gave it, so it is unsealed too.
+    """
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.isfinite(loss.detach().float()).float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if bool(flag.item()):
+        return
+    if rank == 0 and saved_step == step - 1:
+        from stages.trainer import DS_TAG
+
+        unseal(ds_dir, DS_TAG.format(saved_step))
+    good = [t.name for t in tags(ds_dir) if unsound_reason(t) is None]
+    keep = f"the last good checkpoint is {ds_dir / good[-1]} (resume=true continues from it)" if good else \
+        "no checkpoint was written before it"
+    message = (f"non-finite loss at step {step}: the stage stopped; {keep}; lower stage.lr or check the "
+               f"data of that step")
+    if rank == 0:
+        (stage_dir / NONFINITE_NAME).write_text(json.dumps({"step": step, "message": message}))
+    if dist.is_initialized():
+        dist.barrier()
+    raise NonFiniteLossError(message)
+
+
+def before_start(stage_dir: str | Path) -> None:
+    """Worker start: a restarted group stops again on a recorded non-finite loss; the first
+    attempt of a run forgets an older record (resume=true after fixing the cause)."""
+    record = Path(stage_dir) / NONFINITE_NAME
+    if restart_count() == 0:
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            record.unlink(missing_ok=True)
+        return
+    if record.is_file():
+        raise NonFiniteLossError(json.loads(record.read_text())["message"])
