@@ -47,9 +47,9 @@ def resolve_positions(plan: StagePlan) -> dict[str, Any]:
     out = spec.to_dict()
     if spec.positions != "distance":
         return out
-    from stages.orchestrate import open_checkpoint
+    from stages.orchestrate import checked_reader
 
-    with open_checkpoint(plan.source, "starting checkpoint") as reader:
+    with checked_reader(plan.source, "starting checkpoint") as reader:
         grown = make_plan(reader.config, plan.target, spec, get_tensor=reader.get)
     out["positions"] = [i for i, entry in enumerate(grown.layer_map) if entry["new"]]
     log.info("[%s] positions=distance resolved once: new layers at %s", plan.name, out["positions"])
@@ -58,14 +58,14 @@ def resolve_positions(plan: StagePlan) -> dict[str, Any]:
 
 def init_is_current(plan: StagePlan) -> bool:
     """STAGE_DIR/init is complete and was grown from this very source (nothing to do)."""
-    from stages.orchestrate import open_checkpoint
+    from stages.orchestrate import checked_reader
 
     out = plan.layout.init
     if not (out / "config.json").is_file():
         return False
-    with open_checkpoint(plan.source, "starting checkpoint") as reader:
+    with checked_reader(plan.source, "starting checkpoint") as reader:
         fingerprint = reader.fingerprint()
-    with open_checkpoint(out, f"{out} (grown by an earlier attempt)") as grown:
+    with checked_reader(out, f"{out} (grown by an earlier attempt)") as grown:
         return grown.history["events"][-1]["parent"]["fingerprint"] == fingerprint
 
 
