@@ -71,6 +71,14 @@ def stage_fields(stage_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- no processes
+def test_a_multinode_launch_needs_master_port():
+    from stages.multinode import MultiNodeError, run_multinode
+
+    validate(TrainConfig(nnodes=112))  # composes and checks (a dry run needs no port)
+    with pytest.raises(MultiNodeError, match="nnodes=2 needs master_port"):
+        run_multinode(TrainConfig(nnodes=2))
+
+
 def test_config_hash_ignores_only_the_per_node_fields():
     base = TrainConfig(nnodes=2, master_port=29400)
     assert config_hash(base) == config_hash(TrainConfig(nnodes=2, master_port=29400, node_rank=1,
@@ -81,7 +89,6 @@ def test_config_hash_ignores_only_the_per_node_fields():
 
 
 @pytest.mark.parametrize(("fields", "needle"), [
-    ({"nnodes": 2}, "needs master_port"),
     ({"nnodes": 2, "master_port": 29400, "node_rank": 2}, "field 'node_rank' (2) must be below nnodes (2)"),
     ({"launcher": "ssh"}, "field 'launcher' must be one of local, slurm, print"),
     ({"rdzv_timeout": 0}, "field 'rdzv_timeout' must be positive"),
