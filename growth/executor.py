@@ -36,8 +36,6 @@ is byte-identical to the uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +65,6 @@ from operators import GrowthPlan, GrowthSpec, make_plan
 from operators.plan import CHUNK_ELEMENTS
 
 GROW_EVENT = "grow"
-DELAY_ENV = "GROW_TEST_SHARD_DELAY"  # test hook: seconds to sleep after each shard written
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BASE_RSS = 300 * 1024**2  # python + torch + operators: 233 MB measured on a tiny apply
 
@@ -227,9 +224,6 @@ class ShardWriter:
             if "NaN or inf" in str(err):
                 self._blame_source(task)
             raise
-        delay = float(os.environ.get(DELAY_ENV) or 0)
-        if delay:
-            time.sleep(delay)
         return True
 
     def _blame_source(self, task: ShardTask) -> None:

@@ -100,8 +100,8 @@ def test_teleflm_export_folds_mup_and_crops_vocab(tmp_path, capsys, s1):
 def test_resume_after_sigkill_is_byte_identical(tmp_path, capsys, s1, epoch):
     out = tmp_path / "out"
     args = ["apply", "--from", str(s1), "--to", "tiny-s2", "--out", str(out), "--max-shard-size", "20KB"]
-    env = {**_env(), "SOURCE_DATE_EPOCH": EPOCH, "GROW_TEST_SHARD_DELAY": "0.1"}
-    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", *args], cwd=REPO, env=env,
+    env = {**_env(), "SOURCE_DATE_EPOCH": EPOCH}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.grow_slow", "0.1", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = staging_dir(out)
     deadline = time.monotonic() + 60

@@ -51,8 +51,8 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 def start_apply(src: Path, out: Path, delay: str = "0.2") -> subprocess.Popen:
-    env = {**_env(), "SOURCE_DATE_EPOCH": EPOCH, "GROW_TEST_SHARD_DELAY": delay}
-    return subprocess.Popen([sys.executable, "-m", "growth.cli", "apply", "--from", str(src), "--to",
+    env = {**_env(), "SOURCE_DATE_EPOCH": EPOCH}
+    return subprocess.Popen([sys.executable, "-m", "tests.grow_slow", delay, "apply", "--from", str(src), "--to",
                              "tiny-s2", "--out", str(out), "--max-shard-size", "20KB"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -382,7 +382,7 @@ def test_ctrl_c_during_worker_start_up_is_one_line(tmp_path, s1):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "apply", "--from", str(s1), "--to", "tiny-s2",
                              "--out", str(out), "--workers", "2", "--max-shard-size", "20KB"], cwd=REPO,
-                            env={**_env(), "GROW_TEST_SHARD_DELAY": "0.5"}, stdout=subprocess.DEVNULL,
+                            env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + 60
