@@ -112,8 +112,13 @@ class RandomTokens:
         tokens = torch.randint(0, self.vocab, self.shape, generator=self.gen)
         return tokens[:, :-1], tokens[:, 1:]
 
+    tokens_start = 0  # random tokens are no stream: nothing to continue or record
+
     def batches(self, step: int):
         return [self._one() for _ in range(self.grad_accum)]
+
+    def position(self, steps: int) -> dict:
+        return {}
 
 
 def make_trainer(config: Any, args: argparse.Namespace, stage_dir: Path) -> Any:

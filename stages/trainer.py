@@ -112,6 +112,15 @@ class StageData:
         for step in range(start, stop):
             yield self.batches(step)
 
+    @property
+    def tokens_start(self) -> int:
+        """Where this stage's stream starts (tokens into the data), kept in DeepSpeed's client state."""
+        return self.train.tokens_start
+
+    def position(self, steps: int) -> dict[str, Any]:
+        """The summary's stream fields after ``steps`` steps (data_tokens_start/_end, data_epoch, …)."""
+        return self.train.position(steps)
+
 
 # ---------------------------------------------------------------------- rank-0 outputs
 class Reporter:
@@ -225,10 +234,10 @@ class Trainer:
         self.eval_loss_start = client["eval_loss_start"]
         self.train_seconds, self.wall_before = float(client["train_seconds"]), float(client["wall_seconds"])
         self.seeded_step = client["seeded_step"]
-        start = client.get("data_tokens_start", self.data.train.tokens_start)  # data (stages.data)
-        if start != self.data.train.tokens_start:
+        start = client.get("data_tokens_start", self.data.tokens_start)  # data (stages.data)
+        if start != self.data.tokens_start:
             raise WorkerError(f"{self.layout.ds_ckpt}: the checkpoint's data stream started at token {start}, "
-                              f"this resume at {self.data.train.tokens_start}; keep the parent's summary.json")
+                              f"this resume at {self.data.tokens_start}; keep the parent's summary.json")
 
     def check_start(self) -> None:
         """Warnings about the start, once, on rank 0."""
@@ -311,7 +320,7 @@ class Trainer:
         client = {"step": self.step, "eval_loss_start": self.eval_loss_start,
                   "train_seconds": self.train_seconds, "seeded_step": self.seeded_step,
                   "wall_seconds": self.wall_before + time.perf_counter() - self.begin,
-                  "data_tokens_start": self.data.train.tokens_start}  # data (stages.data)
+                  "data_tokens_start": self.data.tokens_start}  # data (stages.data)
         self.engine.engine.save_checkpoint(str(ds_dir), tag=DS_TAG.format(self.step), client_state=client)
         dist.barrier()
         if self.rank == 0:  # sealed once every rank saved; keeps the newest cfg.keep_checkpoints
@@ -349,7 +358,7 @@ class Trainer:
             "adam_seeded_step": self.seeded_step, "zero_stage": self.engine.zero_stage,
             "pipeline": ds.pipeline, "precision": Precision(ds.precision).value, "world_size": self.world,
             "final": str(self.layout.final),
-            **self.data.train.position(total),  # data (stages.data): data_tokens_start/_end, data_epoch, positions
+            **self.data.position(total),  # data (stages.data): data_tokens_start/_end, data_epoch, positions
         }
         if self.rank == 0:
             write_json_atomic(self.layout.summary, summary)

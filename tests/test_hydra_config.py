@@ -69,7 +69,7 @@ def test_stage_chooses_its_groups_and_the_command_line_wins(hydra_conf):
     cfg = to_plain(hydra_conf("stage=tiny_s3", "growth=zero", "model=tiny"))
     assert cfg["stage"]["model"] == "tiny" and cfg["stage"]["growth"]["strategy"] == "zero"
     big = to_plain(hydra_conf("stage=teleflm_102b"))
-    assert (big["deepspeed"]["name"], big["deepspeed"]["precision"], big["nnodes"]) == ("pipe", "bf16", 112)
+    assert (big["deepspeed"]["name"], big["deepspeed"]["precision"], big["nnodes"]) == ("zero1", "bf16", 112)
     assert to_plain(hydra_conf("stage=teleflm_102b", "deepspeed=zero3"))["deepspeed"]["zero_stage"] == 3
 
 
