@@ -81,6 +81,10 @@ def start_weights(resolved: ResolvedStage, config: ModelConfig) -> dict[str, tor
 def build_engine(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg,
                  stage: StageCfg) -> Engine:
     """The engine of this layout, weights loaded before ``deepspeed.initialize``."""
+    if ds.tensor_parallel > 1:  # issue 13: each rank keeps its TP slices (ZeRO-1/2, no pipeline)
+        from stages.tensor_parallel.engine import build_tp
+
+        return build_tp(config, weights, ds, stage)
     if ds.pipeline:
         from stages.pipeline import PipeStageEngine
 
@@ -206,8 +210,9 @@ class Trainer:
         if self.resuming:
             self.restore()
         elif optim_state.has_optimizer_state(self.init):
-            self.seeded_step = optim_state.seed_adam_state(self.engine.optimizer, self.engine.named_params(),
-                                                           self.init, config)
+            seed = getattr(self.engine, "seed_adam_state", None)  # the TP engine reads moment slices
+            self.seeded_step = seed(self.init, config) if seed else optim_state.seed_adam_state(
+                self.engine.optimizer, self.engine.named_params(), self.init, config)
         self.set_mask(self.step)
         if self.eval_loss_start is None:
             self.eval_loss_start = self.engine.eval_loss(self.data.eval)
