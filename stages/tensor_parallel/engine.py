@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR
+from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointError, read_optimizer_state
 from growth.config import ModelConfig
 from stages import optim_state
 from stages.config import DeepSpeedCfg, Precision, StageCfg
@@ -162,15 +162,18 @@ class TPStageEngine:
     def seed_adam_state(self, checkpoint: str | Path, config: ModelConfig) -> int:
         """``stages.optim_state.seed_adam_state`` with each moment read as this rank's TP
         slices (safetensors ``get_slice``), sliced like the weights; returns the Adam step."""
-        step = int(optim_state.read_state_json(checkpoint)["step"])
+        meta = read_optimizer_state(checkpoint)
+        if meta is None:
+            raise CheckpointError(f"{checkpoint}: no {OPTIMIZER_DIR}/ to seed Adam from")
+        step = int(meta["step"])
         optim_state.create_adam_state(self.optimizer, step)
         params = dict(self.named_params())
         for kind in MOMENT_KINDS:
             moments = Path(checkpoint) / OPTIMIZER_DIR / kind
-            _, state = read_shards(moments, self.groups.tp_rank, self.groups.tp, config=config)
-            for name, value in state.items():
+            _, slices = read_shards(moments, self.groups.tp_rank, self.groups.tp, config=config)
+            for name, value in slices.items():
                 optim_state.set_full(self.optimizer, params[name], value, kind)
-            del state
+            del slices
         return step
 
     def gather(self, kind: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
