@@ -72,6 +72,8 @@ def start_config(resolved: ResolvedStage) -> ModelConfig:
 
 
 def start_weights(resolved: ResolvedStage, config: ModelConfig) -> dict[str, torch.Tensor]:
+    if resolved.config.deepspeed.tensor_parallel > 1:  # issue 13: the TP engine reads its own slices
+        return {}
     if resolved.init_checkpoint is None:
         return init_state_dict(config, resolved.config.stage.seed)
     with CheckpointReader(resolved.init_checkpoint) as reader:
@@ -79,12 +81,12 @@ def start_weights(resolved: ResolvedStage, config: ModelConfig) -> dict[str, tor
 
 
 def build_engine(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg,
-                 stage: StageCfg) -> Engine:
+                 stage: StageCfg, init: str | None = None) -> Engine:
     """The engine of this layout, weights loaded before ``deepspeed.initialize``."""
-    if ds.tensor_parallel > 1:  # issue 13: each rank keeps its TP slices (ZeRO-1/2, no pipeline)
+    if ds.tensor_parallel > 1:  # issue 13: each rank reads its TP slices of ``init`` (ZeRO-1/2, no pipeline)
         from stages.tensor_parallel.engine import build_tp
 
-        return build_tp(config, weights, ds, stage)
+        return build_tp(config, weights, ds, stage, init)
     if ds.pipeline:
         from stages.pipeline import PipeStageEngine
 
@@ -191,7 +193,7 @@ class Trainer:
         config = start_config(resolved)
         self.mask0 = None if config.growth_mask is None else dict(config.growth_mask)
         weights = start_weights(resolved, config)
-        self.engine = build_engine(config, weights, self.cfg.deepspeed, self.stage)
+        self.engine = build_engine(config, weights, self.cfg.deepspeed, self.stage, self.init)
         del weights
         self.schedule = stage_schedule(self.stage, grown=self.init is not None, parent_lr=resolved.parent_lr)
         self.data = data or StageData(resolved.data, self.stage, self.engine.dp_rank, self.engine.dp_world)

@@ -42,9 +42,10 @@ WORKER = textwrap.dedent('''
     stage = StageCfg(micro_batch_size=2, grad_accum=2, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     meta = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
 
-    def engine(ckpt):
+    def engine(ckpt):  # TP: each rank reads its slices of ckpt (as the trainer's start_weights is {})
         with CheckpointReader(ckpt) as reader:
-            return build_engine(reader.config, reader.state_dict(torch.float32), ds, stage)
+            weights = reader.state_dict(torch.float32) if tp == 1 else {}
+            return build_engine(reader.config, weights, ds, stage, init=ckpt if tp > 1 else None)
 
     eng = engine(os.path.join(out, "start"))
 

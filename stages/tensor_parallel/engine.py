@@ -34,6 +34,7 @@ from torch import nn
 
 from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointError, read_optimizer_state
 from growth.config import ModelConfig
+from growth.model import init_tensor
 from stages import optim_state
 from stages.config import DeepSpeedCfg, Precision, StageCfg
 from stages.engine import Batch, checkpoint_layers, ds_config, make_optimizer
@@ -189,15 +190,28 @@ class TPStageEngine:
             yield name, (full.cpu() if dist.get_rank() == 0 else None)
 
 
-def build_tp(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg,
-             stage: StageCfg) -> TPStageEngine:
-    """The TP engine of a stage: groups from ``ds.tensor_parallel``; each full start tensor
-    is sliced to this rank's part and dropped (``weights`` is emptied as it goes); in bf16
+def fresh_slices(config: ModelConfig, seed: int, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """This rank's slices of growth.model's fresh init (the values one rank would draw).
+
+    Note: each full tensor is drawn (deterministic in (seed, name)) and sliced, one at a time."""
+    return {name: shard(name, init_tensor(config, name, shape, seed), groups.tp_rank, groups.tp).clone()
+            for name, shape in config.tensor_shapes().items()}
+
+
+def build_tp(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg, stage: StageCfg,
+             init: str | Path | None = None) -> TPStageEngine:
+    """The TP engine of a stage, groups from ``ds.tensor_parallel``. Start weights: this rank's
+    slices of the canonical checkpoint ``init`` (safetensors ``get_slice``, never a full
+    tensor), else of ``weights`` when given, else of a fresh init (``stage.seed``). In bf16
     the fp32 master weights are set from the fp32 slices (not from the bf16 cast)."""
     groups = ParallelGroups(ds.tensor_parallel)
-    state = {}
-    for name in config.tensor_shapes():
-        state[name] = shard(name, weights.pop(name), groups.tp_rank, groups.tp).clone()
+    if init is not None:
+        _, state = read_shards(init, groups.tp_rank, groups.tp)
+    elif weights:
+        state = {name: shard(name, weights.pop(name), groups.tp_rank, groups.tp).clone()
+                 for name in config.tensor_shapes()}
+    else:
+        state = fresh_slices(config, stage.seed, groups)
     eng = TPStageEngine(tp_model(config, state, groups.tp_group, groups.tp, groups.tp_rank), groups, ds, stage)
     if ds.precision == Precision.bf16:
         optim_state.set_master_weights(eng.optimizer, eng.named_params(), state)
