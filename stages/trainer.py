@@ -72,6 +72,8 @@ def start_config(resolved: ResolvedStage) -> ModelConfig:
 
 
 def start_weights(resolved: ResolvedStage, config: ModelConfig) -> dict[str, torch.Tensor]:
+    if resolved.config.deepspeed.tensor_parallel > 1:  # issue 13: the TP engine reads its own slices
+        return {}
     if resolved.init_checkpoint is None:
         return init_state_dict(config, resolved.config.stage.seed)
     with CheckpointReader(resolved.init_checkpoint) as reader:
@@ -79,8 +81,12 @@ def start_weights(resolved: ResolvedStage, config: ModelConfig) -> dict[str, tor
 
 
 def build_engine(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg,
-                 stage: StageCfg) -> Engine:
+                 stage: StageCfg, init: str | None = None) -> Engine:
     """The engine of this layout, weights loaded before ``deepspeed.initialize``."""
+    if ds.tensor_parallel > 1:  # issue 13: each rank reads its TP slices of ``init`` (ZeRO-1/2, no pipeline)
+        from stages.tensor_parallel.engine import build_tp
+
+        return build_tp(config, weights, ds, stage, init)
     if ds.pipeline:
         from stages.pipeline import PipeStageEngine
 
@@ -196,7 +202,7 @@ class Trainer:
         config = start_config(resolved)
         self.mask0 = None if config.growth_mask is None else dict(config.growth_mask)
         weights = start_weights(resolved, config)
-        self.engine = build_engine(config, weights, self.cfg.deepspeed, self.stage)
+        self.engine = build_engine(config, weights, self.cfg.deepspeed, self.stage, self.init)
         del weights
         self.schedule = stage_schedule(self.stage, grown=self.init is not None, parent_lr=resolved.parent_lr)
         self.data = data or StageData(resolved.data, self.stage, self.engine.dp_rank, self.engine.dp_world)
@@ -215,8 +221,9 @@ class Trainer:
         if self.resuming:
             self.restore()
         elif optim_state.has_optimizer_state(self.init):
-            self.seeded_step = optim_state.seed_adam_state(self.engine.optimizer, self.engine.named_params(),
-                                                           self.init, config)
+            seed = getattr(self.engine, "seed_adam_state", None)  # the TP engine reads moment slices
+            self.seeded_step = seed(self.init, config) if seed else optim_state.seed_adam_state(
+                self.engine.optimizer, self.engine.named_params(), self.init, config)
         self.set_mask(self.step)
         if self.eval_loss_start is None:
             self.eval_loss_start = self.engine.eval_loss(self.data.eval)

@@ -101,10 +101,17 @@ def check_model_split(config: ModelConfig, tp: int, what: str = "stage.model") -
 
 def check_stage_layout(cfg: dict[str, Any], target: ModelConfig) -> None:
     """The orchestrator's layout check, before any worker starts: TP splits the stage's model,
-    and (until the trainer's engines take a TP group) a training run has TP 1."""
-    tp = cfg["deepspeed"]["tensor_parallel"]
+    and a training run with TP > 1 uses what the TP engine is built for (ZeRO-1/2, no pipeline)."""
+    ds = cfg["deepspeed"]
+    tp = ds["tensor_parallel"]
     check_model_split(target, tp)
-    if tp > 1 and not cfg["dry_run"]:
-        raise LayoutError(f"deepspeed.tensor_parallel={tp}: the trainer's DeepSpeed engines do not take a "
-                          f"tensor-parallel group yet (docs/parallelism.md); dry_run=true checks the layout, "
-                          f"training needs tensor_parallel=1")
+    if tp == 1 or cfg["dry_run"]:
+        return
+    if ds["pipeline"]:
+        raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.pipeline=true: tensor parallelism inside "
+                          f"the DeepSpeed pipeline is not built (docs/parallelism.md); dry_run=true checks the "
+                          f"layout, training with TP needs deepspeed.pipeline=false")
+    if ds["zero_stage"] not in (1, 2):
+        raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.zero_stage={ds['zero_stage']}: the "
+                          f"tensor-parallel engine is built and tested with ZeRO-1 and ZeRO-2 only; use "
+                          f"deepspeed=zero1 or deepspeed=zero2")

@@ -1,0 +1,218 @@
+"""A tensor-parallel Tele-FLM under a DeepSpeed ZeRO-1/2 engine (no pipeline).
+
+:class:`TPStageEngine` implements ``stages.engine.Engine``, so ``stages.trainer.Trainer``
+drives it like the plain and pipeline engines; ``stages.trainer.build_engine`` picks it when
+``deepspeed.tensor_parallel > 1``.
+
+Ranks form a TP × DP grid with TP innermost (:class:`ParallelGroups`): global rank ``r`` is
+TP rank ``r % tp`` of data-parallel replica ``r // tp``. The groups object is also the
+Megatron-style ``mpu`` DeepSpeed takes (``deepspeed.initialize(mpu=…)``), so
+
+- gradients are averaged and ZeRO partitions Adam state over the **data-parallel** group only;
+- the global gradient norm for clipping counts every TP shard once: split parameters carry
+  ``tensor_model_parallel = True`` (DeepSpeed's ``is_model_parallel_parameter``), replicated
+  norms are counted on TP rank 0 only, and the partial sums are all-reduced over the
+  model-parallel group;
+- the reported loss is averaged over the data-parallel group (TP ranks hold the same loss).
+
+Every TP rank of a replica sees the same batches: the trainer shards data by ``dp_rank`` /
+``dp_world``. Adam moments are seeded from this rank's slices of ``init/optimizer/``
+(:meth:`TPStageEngine.seed_adam_state`), and :meth:`TPStageEngine.gather` yields full
+HF-named tensors on global rank 0 one at a time (ZeRO gathers a slice over DP, then the TP
+slices are gathered and concatenated), which ``stages.export.export_final`` streams to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointError, read_optimizer_state
+from growth.config import ModelConfig
+from growth.model import init_tensor
+from stages import optim_state
+from stages.config import DeepSpeedCfg, Precision, StageCfg
+from stages.engine import Batch, checkpoint_layers, ds_config, make_optimizer
+from stages.tensor_parallel.io import gather_tensors, read_shards, tp_model
+from stages.tensor_parallel.layers import TPForCausalLM, shard, shard_dim, vocab_parallel_cross_entropy
+
+
+class ParallelGroups:
+    """TP and DP process groups of a TP × DP grid; the ``mpu`` handed to DeepSpeed.
+
+    Note: ``dist.new_group`` is collective over the whole world, so every rank creates
+    every group, in the same order."""
+
+    def __init__(self, tp: int):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if tp < 1 or world % tp:
+            raise ValueError(f"tensor_parallel {tp} does not divide the world size {world}")
+        self.tp, self.dp = tp, world // tp
+        self.tp_rank, self.dp_rank = rank % tp, rank // tp
+        self.tp_group = self.dp_group = None
+        for replica in range(self.dp):
+            ranks = list(range(replica * tp, (replica + 1) * tp))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                self.tp_group, self.tp_ranks = group, ranks
+        for column in range(tp):
+            ranks = list(range(column, world, tp))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                self.dp_group, self.dp_ranks = group, ranks
+
+    # Megatron's mpu names, as DeepSpeed queries them (deepspeed/utils/bwc.py, groups.py)
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_model_parallel_group(self) -> Any:
+        return self.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.tp_ranks[0]
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_data_parallel_group(self) -> Any:
+        return self.dp_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.dp_ranks
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+class TPStageEngine:
+    """A :class:`TPForCausalLM` rank under ``deepspeed.initialize`` with TP × DP groups."""
+
+    pipeline = False
+
+    def __init__(self, model: TPForCausalLM, groups: ParallelGroups, ds: DeepSpeedCfg, stage: StageCfg):
+        import deepspeed
+
+        self.model, self.groups = model, groups
+        if ds.activation_checkpointing:
+            checkpoint_layers(list(model.model.layers))
+        for name, p in model.named_parameters():
+            p.tensor_model_parallel = shard_dim(name) is not None and groups.tp > 1
+        self.dp_world, self.dp_rank = groups.dp, groups.dp_rank
+        optimizer = make_optimizer(list(model.named_parameters()), model.config, stage)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world), mpu=groups)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's config, MSG mask record as it stands (the model owns it)."""
+        return self.model.config
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(hf_name, slice)``: this rank's TP slice of each parameter."""
+        yield from self.engine.module.named_parameters()
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel cross-entropy of the engine's (vocab-split) logits."""
+        dev, model = self.engine.device, self.model
+        return vocab_parallel_cross_entropy(self.engine(x.to(dev)), y.to(dev), model.vocab_start,
+                                            model.group, model.tp)
+
+    def train_step(self, batches: list[Batch]) -> torch.Tensor:
+        self.engine.train()
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        for x, y in batches:
+            loss = self._loss(x, y)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().double()
+        total /= len(batches)
+        dist.all_reduce(total, group=self.groups.dp_group)  # TP ranks already agree
+        return total / self.dp_world
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[Batch]) -> float:
+        """Every rank runs every batch, so every rank gets the same number."""
+        self.engine.eval()
+        return float(torch.stack([self._loss(x, y) for x, y in batches]).double().mean())
+
+    def set_growth_mask(self, record: dict[str, Any] | None) -> None:
+        self.model.set_growth_mask(record)
+
+    def seed_adam_state(self, checkpoint: str | Path, config: ModelConfig) -> int:
+        """``stages.optim_state.seed_adam_state`` with each moment read as this rank's TP
+        slices (safetensors ``get_slice``), sliced like the weights; returns the Adam step."""
+        meta = read_optimizer_state(checkpoint)
+        if meta is None:
+            raise CheckpointError(f"{checkpoint}: no {OPTIMIZER_DIR}/ to seed Adam from")
+        step = int(meta["step"])
+        optim_state.create_adam_state(self.optimizer, step)
+        params = dict(self.named_params())
+        for kind in MOMENT_KINDS:
+            moments = Path(checkpoint) / OPTIMIZER_DIR / kind
+            _, slices = read_shards(moments, self.groups.tp_rank, self.groups.tp, config=config)
+            for name, value in slices.items():
+                optim_state.set_full(self.optimizer, params[name], value, kind)
+            del slices
+        return step
+
+    def gather(self, kind: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Full fp32 tensors (weights, or Adam moment ``kind``) in canonical order on global
+        rank 0, ``None`` elsewhere; every rank must iterate (collective over DP and TP)."""
+        params = dict(self.named_params())
+        for name in self.config.tensor_shapes():
+            local = optim_state.get_full(self.optimizer, params[name], kind)  # collective over DP
+            if self.groups.dp_rank != 0:
+                yield name, None
+                continue
+            (_, full), = gather_tensors(self.model, {name: local}, names=[name])
+            yield name, (full.cpu() if dist.get_rank() == 0 else None)
+
+
+def fresh_slices(config: ModelConfig, seed: int, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """This rank's slices of growth.model's fresh init (the values one rank would draw).
+
+    Note: each full tensor is drawn (deterministic in (seed, name)) and sliced, one at a time."""
+    return {name: shard(name, init_tensor(config, name, shape, seed), groups.tp_rank, groups.tp).clone()
+            for name, shape in config.tensor_shapes().items()}
+
+
+def build_tp(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg, stage: StageCfg,
+             init: str | Path | None = None) -> TPStageEngine:
+    """The TP engine of a stage, groups from ``ds.tensor_parallel``. Start weights: this rank's
+    slices of the canonical checkpoint ``init`` (safetensors ``get_slice``, never a full
+    tensor), else of ``weights`` when given, else of a fresh init (``stage.seed``). In bf16
+    the fp32 master weights are set from the fp32 slices (not from the bf16 cast)."""
+    groups = ParallelGroups(ds.tensor_parallel)
+    if init is not None:
+        _, state = read_shards(init, groups.tp_rank, groups.tp)
+    elif weights:
+        state = {name: shard(name, weights.pop(name), groups.tp_rank, groups.tp).clone()
+                 for name in config.tensor_shapes()}
+    else:
+        state = fresh_slices(config, stage.seed, groups)
+    eng = TPStageEngine(tp_model(config, state, groups.tp_group, groups.tp, groups.tp_rank), groups, ds, stage)
+    if ds.precision == Precision.bf16:
+        optim_state.set_master_weights(eng.optimizer, eng.named_params(), state)
+    return eng
