@@ -146,7 +146,24 @@ def checkpoint_layers(layers: list[DecoderLayer]) -> None:
 
 
 # ---------------------------------------------------------------------- plain engine (ZeRO 0-3)
-class StageEngine:
+class DeepSpeedModule:
+    """What every non-pipeline engine answers the same way from ``self.model`` (the module it
+    built) and ``self.engine`` (DeepSpeed's engine around it)."""
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's current config (it carries the live MSG mask state)."""
+        return self.model.config
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from self.engine.module.named_parameters()
+
+
+class StageEngine(DeepSpeedModule):
     """A ``TeleFLMForCausalLM`` under a DeepSpeed ZeRO engine (stage 0, 1, 2 or 3)."""
 
     pipeline = False
@@ -165,17 +182,6 @@ class StageEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
 
-    @property
-    def config(self) -> ModelConfig:
-        """The model's current config (it carries the live MSG mask state)."""
-        return self.model.config
-
-    @property
-    def zero_stage(self) -> int:
-        return self.engine.zero_optimization_stage()
-
-    def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
-        yield from self.engine.module.named_parameters()
 
     def train_step(self, batches: list[Batch]) -> torch.Tensor:
         import torch.distributed as dist

@@ -30,14 +30,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointError, read_optimizer_state
 from growth.config import ModelConfig
 from growth.model import init_tensor
 from stages import optim_state
 from stages.config import DeepSpeedCfg, Precision, StageCfg
-from stages.engine import Batch, checkpoint_layers, ds_config, make_optimizer
+from stages.engine import Batch, DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
 from stages.tensor_parallel.io import gather_tensors, read_shards, tp_model
 from stages.tensor_parallel.layers import TPForCausalLM, shard, shard_dim, vocab_parallel_cross_entropy
 
@@ -102,7 +101,7 @@ class ParallelGroups:
         return 0
 
 
-class TPStageEngine:
+class TPStageEngine(DeepSpeedModule):
     """A :class:`TPForCausalLM` rank under ``deepspeed.initialize`` with TP × DP groups."""
 
     pipeline = False
@@ -119,19 +118,6 @@ class TPStageEngine:
         optimizer = make_optimizer(list(model.named_parameters()), model.config, stage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world), mpu=groups)
-
-    @property
-    def config(self) -> ModelConfig:
-        """The model's config, MSG mask record as it stands (the model owns it)."""
-        return self.model.config
-
-    @property
-    def zero_stage(self) -> int:
-        return self.engine.zero_optimization_stage()
-
-    def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``(hf_name, slice)``: this rank's TP slice of each parameter."""
-        yield from self.engine.module.named_parameters()
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel cross-entropy of the engine's (vocab-split) logits."""
