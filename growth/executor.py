@@ -44,7 +44,6 @@ from typing import Any
 import torch
 
 from growth.checkpoint import (
-    CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     DTYPE_NAMES,
     OPTIMIZER_DIR,
@@ -59,7 +58,7 @@ from growth.checkpoint import (
     staging_dir,
     torch_dtype,
 )
-from growth.config import ModelConfig, resolve_config
+from growth.config import CONFIG_NAME, ModelConfig, resolve_config
 from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_streaming
 from operators import GrowthPlan, GrowthSpec, make_plan
 from operators.plan import CHUNK_ELEMENTS

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from growth.checkpoint import (
-    CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     DTYPE_NAMES,
     CheckpointError,
@@ -41,7 +40,7 @@ from growth.checkpoint import (
     parse_size,
     torch_dtype,
 )
-from growth.config import ModelConfig
+from growth.config import CONFIG_NAME, ModelConfig
 from growth.executor import output_dtype, shard_tasks
 
 EXPORT_EVENT = "export-hf"

@@ -41,7 +41,6 @@ import torch
 from tqdm import tqdm
 
 from growth.checkpoint import (
-    CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     DTYPE_NAMES,
     IGNORED_SUFFIXES,
@@ -59,7 +58,7 @@ from growth.checkpoint import (
     staging_dir,
     torch_dtype,
 )
-from growth.config import ConfigError, ModelConfig
+from growth.config import CONFIG_NAME, ConfigError, ModelConfig
 from growth.tensor_io import nbytes_of, shard_complete, write_shard_streaming
 
 log = logging.getLogger(__name__)
