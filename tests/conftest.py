@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,22 @@ def assert_one_line_error(rc: int, stderr: str, *needles: str) -> None:
     assert len(lines) == 1, stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject.toml): one worker per core, at most 4; each multi-process test
+    starts 2–4 ranks of its own, so more workers only contend for the cores."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The session's directory for runs several test modules share (tests/ds_helpers.py): made
+    by the controlling process, so pytest-xdist workers, started after this, inherit it."""
+    if hasattr(config, "workerinput") or os.environ.get("FLM_TEST_SHARED_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="flm-ds-tests-")
+    os.environ["FLM_TEST_SHARED_DIR"] = path
+    config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
 
 
 @pytest.fixture

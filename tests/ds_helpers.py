@@ -9,6 +9,8 @@ mid-stage use ``tests.ds_workers`` (a Trainer subclass) as their worker module.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,35 +142,59 @@ def read_summary(stage_dir: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- shared runs
-# Runs several test modules compare against, made once per pytest process.
+# Runs several test modules compare against, made once per pytest session: under
+# pytest-xdist every worker sees the one directory the controller named in SHARED_ENV
+# (tests/conftest.py), and a flock per run makes the first worker that needs it train it
+# while the others wait for it.
 SHARED_RUNS: dict[str, dict[str, Any]] = {
     "zero1": {"zero": 1},
     "zero2-bf16": {"zero": 2, "precision": "bf16", "micro_batch_size": 2, "grad_accum": 2},
     "zero3": {"zero": 3, "activation_checkpointing": True},
     "pipe": {"pipeline": True, "activation_checkpointing": True, "micro_batch_size": 2, "grad_accum": 2},
 }
+SHARED_ENV = "FLM_TEST_SHARED_DIR"
 _state: dict[str, Any] = {"base": None, "data": None, "runs": {}}
 
 
 def base_dir() -> Path:
     if _state["base"] is None:
-        base = Path(tempfile.mkdtemp(prefix="flm-ds-tests-"))
-        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        if os.environ.get(SHARED_ENV):
+            base = Path(os.environ[SHARED_ENV])
+            base.mkdir(parents=True, exist_ok=True)
+        else:  # outside pytest: a directory of this process's own
+            base = Path(tempfile.mkdtemp(prefix="flm-ds-tests-"))
+            atexit.register(shutil.rmtree, base, ignore_errors=True)
         _state["base"] = base
     return _state["base"]
 
 
+@contextlib.contextmanager
+def _made_once(name: str) -> Iterator[Path]:
+    """An exclusive lock on ``base_dir()/name`` across the session's processes; yields the path."""
+    path = base_dir() / name
+    with open(base_dir() / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def data_info() -> dict[str, Any]:
     if _state["data"] is None:
-        _state["data"] = prepare_data(base_dir() / "data")
+        with _made_once("data") as path:
+            _state["data"] = prepare_data(path)
     return _state["data"]
 
 
 def shared_run(name: str) -> Path:
-    """The stage dir of the shared run ``name`` (trained on first use)."""
+    """The stage dir of the shared run ``name`` (trained on first use in the session)."""
     if name not in _state["runs"]:
-        stage_dir = base_dir() / name
-        run_worker(write_stage_config(stage_dir, data_info(), **SHARED_RUNS[name]))
+        data = data_info()
+        with _made_once(name) as stage_dir:
+            if not StageDir(stage_dir).summary.is_file():  # none yet, or a crashed attempt's leftovers
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                run_worker(write_stage_config(stage_dir, data, **SHARED_RUNS[name]))
         _state["runs"][name] = stage_dir
     return _state["runs"][name]
 
