@@ -8,12 +8,14 @@ Keep this file small and its names stable — every test module may use them:
   process (same code path, no 2 s torch import; use ``run_grow`` where the process matters).
 - ``run_measured(argv, timeout=60)`` → ``Measured(rc, stdout, stderr, seconds, cpu_seconds,
   max_rss_bytes)`` (a named tuple).
+- ``tree_hashes(root)`` → {relative path: sha256} of every file below ``root``.
 - ``assert_one_line_error(rc, stderr, *needles)``: a user error, one line, no traceback.
 - fixtures ``rng`` (seeded ``random.Random``), ``tiny_config``, ``tiny_checkpoint``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -84,6 +86,12 @@ def grow_in_process(capsys: pytest.CaptureFixture, *args: str | os.PathLike) -> 
     rc = main([str(a) for a in args])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root`` (byte-identical outputs compare equal)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 class Measured(NamedTuple):

@@ -3,7 +3,6 @@ optimizer moments. Tiny fp32 models; everything runs in a few seconds."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -15,24 +14,13 @@ import pytest
 import torch
 
 from growth.checkpoint import OPTIMIZER_DIR, CheckpointReader, load_model, save_checkpoint, staging_dir
-from growth.cli import main
 from growth.config import ModelConfig, get_flavor
 from growth.init import init_checkpoint
 from growth.model import init_state_dict
-from tests.conftest import REPO, _env
+from tests.conftest import REPO, _env, tree_hashes
+from tests.conftest import grow_in_process as grow
 
 EPOCH = "1700000000"  # SOURCE_DATE_EPOCH: growth.json's event time, for byte comparisons
-
-
-def grow(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

@@ -29,25 +29,13 @@ from growth.checkpoint import (
     save_checkpoint,
     staging_dir,
 )
-from growth.cli import main
 from growth.config import get_flavor
 from growth.init import init_checkpoint
 from growth.verify import verify
-from tests.conftest import REPO, _env, assert_one_line_error
+from tests.conftest import REPO, _env, assert_one_line_error, tree_hashes
+from tests.conftest import grow_in_process as grow
 
 EPOCH = "1700000000"
-
-
-def grow(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def start_apply(src: Path, out: Path, delay: str = "0.2") -> subprocess.Popen:
@@ -63,6 +51,14 @@ def wait_for_shards(proc: subprocess.Popen, staging: Path, n: int) -> None:
         assert proc.poll() is None, "apply finished too early: " + (proc.stderr.read() if proc.stderr else "")
         assert time.monotonic() < deadline, "apply made no progress"
         time.sleep(0.02)
+
+
+def kill_apply_after_3_shards(src: Path, out: Path) -> None:
+    """SIGKILL a slowed ``grow apply src → tiny-s2`` once 3 of its shards are staged."""
+    proc = start_apply(src, out, delay="0.1")
+    wait_for_shards(proc, staging_dir(out), 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture
@@ -141,10 +137,7 @@ def test_resume_with_a_different_source_of_identical_headers_redoes(tmp_path, ca
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
     src = init_checkpoint(get_flavor("tiny-s1"), tmp_path / "src", seed=0)
     out = tmp_path / "out"
-    proc = start_apply(src, out, delay="0.1")
-    wait_for_shards(proc, staging_dir(out), 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_apply_after_3_shards(src, out)
     assert staging_dir(out).is_dir() and not out.exists()
     old_headers = header_only_fingerprint(src)
     for p in src.iterdir():
@@ -169,10 +162,7 @@ def test_resume_refuses_a_corrupted_staged_shard(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
     src = init_checkpoint(get_flavor("tiny-s1"), tmp_path / "src", seed=0)
     out = tmp_path / "out"
-    proc = start_apply(src, out, delay="0.1")
-    wait_for_shards(proc, staging_dir(out), 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_apply_after_3_shards(src, out)
     victim = sorted(staging_dir(out).glob("model-*.safetensors"))[0]
     data = bytearray(victim.read_bytes())
     data[-5] ^= 0xFF  # same size, same header, one flipped byte
