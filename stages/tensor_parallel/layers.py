@@ -211,15 +211,8 @@ class TPForCausalLM(nn.Module):
         return self.model.vocab_start
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = copy_to_tp(self.model(input_ids), self.group, self.tp)
-        logits = self.lm_head(h)
-        if self.config.logit_scale != 1.0:
-            logits = logits * self.config.logit_scale
-        valid = self.config.valid_vocab_size
-        if valid is not None and valid < self.model.vocab_stop:
-            logits = logits.clone()
-            logits[..., max(valid - self.vocab_start, 0):] = float("-inf")
-        return logits
+        return vocab_parallel_logits(self.config, self.lm_head, self.model(input_ids), self.vocab_start,
+                                     self.model.vocab_stop, self.group, self.tp)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(self(input_ids), labels, self.vocab_start, self.group, self.tp)
@@ -232,8 +225,8 @@ class TPForCausalLM(nn.Module):
         (frozen) config carrying ``record``; exporters read ``model.config``."""
         self.config = self.model.config = self.config.replace(growth_mask=record)  # validates
         masks = build_masks(self.config, self.lm_head.weight.device)
-        heads = _slice(masks["heads"], self.rank, self.tp)
-        ffn = _slice(masks["ffn"], self.rank, self.tp)
+        heads = slice_mask(masks["heads"], self.rank, self.tp)
+        ffn = slice_mask(masks["ffn"], self.rank, self.tp)
         self.model.hidden_mask = self.model.norm.mask = masks["hidden"]
         for i, layer in enumerate(self.model.layers):
             layer.hidden_mask = masks["hidden"]
@@ -248,7 +241,22 @@ class TPForCausalLM(nn.Module):
         self.set_growth_mask({**self.config.growth_mask, "c": float(c)})
 
 
-def _slice(mask: torch.Tensor | None, rank: int, tp: int) -> torch.Tensor | None:
+def vocab_parallel_logits(config: ModelConfig, lm_head: nn.Linear, h: torch.Tensor, vocab_start: int,
+                          vocab_stop: int, group: Any, tp: int) -> torch.Tensor:
+    """This rank's logit columns ``[vocab_start, vocab_stop)`` of the final-normed ``h``: the
+    μP logit scale, and −inf on the padded vocab ids (``valid_vocab_size``) this rank holds."""
+    logits = lm_head(copy_to_tp(h, group, tp))
+    if config.logit_scale != 1.0:
+        logits = logits * config.logit_scale
+    valid = config.valid_vocab_size
+    if valid is not None and valid < vocab_stop:
+        logits = logits.clone()
+        logits[..., max(valid - vocab_start, 0):] = float("-inf")
+    return logits
+
+
+def slice_mask(mask: torch.Tensor | None, rank: int, tp: int) -> torch.Tensor | None:
+    """Rank ``rank``'s rows of an MSG head or FFN mask (None stays None)."""
     if mask is None:
         return None
     start, stop = shard_range(mask.shape[0], rank, tp)
