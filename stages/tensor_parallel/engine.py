@@ -1,4 +1,4 @@
-"""A tensor-parallel Tele-FLM under a DeepSpeed ZeRO-1/2 engine (no pipeline).
+"""A tensor-parallel Tele-FLM under a DeepSpeed ZeRO-0/1/2 engine (no pipeline).
 
 :class:`TPStageEngine` implements ``stages.engine.Engine``, so ``stages.trainer.Trainer``
 drives it like the plain and pipeline engines; ``stages.trainer.build_engine`` picks it when

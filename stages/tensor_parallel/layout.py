@@ -101,21 +101,15 @@ def check_model_split(config: ModelConfig, tp: int, what: str = "stage.model") -
 
 def check_stage_layout(cfg: dict[str, Any], target: ModelConfig) -> None:
     """The orchestrator's layout check, before any worker starts: TP splits the stage's model,
-    and a training run with TP > 1 uses what the TP engines are built for: ZeRO-1/2 without a
-    pipeline (stages.tensor_parallel.engine), ZeRO-1 inside DeepSpeed's pipeline
+    and a training run with TP > 1 uses what the TP engines are built for: ZeRO-0/1/2 without a
+    pipeline (stages.tensor_parallel.engine), ZeRO-0/1 inside DeepSpeed's pipeline
     (stages.tensor_parallel.pipe)."""
     ds = cfg["deepspeed"]
     tp = ds["tensor_parallel"]
     check_model_split(target, tp)
     if tp == 1 or cfg["dry_run"]:
         return
-    if ds["pipeline"]:
-        if ds["zero_stage"] != 1:
-            raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.pipeline=true and deepspeed.zero_stage="
-                              f"{ds['zero_stage']}: tensor parallelism inside the pipeline is built and tested with "
-                              f"ZeRO-1 only; use deepspeed=pipe (zero_stage 1)")
-        return
-    if ds["zero_stage"] not in (1, 2):
-        raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.zero_stage={ds['zero_stage']}: the "
-                          f"tensor-parallel engine is built and tested with ZeRO-1 and ZeRO-2 only; use "
-                          f"deepspeed=zero1 or deepspeed=zero2")
+    if ds["zero_stage"] == 3:  # the pipeline refuses ZeRO-2/3 itself (stages.config.check_deepspeed)
+        raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.zero_stage=3: the tensor-parallel "
+                          f"engines are built and tested with ZeRO-0, ZeRO-1 and ZeRO-2 (ZeRO-0/1 inside the "
+                          f"pipeline) only; use deepspeed=zero1, deepspeed=zero2 or deepspeed=pipe")

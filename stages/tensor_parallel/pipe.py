@@ -158,9 +158,12 @@ class TPPipeStageEngine(PipeStageEngine):
                 state[name] = shard(name, full, self.tp_rank, self.tp).clone()
         with torch.no_grad():
             for name, p in params.items():
-                p.tensor_model_parallel = shard_dim(name) is not None
                 p.copy_(state[name])
         self.start_state = state
+
+    def counts_in_grad_norm(self, name: str) -> bool:
+        """Split tensors on every TP rank, replicated ones (norm gains) on TP rank 0 only."""
+        return shard_dim(name) is not None or self.tp_rank == 0
 
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:
         self.config = set_pipe_growth_mask(self.module, self.config, record,
