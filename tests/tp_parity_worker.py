@@ -118,6 +118,7 @@ def pipe_train(eng: Any, steps: int, out: str | None = None, save_at: int | None
     eng.set_growth_mask(MASK)
     evals = [batch("eval", i) for i in range(2)]
     record = {"engine": type(eng).__name__, "dp_world": eng.dp_world, "zero_stage": eng.zero_stage,
+              "dtype": str(next(p for _, p in eng.named_params()).dtype),
               "eval_loss_start": eng.eval_loss(evals), "losses": [], "grad_norms": []}
     for i in range(steps):
         loss, norm = pipe_step(eng, i)

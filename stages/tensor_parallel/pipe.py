@@ -36,8 +36,14 @@ from growth.config import ModelConfig
 from growth.model import RMSNorm, init_tensor
 from stages import ds_compat, optim_state
 from stages.config import DeepSpeedCfg, Precision, StageCfg
-from stages.pipeline import DecoderLayerPipe, EmbeddingPipe, HeadPipe, PipeStageEngine, build_pipeline_module, \
-    set_pipe_growth_mask
+from stages.pipeline import (
+    DecoderLayerPipe,
+    EmbeddingPipe,
+    HeadPipe,
+    PipeStageEngine,
+    build_pipeline_module,
+    set_pipe_growth_mask,
+)
 from stages.tensor_parallel.io import gather_shard, read_shards
 from stages.tensor_parallel.layers import (
     TPMLP,
