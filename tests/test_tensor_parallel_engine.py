@@ -12,7 +12,7 @@ in one 4-rank launch (tests/tp_parity_worker.py runs each layout after one start
   pipeline engine seeded from the export holds its moments exactly and, loaded from the
   DeepSpeed checkpoint, redoes the last step identically (resume).
 - **ZeRO-0 under TP** (TP 2 × PP 2, and TP 2 × DP 2 whose two replicas see the same rows, so the
-  global gradient is the 1-rank one) vs that 1-rank run; **bf16 under TP** (both engines) vs the
+  global gradient is the 1-rank one; also the plain PP 2 × DP 2 pipeline) vs that 1-rank run; **bf16 under TP** (both engines) vs the
   1-rank bf16 engine, a loose tolerance: bf16 rounds differently when sums are split across ranks.
 """
 
@@ -155,7 +155,8 @@ def test_tp_pipe_seeds_adam_and_resumes(runs):
 
 def test_zero0_under_tp_matches_one_rank(runs):
     one = runs[1]["pipe", 1]
-    for key, engine, dp in (("zero0_pipe", "TPPipeStageEngine", 1), ("zero0_dp", "TPStageEngine", 2)):
+    for key, engine, dp in (("zero0_pipe", "TPPipeStageEngine", 1), ("zero0_dp", "TPStageEngine", 2),
+                            ("zero0_plain_pipe", "PipeStageEngine", 2)):
         rec = runs[1]["pipe", 2][key]
         assert (rec["engine"], rec["zero_stage"], rec["dp_world"]) == (engine, 0, dp)
         assert abs(rec["eval_loss_start"] - one["eval_loss_start"]) <= 1e-6 * one["eval_loss_start"]

@@ -5,7 +5,8 @@ that one 4-rank launch runs every TP layout after a single start-up:
 
 ``dp``: the TP × DP check (TP 2 × DP 2 under ZeRO-2 vs plain DP 2 under ZeRO-1; batches keyed by
 the data-parallel rank). ``pipe``: TP 2 × PP 2 inside DeepSpeed's pipeline vs 1 rank (batches
-not keyed by rank; with ``TP > 1`` also Adam seeding, resume, ZeRO-0 and bf16 under TP). Both
+not keyed by rank; with ``TP > 1`` also Adam seeding, resume, ZeRO-0 and bf16 under TP, and the
+plain pipeline under ZeRO-0). Both
 start from ``OUT/start``; every engine comes from ``stages.trainer.build_engine``. Rank 0 writes
 ``OUT/<phase>-record-tp<TP>.json`` and the exports ``OUT/<phase>-final-tp<TP>``.
 """
@@ -149,6 +150,8 @@ def pipe_phase(out: str, tp: int, steps: int) -> None:
         # ZeRO-0 (plain DeepSpeed) under TP, inside the pipeline and without it (TP 2 × DP 2)
         record["zero0_pipe"] = pipe_train(engine(start, tp, zero=0, pipe=True), 2)
         record["zero0_dp"] = pipe_train(engine(start, tp, zero=0), 2)
+        # ... and the plain pipeline's (PP 2 × DP 2, no TP): its clipping norm counts every stage
+        record["zero0_plain_pipe"] = pipe_train(engine(start, 1, zero=0, pipe=True), 2)
         # bf16 under TP, both engines
         record["bf16_pipe"] = pipe_train(engine(start, tp, zero=1, pipe=True, precision="bf16"), steps)
         record["bf16_dp"] = pipe_train(engine(start, tp, zero=1, precision="bf16"), steps)
