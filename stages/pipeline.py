@@ -215,12 +215,15 @@ class PipeStageEngine:
         optimizer = make_optimizer(list(self.module.named_parameters()), config, stage)
         self.dp_world = self.module.mpu().get_data_parallel_world_size()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
+            model=self.module, optimizer=optimizer, config=self.deepspeed_config(ds, stage))
         self.dp_rank = ds_compat.pipe_dp_rank(self.engine)
 
     # ------------------------------------------------------------------ what a TP subclass changes
     def build_module(self, config: ModelConfig, ds: DeepSpeedCfg) -> nn.Module:
         return build_pipeline_module(config, ds.pipeline_stages, ds.activation_checkpointing)
+
+    def deepspeed_config(self, ds: DeepSpeedCfg, stage: StageCfg) -> dict[str, Any]:
+        return ds_config(ds, stage, self.dp_world)
 
     def load_start_weights(self, state_dict: dict[str, torch.Tensor] | None, seed: int) -> None:
         """Full tensors from ``state_dict``, else growth.model's fresh init (``seed``)."""

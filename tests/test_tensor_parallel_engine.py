@@ -11,9 +11,11 @@ in one 4-rank launch (tests/tp_parity_worker.py runs each layout after one start
   (heads, FFN units, hidden, a new layer) ramping every step; the same checks, plus a fresh TP
   pipeline engine seeded from the export holds its moments exactly and, loaded from the
   DeepSpeed checkpoint, redoes the last step identically (resume).
+- **Sequence parallelism** (TP 2 × PP 2 under ZeRO-1, TP 2 × DP 2 under ZeRO-2) vs that 1-rank run.
 - **ZeRO-0 under TP** (TP 2 × PP 2, and TP 2 × DP 2 whose two replicas see the same rows, so the
-  global gradient is the 1-rank one; also the plain PP 2 × DP 2 pipeline) vs that 1-rank run; **bf16 under TP** (both engines) vs the
-  1-rank bf16 engine, a loose tolerance: bf16 rounds differently when sums are split across ranks.
+  global gradient is the 1-rank one; also the plain PP 2 × DP 2 pipeline) vs that 1-rank run.
+- **bf16 under TP** (both engines) vs the 1-rank bf16 engine, a loose tolerance: bf16 rounds
+  differently when sums are split across ranks.
 """
 
 from __future__ import annotations
@@ -163,6 +165,19 @@ def test_zero0_under_tp_matches_one_rank(runs):
         for a, b in zip(rec["losses"], one["losses"][:2], strict=True):
             assert abs(a - b) <= 1e-4 * abs(b), key
         # ZeRO-0 clips in DeepSpeed's clip_grad_norm_: every stage and TP shard once, norms once
+        for a, b in zip(rec["grad_norms"], one["grad_norms"][:2], strict=True):
+            assert abs(a - b) <= 1e-5 * b, key
+
+
+def test_sequence_parallel_matches_one_rank(runs):
+    one = runs[1]["pipe", 1]
+    for key, engine, zero in (("sp_pipe", "TPPipeStageEngine", 1), ("sp_dp", "TPStageEngine", 2)):
+        rec = runs[1]["pipe", 2][key]
+        assert (rec["engine"], rec["zero_stage"]) == (engine, zero)
+        assert abs(rec["eval_loss_start"] - one["eval_loss_start"]) <= 1e-6 * one["eval_loss_start"]
+        for a, b in zip(rec["losses"], one["losses"][:2], strict=True):
+            assert abs(a - b) <= 1e-4 * abs(b), key
+        # the norm gains' gradients are summed over the sequence shards before the norm is taken
         for a, b in zip(rec["grad_norms"], one["grad_norms"][:2], strict=True):
             assert abs(a - b) <= 1e-5 * b, key
 

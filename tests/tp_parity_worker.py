@@ -5,8 +5,8 @@ that one 4-rank launch runs every TP layout after a single start-up:
 
 ``dp``: the TP × DP check (TP 2 × DP 2 under ZeRO-2 vs plain DP 2 under ZeRO-1; batches keyed by
 the data-parallel rank). ``pipe``: TP 2 × PP 2 inside DeepSpeed's pipeline vs 1 rank (batches
-not keyed by rank; with ``TP > 1`` also Adam seeding, resume, ZeRO-0 and bf16 under TP, and the
-plain pipeline under ZeRO-0). Both
+not keyed by rank; with ``TP > 1`` also Adam seeding, resume, ZeRO-0, sequence parallelism and
+bf16 under TP, and the plain pipeline under ZeRO-0). Both
 start from ``OUT/start``; every engine comes from ``stages.trainer.build_engine``. Rank 0 writes
 ``OUT/<phase>-record-tp<TP>.json`` and the exports ``OUT/<phase>-final-tp<TP>``.
 """
@@ -51,10 +51,11 @@ def record_clip_norms() -> None:
     ds_engine.clip_grad_norm_ = recording
 
 
-def engine(ckpt: str, tp: int, *, zero: int, pipe: bool = False, precision: str = "fp32") -> Any:
+def engine(ckpt: str, tp: int, *, zero: int, pipe: bool = False, precision: str = "fp32", sp: bool = False) -> Any:
     """TP: each rank reads its own slices of ``ckpt`` (as the trainer's start_weights is {})."""
     ds = DeepSpeedCfg(name="test", zero_stage=zero, pipeline=pipe, pipeline_stages=2, precision=precision,
-                      gradient_clipping=0.2, activation_checkpointing=tp > 1, tensor_parallel=tp)
+                      gradient_clipping=0.2, activation_checkpointing=tp > 1, tensor_parallel=tp,
+                      sequence_parallel=sp)
     with CheckpointReader(ckpt) as reader:
         weights = reader.state_dict(torch.float32) if tp == 1 else {}
         return build_engine(reader.config, weights, ds, STAGE, init=ckpt if tp > 1 else None)
@@ -152,6 +153,9 @@ def pipe_phase(out: str, tp: int, steps: int) -> None:
         record["zero0_dp"] = pipe_train(engine(start, tp, zero=0), 2)
         # ... and the plain pipeline's (PP 2 × DP 2, no TP): its clipping norm counts every stage
         record["zero0_plain_pipe"] = pipe_train(engine(start, 1, zero=0, pipe=True), 2)
+        # sequence parallelism, both engines (12 tokens: 6 a TP rank)
+        record["sp_pipe"] = pipe_train(engine(start, tp, zero=1, pipe=True, sp=True), 2)
+        record["sp_dp"] = pipe_train(engine(start, tp, zero=2, sp=True), 2)
         # bf16 under TP, both engines
         record["bf16_pipe"] = pipe_train(engine(start, tp, zero=1, pipe=True, precision="bf16"), steps)
         record["bf16_dp"] = pipe_train(engine(start, tp, zero=1, precision="bf16"), steps)

@@ -38,7 +38,13 @@ from stages import optim_state
 from stages.config import DeepSpeedCfg, Precision, StageCfg
 from stages.engine import Batch, DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
 from stages.tensor_parallel.io import gather_tensors, read_shards, tp_model
-from stages.tensor_parallel.layers import TPForCausalLM, shard, shard_dim, vocab_parallel_cross_entropy
+from stages.tensor_parallel.layers import (
+    TPForCausalLM,
+    all_reduce_norm_grads,
+    shard,
+    shard_dim,
+    vocab_parallel_cross_entropy,
+)
 
 
 class ParallelGroups:
@@ -210,7 +216,10 @@ def build_tp(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpee
                  for name in config.tensor_shapes()}
     else:
         state = fresh_slices(config, stage.seed, groups)
-    eng = TPStageEngine(tp_model(config, state, groups.tp_group, groups.tp, groups.tp_rank), groups, ds, stage)
+    model = tp_model(config, state, groups.tp_group, groups.tp, groups.tp_rank, ds.sequence_parallel)
+    if model.sp:
+        all_reduce_norm_grads(model, groups.tp_group)
+    eng = TPStageEngine(model, groups, ds, stage)
     if ds.precision == Precision.bf16:
         optim_state.set_master_weights(eng.optimizer, eng.named_params(), state)
     return eng

@@ -77,10 +77,10 @@ def read_shards(directory: str | Path, rank: int, tp: int, config: ModelConfig |
 
 
 def tp_model(config: ModelConfig, state: dict[str, torch.Tensor], group: Any = None, tp: int = 1,
-             rank: int = 0) -> TPForCausalLM:
+             rank: int = 0, sp: bool = False) -> TPForCausalLM:
     """A TP rank whose parameters *are* the given shards (``assign=True``, no copy)."""
     with torch.device("meta"):
-        model = TPForCausalLM(config, group, tp, rank)
+        model = TPForCausalLM(config, group, tp, rank, sp)
     model.load_state_dict(state, assign=True, strict=True)
     if config.growth_mask is not None:
         model.set_growth_mask(config.growth_mask)
@@ -88,10 +88,10 @@ def tp_model(config: ModelConfig, state: dict[str, torch.Tensor], group: Any = N
 
 
 def load_tp_model(directory: str | Path, group: Any = None, tp: int = 1, rank: int = 0,
-                  dtype: torch.dtype = torch.float32) -> TPForCausalLM:
+                  dtype: torch.dtype = torch.float32, sp: bool = False) -> TPForCausalLM:
     """Rank ``rank`` of a TP-``tp`` model from a canonical checkpoint (its slices only)."""
     config, state = read_shards(directory, rank, tp, dtype=dtype)
-    return tp_model(config, state, group, tp, rank)
+    return tp_model(config, state, group, tp, rank, sp)
 
 
 def gather_tensors(model: TPForCausalLM, tensors: dict[str, torch.Tensor] | None = None,

@@ -79,6 +79,10 @@ def check_layout_fields(cfg: dict[str, Any]) -> None:
         raise LayoutError(f"field 'deepspeed.tensor_parallel': {what} = {tp * pp} does not divide the "
                           f"{world} ranks (nproc × nnodes), so TP × PP × DP ≠ world size; pick degrees "
                           f"whose product divides {world}")
+    if ds["sequence_parallel"] and tp > 1 and cfg["stage"]["seq_len"] % tp:
+        raise LayoutError(f"field 'deepspeed.sequence_parallel': stage.seq_len {cfg['stage']['seq_len']} does not "
+                          f"divide by tensor_parallel {tp} (each TP rank holds 1/{tp} of the sequence); pick a "
+                          f"seq_len that is a multiple of {tp}")
     if not cfg["gpu_memory_gib"] > 0:
         raise LayoutError(f"field 'gpu_memory_gib' must be positive, got {cfg['gpu_memory_gib']}")
 

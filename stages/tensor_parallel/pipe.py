@@ -21,6 +21,10 @@ full-vocab logits are never gathered). Activations between stages are replicated
 DeepSpeed sends each TP rank's ``1/tp`` piece and all-gathers it on the receiving stage
 (``pipeline.pipe_partitioned``, its default). The HF-name adapter of stages.pipeline is
 unchanged; DeepSpeed's own checkpoint files carry the TP rank (``layer_XX-model_YY-…``).
+
+With ``deepspeed.sequence_parallel`` the hidden states between (and inside) stages are split
+along the sequence (stages.tensor_parallel.layers), so DeepSpeed's partitioned send is turned
+off: each TP rank sends its own shard to the same TP rank of the next stage.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from growth.config import ModelConfig
-from growth.model import RMSNorm, init_tensor
+from growth.model import DecoderLayer, RMSNorm, init_tensor, rope_cos_sin
 from stages import ds_compat, optim_state
 from stages.config import DeepSpeedCfg, Precision, StageCfg
 from stages.pipeline import (
@@ -48,12 +52,13 @@ from stages.tensor_parallel.io import gather_shard, read_shards
 from stages.tensor_parallel.layers import (
     TPMLP,
     TPAttention,
-    TPModel,
+    all_reduce_norm_grads,
     local_config,
     shard,
     shard_dim,
     shard_range,
     slice_mask,
+    tp_embed,
     vocab_parallel_cross_entropy,
     vocab_parallel_logits,
 )
@@ -64,40 +69,45 @@ from stages.tensor_parallel.layout import LayoutError
 class TPEmbeddingPipe(EmbeddingPipe):
     """Spec 0 on TP rank ``rank``: vocab rows ``[rank·V/tp, (rank+1)·V/tp)``, all-reduced."""
 
-    def __init__(self, config: ModelConfig, tp: int, rank: int):
+    def __init__(self, config: ModelConfig, tp: int, rank: int, sp: bool = False):
         nn.Module.__init__(self)
-        self.config, self.tp, self.group = config, tp, None
+        self.config, self.tp, self.sp, self.group = config, tp, sp, None
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
         self.embed_tokens = nn.Embedding(config.vocab_size // tp, config.hidden_size)
         self.hidden_mask: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return TPModel.embed(self, input_ids)  # the TP model's own code path
+        return tp_embed(self, input_ids)  # the TP model's own code path
 
 
 class TPDecoderLayerPipe(DecoderLayerPipe):
     """Specs 1…L: this rank's heads and FFN units (column/row parallel), RoPE per input."""
 
-    def __init__(self, config: ModelConfig, tp: int, rank: int):
+    def __init__(self, config: ModelConfig, tp: int, rank: int, sp: bool = False):
         local = local_config(config, tp)
         super().__init__(local)
-        self.self_attn = TPAttention(local, None, tp)
-        self.mlp = TPMLP(local, None, tp)
+        self.self_attn = TPAttention(local, None, tp, sp)
+        self.mlp = TPMLP(local, None, tp, sp)
+        self.seq_parts = tp if sp else 1  # with sp the input is this rank's 1/tp of the sequence
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        cos, sin = rope_cos_sin(h.shape[1] * self.seq_parts, self.head_dim, self.rope_theta, h.device, h.dtype)
+        return DecoderLayer.forward(self, h, cos, sin)
 
 
 class TPHeadPipe(HeadPipe):
     """Spec L+1: final norm (replicated) and this rank's ``lm_head`` rows → its logit columns."""
 
-    def __init__(self, config: ModelConfig, tp: int, rank: int):
+    def __init__(self, config: ModelConfig, tp: int, rank: int, sp: bool = False):
         nn.Module.__init__(self)
-        self.config, self.tp, self.group = config, tp, None
+        self.config, self.tp, self.sp, self.group = config, tp, sp, None
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size // tp, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_logits(self.config, self.lm_head, self.norm(h), self.vocab_start, self.vocab_stop,
-                                     self.group, self.tp)
+                                     self.group, self.tp, self.sp)
 
 
 class VocabParallelLoss:
@@ -129,6 +139,7 @@ class TPPipeStageEngine(PipeStageEngine):
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor] | None, ds: DeepSpeedCfg,
                  stage: StageCfg, init: str | Path | None = None):
         self.tp, self.init = ds.tensor_parallel, init
+        self.sp = ds.sequence_parallel and self.tp > 1
         self.start_state: dict[str, torch.Tensor] = {}  # this rank's fp32 start slices
         super().__init__(config, weights or None, stage.seed, ds, stage)
         self.tp_group = self.module.mpu().get_slice_parallel_group()
@@ -144,9 +155,20 @@ class TPPipeStageEngine(PipeStageEngine):
         self.tp_rank = topology.get_coord(dist.get_rank()).model
         loss = VocabParallelLoss(shard_range(config.vocab_size, self.tp_rank, self.tp)[0], self.tp)
         module = build_pipeline_module(config, None, ds.activation_checkpointing, layers=TP_PIPE_LAYERS,
-                                       layer_args=(self.tp, self.tp_rank), loss_fn=loss, topology=topology)
-        bind_tp_group(module, loss, module.mpu().get_slice_parallel_group())
+                                       layer_args=(self.tp, self.tp_rank, self.sp), loss_fn=loss, topology=topology)
+        group = module.mpu().get_slice_parallel_group()
+        bind_tp_group(module, loss, group)
+        if self.sp:
+            all_reduce_norm_grads(module, group)
         return module
+
+    def deepspeed_config(self, ds: DeepSpeedCfg, stage: StageCfg) -> dict[str, Any]:
+        """With sequence parallelism a stage's output differs across its TP ranks (each holds its
+        shard), so DeepSpeed must not split and re-gather it as if it were replicated."""
+        config = super().deepspeed_config(ds, stage)
+        if self.sp:
+            config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+        return config
 
     def load_start_weights(self, state_dict: dict[str, torch.Tensor] | None, seed: int) -> None:
         """This rank's slices of its stage's tensors only: read from the canonical checkpoint
