@@ -174,6 +174,8 @@ def test_sequence_parallel_matches_one_rank(runs):
     for key, engine, zero in (("sp_pipe", "TPPipeStageEngine", 1), ("sp_dp", "TPStageEngine", 2)):
         rec = runs[1]["pipe", 2][key]
         assert (rec["engine"], rec["zero_stage"]) == (engine, zero)
+        assert rec["layer_input_tokens"] == [6]  # each TP rank holds 6 of the 12 tokens
+        assert runs[1]["pipe", 2]["layer_input_tokens"] == [12]  # without sequence parallelism, all
         assert abs(rec["eval_loss_start"] - one["eval_loss_start"]) <= 1e-6 * one["eval_loss_start"]
         for a, b in zip(rec["losses"], one["losses"][:2], strict=True):
             assert abs(a - b) <= 1e-4 * abs(b), key

@@ -116,8 +116,20 @@ def pipe_step(eng: Any, i: int) -> tuple[float, float]:
     return loss, grad_norm(eng)
 
 
+def layer_input_tokens(eng: Any) -> list[int]:
+    """Record the sequence length each decoder-layer input has on this rank (a forward pre-hook
+    on this rank's first decoder layer): the full 12 tokens, or 6 under sequence parallelism."""
+    from growth.model import DecoderLayer
+
+    seen: list[int] = []
+    layer = next(m for m in eng.engine.module.modules() if isinstance(m, DecoderLayer))
+    layer.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[1])))
+    return seen
+
+
 def pipe_train(eng: Any, steps: int, out: str | None = None, save_at: int | None = None) -> dict[str, Any]:
     eng.set_growth_mask(MASK)
+    tokens = layer_input_tokens(eng)
     evals = [batch("eval", i) for i in range(2)]
     record = {"engine": type(eng).__name__, "dp_world": eng.dp_world, "zero_stage": eng.zero_stage,
               "dtype": str(next(p for _, p in eng.named_params()).dtype),
@@ -129,6 +141,7 @@ def pipe_train(eng: Any, steps: int, out: str | None = None, save_at: int | None
         if i == save_at:
             eng.engine.save_checkpoint(os.path.join(out, "pipe-ds_ckpt"), tag="resume")
     record["eval_loss_end"] = eng.eval_loss(evals)
+    record["layer_input_tokens"] = sorted(set(tokens))
     return record
 
 
