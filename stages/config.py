@@ -135,6 +135,7 @@ class DeepSpeedCfg:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     # --- tensor parallelism (issue 13; stages.tensor_parallel, stages.dry_run) ---
     tensor_parallel: int = 1  # Megatron-style TP degree; data parallel = ranks / (TP × pipeline)
+    sequence_parallel: bool = False  # with TP > 1: norms/residuals split along the sequence (seq_len % TP == 0)
 
 
 @dataclass

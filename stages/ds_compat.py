@@ -138,6 +138,7 @@ def pipe_dp_rank(engine: Any) -> int:
     return engine.grid.data_parallel_id
 
 
-def pipe_owner_rank(engine: Any, module: Any, spec_index: int) -> int:
-    """Global rank of data-parallel replica 0 of the pipeline stage holding spec ``spec_index``."""
-    return engine.grid.stage_to_global(module.stage_owner(spec_index), data=0)
+def pipe_owner_rank(engine: Any, module: Any, spec_index: int, **coords: int) -> int:
+    """Global rank of data-parallel replica 0 of the pipeline stage holding spec ``spec_index``
+    (other topology axes: ``coords``, e.g. ``model=0``, else this rank's own)."""
+    return engine.grid.stage_to_global(module.stage_owner(spec_index), data=0, **coords)

@@ -12,7 +12,9 @@ work the same way. The adapter (:data:`PIPE_KEYS`, :func:`pipe_to_hf`,
 DeepSpeed checkpoints store layer ``i`` in :func:`layer_file` ``(i)`` with the local
 key (``self_attn.q_proj.weight``), and ``named_parameters()`` prefixes it with ``i.``.
 
-Pipeline parallelism runs with ZeRO-0 or ZeRO-1 only (DeepSpeed refuses 2 and 3).
+Pipeline parallelism runs with ZeRO-0 or ZeRO-1 only (DeepSpeed refuses 2 and 3). The
+tensor-parallel ranks of the same specs (TP × PP × DP) are stages.tensor_parallel.pipe's
+subclasses of these layers and of :class:`PipeStageEngine`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ PIPE_KEYS: dict[str, dict[str, str]] = {
     "layer": {p.key: LAYER_PREFIX + p.key for p in LAYER_PARAMS},
     "head": {"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"},
 }
-LAYER_FILE = "layer_{:02d}-model_states.pt"  # DeepSpeed's per-spec file (PipeDataParallelTopology)
+LAYER_FILE = "layer_{:02d}-model_states.pt"  # DeepSpeed's per-spec file (PipeDataParallelTopology; with TP
+# DeepSpeed inserts the TP rank: layer_XX-model_YY-model_states.pt)
 _HF_LAYER_PREFIX = "model.layers."
 
 
@@ -135,25 +138,40 @@ def checkpointed(function: Any, *args: torch.Tensor) -> Any:
     return checkpoint(function, *args, use_reentrant=False)
 
 
-def build_pipeline_module(config: ModelConfig, num_stages: int, activation_checkpointing: bool = False):
-    """The PipelineModule; each rank builds only its own stage's layers."""
+PIPE_LAYERS = (EmbeddingPipe, DecoderLayerPipe, HeadPipe)  # spec 0, specs 1…L, spec L+1
+
+
+def build_pipeline_module(config: ModelConfig, num_stages: int | None, activation_checkpointing: bool = False,
+                          layers: tuple[type[nn.Module], type[nn.Module], type[nn.Module]] = PIPE_LAYERS,
+                          layer_args: tuple[Any, ...] = (), loss_fn: Any = pipe_loss, topology: Any = None):
+    """The PipelineModule; each rank builds only its own stage's layers.
+
+    ``layers`` (embedding, decoder layer, head classes, each built as ``cls(config,
+    *layer_args)``), ``loss_fn`` and ``topology`` (DeepSpeed's ``ProcessTopology``; default:
+    pipe × data over ``num_stages``) let stages.tensor_parallel.pipe build its TP ranks."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
-    specs = [LayerSpec(EmbeddingPipe, config)]
-    specs += [LayerSpec(DecoderLayerPipe, config) for _ in range(config.num_hidden_layers)]
-    specs.append(LayerSpec(HeadPipe, config))
-    return PipelineModule(layers=specs, num_stages=num_stages, loss_fn=pipe_loss,
-                          partition_method="type:DecoderLayerPipe",
+    embed, decoder, head = layers
+    specs = [LayerSpec(embed, config, *layer_args)]
+    specs += [LayerSpec(decoder, config, *layer_args) for _ in range(config.num_hidden_layers)]
+    specs.append(LayerSpec(head, config, *layer_args))
+    return PipelineModule(layers=specs, num_stages=num_stages, topology=topology, loss_fn=loss_fn,
+                          partition_method="type:DecoderLayerPipe",  # a regex: TPDecoderLayerPipe matches
                           activation_checkpoint_interval=1 if activation_checkpointing else 0,
                           activation_checkpoint_func=checkpointed,
-                          checkpointable_layers=["DecoderLayerPipe"])
+                          checkpointable_layers=[decoder.__name__])
 
 
-def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[str, Any] | None) -> ModelConfig:
+def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[str, Any] | None,
+                         slice_mask: Any = None) -> ModelConfig:
     """Install MSG masks on this rank's layers (the pipeline form of
-    ``TeleFLMForCausalLM.set_growth_mask``); returns the config carrying ``record``."""
+    ``TeleFLMForCausalLM.set_growth_mask``); returns the config carrying ``record``.
+
+    ``slice_mask(mask)`` cuts the head and FFN masks to this rank's heads and units (tensor
+    parallelism); by default they are whole."""
     config = config.replace(growth_mask=record)
     masks = build_masks(config, next(module.parameters()).device)
+    cut = slice_mask or (lambda mask: mask)
     num_layers = config.num_hidden_layers
     for name, layer in module.named_children():
         if not name.isdigit():
@@ -167,8 +185,8 @@ def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[st
             layer.hidden_mask = masks["hidden"]
             layer.input_layernorm.mask = masks["hidden"]
             layer.post_attention_layernorm.mask = masks["hidden"]
-            layer.self_attn.head_mask = masks["heads"]
-            layer.mlp.ffn_mask = masks["ffn"]
+            layer.self_attn.head_mask = cut(masks["heads"])
+            layer.mlp.ffn_mask = cut(masks["ffn"])
             layer.layer_c = masks["c"] if idx - 1 in masks["new_layers"] else None
     return config
 
@@ -187,26 +205,50 @@ class PipeStageEngine:
         from stages.config import check_deepspeed
 
         self.config = config  # carries the current MSG mask record (see set_growth_mask)
-        stages = ds.pipeline_stages
-        world = dist.get_world_size()
-        check_deepspeed(ds, world)
-        module = build_pipeline_module(config, stages, ds.activation_checkpointing)
-        self.module = module
-        L = config.num_hidden_layers
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                hf = pipe_to_hf(name, L)
-                value = state_dict[hf] if state_dict is not None else \
-                    init_tensor(config, hf, tuple(p.shape), seed)
-                p.copy_(value)
+        check_deepspeed(ds, dist.get_world_size())
+        self.module = self.build_module(config, ds)
+        self.load_start_weights(state_dict, seed)
         if config.growth_mask is not None:
-            self.config = set_pipe_growth_mask(module, config, config.growth_mask)
-        named = list(module.named_parameters())
-        optimizer = make_optimizer(named, config, stage)
-        self.dp_world = world // stages
+            self.set_growth_mask(config.growth_mask)
+        for hf, p in self.named_params():
+            p.tensor_model_parallel = self.counts_in_grad_norm(hf)
+        optimizer = make_optimizer(list(self.module.named_parameters()), config, stage)
+        self.dp_world = self.module.mpu().get_data_parallel_world_size()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
+            model=self.module, optimizer=optimizer, config=self.deepspeed_config(ds, stage))
         self.dp_rank = ds_compat.pipe_dp_rank(self.engine)
+
+    # ------------------------------------------------------------------ what a TP subclass changes
+    def build_module(self, config: ModelConfig, ds: DeepSpeedCfg) -> nn.Module:
+        return build_pipeline_module(config, ds.pipeline_stages, ds.activation_checkpointing)
+
+    def deepspeed_config(self, ds: DeepSpeedCfg, stage: StageCfg) -> dict[str, Any]:
+        return ds_config(ds, stage, self.dp_world)
+
+    def load_start_weights(self, state_dict: dict[str, torch.Tensor] | None, seed: int) -> None:
+        """Full tensors from ``state_dict``, else growth.model's fresh init (``seed``)."""
+        with torch.no_grad():
+            for hf, p in self.named_params():
+                p.copy_(state_dict[hf] if state_dict is not None else
+                        init_tensor(self.config, hf, tuple(p.shape), seed))
+
+    def counts_in_grad_norm(self, name: str) -> bool:
+        """Whether this rank's gradient of ``name`` enters the clipping norm (every one here).
+
+        Note: DeepSpeed reads ``tensor_model_parallel`` only to pick which ranks' gradients
+        its norm counts. Under ZeRO-0 its ``clip_grad_norm_`` counts an unflagged parameter
+        only on the first rank of a replica's pipe × model group, so without the flag the
+        later stages' gradients were left out of the norm (measured: 0.385 instead of 0.533
+        on the 2-stage tiny model); ZeRO-1 counts every stage either way."""
+        return True
+
+    def owner_rank(self, spec: int) -> int:
+        """The global rank that sends spec ``spec``'s gathered tensors to rank 0."""
+        return ds_compat.pipe_owner_rank(self.engine, self.module, spec)
+
+    def full_tensor(self, name: str, local: torch.Tensor) -> torch.Tensor | None:
+        """The full tensor from this rank's (data-parallel-gathered) ``local`` one."""
+        return local
 
     @property
     def zero_stage(self) -> int:
@@ -233,8 +275,9 @@ class PipeStageEngine:
     def gather(self, kind: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
         """Full fp32 tensors (weights, or moment ``kind``) in canonical order, on rank 0.
 
-        The owning stage gathers over its data-parallel group; its data-parallel rank 0
-        sends the tensor to global rank 0. Other ranks get ``None``.
+        The owning stage gathers over its data-parallel group (and its TP group, in a TP
+        subclass); :meth:`owner_rank` sends the tensor to global rank 0. Other ranks get
+        ``None``.
         """
         import torch.distributed as dist
 
@@ -243,10 +286,10 @@ class PipeStageEngine:
         local = dict(self.named_params())
         for name, shape in self.config.tensor_shapes().items():
             spec = int(hf_to_pipe(name, L).split(".", 1)[0])
-            owner = ds_compat.pipe_owner_rank(self.engine, self.module, spec)
+            owner = self.owner_rank(spec)
             t = None
             if name in local:
-                t = optim_state.get_full(self.optimizer, local[name], kind)
+                t = self.full_tensor(name, optim_state.get_full(self.optimizer, local[name], kind))
                 if rank == owner and owner != 0:
                     dist.send(t.contiguous(), 0)
             if rank == 0 and owner != 0:

@@ -184,11 +184,21 @@ def test_tp_times_pp_must_divide_the_world(hydra_conf):
         validate(to_config(hydra_conf("deepspeed.tensor_parallel=0")))
 
 
+def test_sequence_parallel_needs_seq_len_divisible_by_tp(hydra_conf):
+    validate(to_config(hydra_conf("deepspeed.tensor_parallel=2", "deepspeed.sequence_parallel=true",
+                                  "stage.seq_len=32", "nproc=2")))
+    with pytest.raises(LayoutError, match=r"sequence_parallel.*seq_len 33") as err:
+        validate(to_config(hydra_conf("deepspeed.tensor_parallel=2", "deepspeed.sequence_parallel=true",
+                                      "stage.seq_len=33", "nproc=2")))
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["deepspeed.tensor_parallel=3", "nproc=3"], "does not divide stage.model's num_attention_heads (4)"),
     (["deepspeed=pipe", "deepspeed.tensor_parallel=2", "nproc=2"], "TP × PP × DP ≠ world size"),
-    (["deepspeed=pipe", "deepspeed.tensor_parallel=2", "nproc=4"], "inside the DeepSpeed pipeline is not built"),
-    (["deepspeed=zero3", "deepspeed.tensor_parallel=2", "nproc=2"], "tested with ZeRO-1 and ZeRO-2 only"),
+    (["deepspeed=pipe", "deepspeed.zero_stage=2", "deepspeed.tensor_parallel=2", "nproc=4"],
+     "DeepSpeed's pipeline allows ZeRO 0 or 1 only"),
+    (["deepspeed=zero3", "deepspeed.tensor_parallel=2", "nproc=2"], "tested with ZeRO-0, ZeRO-1 and ZeRO-2"),
 ])
 def test_cli_refuses_bad_tp_in_one_line_before_any_worker(tmp_path, overrides, message):
     proc = subprocess.run([sys.executable, "-m", "stages.train", f"run_dir={tmp_path / 'run'}",

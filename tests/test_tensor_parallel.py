@@ -1,5 +1,6 @@
 """Megatron-style TP on 2 real gloo processes vs the 1-rank model: loss, gradients, MSG
-masks, slice-only loading, and the gathered export loading in transformers' Llama."""
+masks (also with sequence parallelism), slice-only loading, and the gathered export loading in
+transformers' Llama."""
 
 from __future__ import annotations
 
@@ -32,18 +33,26 @@ WORKER = textwrap.dedent('''
     import torch
     import torch.distributed as dist
     from stages.tensor_parallel.io import load_tp_model, save_gathered, gather_tensors
+    from stages.tensor_parallel.layers import all_reduce_norm_grads
 
     out, lr = sys.argv[1], float(sys.argv[2])
     dist.init_process_group("gloo")
     rank, tp = dist.get_rank(), dist.get_world_size()
     batch = torch.load(os.path.join(out, "batch.pt"))
     result = {}
-    for kind in ("plain", "masked"):
-        model = load_tp_model(os.path.join(out, kind), dist.group.WORLD, tp, rank)
+    for kind in ("plain", "masked", "masked-sp"):
+        ckpt, sp = kind.removesuffix("-sp"), kind.endswith("-sp")  # sp: sequence parallelism
+        model = load_tp_model(os.path.join(out, ckpt), dist.group.WORLD, tp, rank, sp=sp)
+        if sp:
+            all_reduce_norm_grads(model, dist.group.WORLD)
+            result["sp_embed_tokens"] = model.model.embed(batch["ids"]).shape[1]  # this rank's share of 16
         loss = model.loss(batch["ids"], batch["labels"])
         loss.backward()
         local = {name: p.grad for name, p in model.named_parameters()}
         grads = dict(gather_tensors(model, local))  # each gradient gathered like its weight
+        if sp:
+            result[kind] = {"loss": loss.item(), "grads": grads}
+            continue
         model = load_tp_model(os.path.join(out, kind), dist.group.WORLD, tp, rank)
         model.loss(batch["ids"], batch["labels"]).backward()
         with torch.no_grad():
@@ -98,17 +107,20 @@ def tp_run(tmp_path_factory):
     return out, torch.load(out / "tp-result.pt")
 
 
-@pytest.mark.parametrize("kind", ["plain", "masked"])
+@pytest.mark.parametrize("kind", ["plain", "masked", "masked-sp"])
 def test_tp2_loss_and_gradients_match_one_rank(tp_run, kind):
     out, result = tp_run
-    model, loss, grads = reference(out / kind, batch())
-    assert (model.config.growth_mask is not None) == (kind == "masked")
+    ckpt = kind.removesuffix("-sp")
+    if kind.endswith("-sp"):  # sequence parallel: each rank's hidden states are 8 of the 16 tokens
+        assert result["sp_embed_tokens"] == 8
+    model, loss, grads = reference(out / ckpt, batch())
+    assert (model.config.growth_mask is not None) == (ckpt == "masked")
     tp = result[kind]
     assert abs(tp["loss"] - loss) <= 1e-6 * abs(loss)
     assert set(tp["grads"]) == set(grads)
     for name, g in grads.items():
         scale = g.abs().max().item()
-        assert scale > 0 or kind == "masked", name
+        assert scale > 0 or ckpt == "masked", name
         assert (tp["grads"][name] - g).abs().max().item() <= 1e-6 * max(scale, 1e-6), name
 
 

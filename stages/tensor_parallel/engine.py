@@ -1,4 +1,4 @@
-"""A tensor-parallel Tele-FLM under a DeepSpeed ZeRO-1/2 engine (no pipeline).
+"""A tensor-parallel Tele-FLM under a DeepSpeed ZeRO-0/1/2 engine (no pipeline).
 
 :class:`TPStageEngine` implements ``stages.engine.Engine``, so ``stages.trainer.Trainer``
 drives it like the plain and pipeline engines; ``stages.trainer.build_engine`` picks it when
@@ -38,7 +38,13 @@ from stages import optim_state
 from stages.config import DeepSpeedCfg, Precision, StageCfg
 from stages.engine import Batch, DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
 from stages.tensor_parallel.io import gather_tensors, read_shards, tp_model
-from stages.tensor_parallel.layers import TPForCausalLM, shard, shard_dim, vocab_parallel_cross_entropy
+from stages.tensor_parallel.layers import (
+    TPForCausalLM,
+    all_reduce_norm_grads,
+    shard,
+    shard_dim,
+    vocab_parallel_cross_entropy,
+)
 
 
 class ParallelGroups:
@@ -149,19 +155,8 @@ class TPStageEngine(DeepSpeedModule):
     def seed_adam_state(self, checkpoint: str | Path, config: ModelConfig) -> int:
         """``stages.optim_state.seed_adam_state`` with each moment read as this rank's TP
         slices (safetensors ``get_slice``), sliced like the weights; returns the Adam step."""
-        meta = read_optimizer_state(checkpoint)
-        if meta is None:
-            raise CheckpointError(f"{checkpoint}: no {OPTIMIZER_DIR}/ to seed Adam from")
-        step = int(meta["step"])
-        optim_state.create_adam_state(self.optimizer, step)
-        params = dict(self.named_params())
-        for kind in MOMENT_KINDS:
-            moments = Path(checkpoint) / OPTIMIZER_DIR / kind
-            _, slices = read_shards(moments, self.groups.tp_rank, self.groups.tp, config=config)
-            for name, value in slices.items():
-                optim_state.set_full(self.optimizer, params[name], value, kind)
-            del slices
-        return step
+        return seed_sliced_moments(self.optimizer, dict(self.named_params()), checkpoint, config,
+                                   self.groups.tp_rank, self.groups.tp)
 
     def gather(self, kind: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
         """Full fp32 tensors (weights, or Adam moment ``kind``) in canonical order on global
@@ -176,6 +171,24 @@ class TPStageEngine(DeepSpeedModule):
             yield name, (full.cpu() if dist.get_rank() == 0 else None)
 
 
+def seed_sliced_moments(optimizer: Any, params: dict[str, torch.nn.Parameter], checkpoint: str | Path,
+                        config: ModelConfig, tp_rank: int, tp: int) -> int:
+    """Create Adam state at the step of ``checkpoint/optimizer/`` and set the moments of
+    ``params`` (HF name → this rank's parameter) from TP rank ``tp_rank``'s slices of them."""
+    meta = read_optimizer_state(checkpoint)
+    if meta is None:
+        raise CheckpointError(f"{checkpoint}: no {OPTIMIZER_DIR}/ to seed Adam from")
+    step = int(meta["step"])
+    optim_state.create_adam_state(optimizer, step)
+    for kind in MOMENT_KINDS:
+        moments = Path(checkpoint) / OPTIMIZER_DIR / kind
+        _, slices = read_shards(moments, tp_rank, tp, config=config, names=list(params))
+        for name, value in slices.items():
+            optim_state.set_full(optimizer, params[name], value, kind)
+        del slices
+    return step
+
+
 def fresh_slices(config: ModelConfig, seed: int, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """This rank's slices of growth.model's fresh init (the values one rank would draw).
 
@@ -185,11 +198,16 @@ def fresh_slices(config: ModelConfig, seed: int, groups: ParallelGroups) -> dict
 
 
 def build_tp(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg, stage: StageCfg,
-             init: str | Path | None = None) -> TPStageEngine:
-    """The TP engine of a stage, groups from ``ds.tensor_parallel``. Start weights: this rank's
+             init: str | Path | None = None) -> Any:
+    """The TP engine of a stage: :class:`TPStageEngine` (groups from ``ds.tensor_parallel``), or
+    ``stages.tensor_parallel.pipe.TPPipeStageEngine`` with ``deepspeed.pipeline``. Start weights: this rank's
     slices of the canonical checkpoint ``init`` (safetensors ``get_slice``, never a full
     tensor), else of ``weights`` when given, else of a fresh init (``stage.seed``). In bf16
     the fp32 master weights are set from the fp32 slices (not from the bf16 cast)."""
+    if ds.pipeline:  # TP inside DeepSpeed's pipeline (ZeRO-0/1 over the data-parallel group)
+        from stages.tensor_parallel.pipe import build_tp_pipe
+
+        return build_tp_pipe(config, weights, ds, stage, init)
     groups = ParallelGroups(ds.tensor_parallel)
     if init is not None:
         _, state = read_shards(init, groups.tp_rank, groups.tp)
@@ -198,7 +216,10 @@ def build_tp(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpee
                  for name in config.tensor_shapes()}
     else:
         state = fresh_slices(config, stage.seed, groups)
-    eng = TPStageEngine(tp_model(config, state, groups.tp_group, groups.tp, groups.tp_rank), groups, ds, stage)
+    model = tp_model(config, state, groups.tp_group, groups.tp, groups.tp_rank, ds.sequence_parallel)
+    if model.sp:
+        all_reduce_norm_grads(model, groups.tp_group)
+    eng = TPStageEngine(model, groups, ds, stage)
     if ds.precision == Precision.bf16:
         optim_state.set_master_weights(eng.optimizer, eng.named_params(), state)
     return eng

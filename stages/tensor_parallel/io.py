@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +67,20 @@ class ShardReader:
 
 
 def read_shards(directory: str | Path, rank: int, tp: int, config: ModelConfig | None = None,
-                dtype: torch.dtype | None = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(config, this rank's shard of every tensor) of a checkpoint or moment directory."""
+                dtype: torch.dtype | None = torch.float32,
+                names: Iterable[str] | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, this rank's shard of every tensor, or of ``names`` only: a pipeline stage's)
+    of a checkpoint or moment directory."""
     with ShardReader(directory, rank, tp, config) as shards:
-        return shards.config, {name: shards.get(name, dtype) for name in shards.config.tensor_shapes()}
+        wanted = shards.config.tensor_shapes() if names is None else names
+        return shards.config, {name: shards.get(name, dtype) for name in wanted}
 
 
 def tp_model(config: ModelConfig, state: dict[str, torch.Tensor], group: Any = None, tp: int = 1,
-             rank: int = 0) -> TPForCausalLM:
+             rank: int = 0, sp: bool = False) -> TPForCausalLM:
     """A TP rank whose parameters *are* the given shards (``assign=True``, no copy)."""
     with torch.device("meta"):
-        model = TPForCausalLM(config, group, tp, rank)
+        model = TPForCausalLM(config, group, tp, rank, sp)
     model.load_state_dict(state, assign=True, strict=True)
     if config.growth_mask is not None:
         model.set_growth_mask(config.growth_mask)
@@ -85,10 +88,10 @@ def tp_model(config: ModelConfig, state: dict[str, torch.Tensor], group: Any = N
 
 
 def load_tp_model(directory: str | Path, group: Any = None, tp: int = 1, rank: int = 0,
-                  dtype: torch.dtype = torch.float32) -> TPForCausalLM:
+                  dtype: torch.dtype = torch.float32, sp: bool = False) -> TPForCausalLM:
     """Rank ``rank`` of a TP-``tp`` model from a canonical checkpoint (its slices only)."""
     config, state = read_shards(directory, rank, tp, dtype=dtype)
-    return tp_model(config, state, group, tp, rank)
+    return tp_model(config, state, group, tp, rank, sp)
 
 
 def gather_tensors(model: TPForCausalLM, tensors: dict[str, torch.Tensor] | None = None,
@@ -98,18 +101,22 @@ def gather_tensors(model: TPForCausalLM, tensors: dict[str, torch.Tensor] | None
 
     ``tensors`` are per-rank shards laid out like the parameters (default: the parameters;
     gradients or Adam moments gather the same way); ``names`` defaults to every tensor."""
-    group, tp = model.group, model.tp
-    dst_global = dist.get_global_rank(group, dst) if tp > 1 and group is not None else dst
     params = dict(model.named_parameters()) if tensors is None else tensors
     for name in names or model.config.tensor_shapes():
-        local = params[name].detach().contiguous()
-        dim = shard_dim(name)
-        if dim is None or tp == 1:
-            yield name, (local.clone() if model.rank == dst else None)
-            continue
-        parts = [torch.empty_like(local) for _ in range(tp)] if model.rank == dst else None
-        dist.gather(local, parts, dst=dst_global, group=group)
-        yield name, (torch.cat(parts, dim=dim) if parts is not None else None)
+        yield name, gather_shard(name, params[name], model.group, model.tp, model.rank, dst)
+
+
+def gather_shard(name: str, local: torch.Tensor, group: Any, tp: int, rank: int,
+                 dst: int = 0) -> torch.Tensor | None:
+    """The full tensor ``name`` on TP rank ``dst`` of ``group`` (None on the others) from each
+    rank's shard ``local`` (collective over the TP group; a replicated tensor is not sent)."""
+    local = local.detach().contiguous()
+    dim = shard_dim(name)
+    if dim is None or tp == 1:
+        return local.clone() if rank == dst else None
+    parts = [torch.empty_like(local) for _ in range(tp)] if rank == dst else None
+    dist.gather(local, parts, dst=dst if group is None else dist.get_global_rank(group, dst), group=group)
+    return torch.cat(parts, dim=dim) if parts is not None else None
 
 
 def save_gathered(model: TPForCausalLM, out: str | Path, dtype: str | None = None,

@@ -26,7 +26,13 @@ cross-entropy from per-rank max, sum of exponentials and target logit (three all
 (``valid_vocab_size``) get −inf on the rank that holds them. MSG masks: the hidden mask is
 replicated, the head and FFN masks are sliced with their shards, ``layer_c`` is a scalar.
 
-Sequence parallelism is not implemented (layer inputs are replicated across TP).
+Sequence parallelism (Korthikanti et al. 2022), with ``sp=True``: outside the TP regions the
+hidden states are split along the sequence (rank r holds tokens ``[r·T/tp, (r+1)·T/tp)``), so
+the norms, residual adds and what they keep for backward are ``1/tp``; *copy to* becomes an
+all-gather along the sequence (reduce-scatter backward) and *reduce from* a reduce-scatter
+(all-gather backward); the embedding reduce-scatters, the head gathers before ``lm_head``, and
+the RMSNorm gains' gradients (each rank saw its shard only) are summed over the TP group by a
+hook (:func:`all_reduce_norm_grads`). RoPE tables are built for the full length.
 """
 
 from __future__ import annotations
@@ -122,70 +128,146 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-def copy_to_tp(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
-    return x if tp == 1 else _CopyToTP.apply(x, group)
+def _seq_all_gather(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
+    """(B, T/tp, …) on each rank → (B, T, …), rank order along the sequence."""
+    xt = x.transpose(0, 1).contiguous()
+    out = torch.empty((xt.shape[0] * tp, *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, xt, group=group)
+    return out.transpose(0, 1).contiguous()
 
 
-def reduce_from_tp(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
-    return x if tp == 1 else _ReduceFromTP.apply(x, group)
+def _seq_reduce_scatter(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
+    """(B, T, …) partial sums on each rank → this rank's (B, T/tp, …) rows of their sum."""
+    xt = x.transpose(0, 1).contiguous()
+    out = torch.empty((xt.shape[0] // tp, *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, xt, group=group)
+    return out.transpose(0, 1).contiguous()
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """All-gather along the sequence forward; reduce-scatter of the gradient backward (the
+    sequence-parallel form of ``_CopyToTP``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
+        ctx.group, ctx.tp = group, tp
+        return _seq_all_gather(x, group, tp)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _seq_reduce_scatter(grad, ctx.group, ctx.tp), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward; all-gather of the gradient backward (the
+    sequence-parallel form of ``_ReduceFromTP``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
+        ctx.group, ctx.tp = group, tp
+        return _seq_reduce_scatter(x, group, tp)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _seq_all_gather(grad, ctx.group, ctx.tp), None, None
+
+
+def copy_to_tp(x: torch.Tensor, group: Any, tp: int, sp: bool = False) -> torch.Tensor:
+    """Into a TP region: the replicated input as is, or (``sp``) the sequence shards gathered."""
+    if tp == 1:
+        return x
+    return _GatherFromSP.apply(x, group, tp) if sp else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Any, tp: int, sp: bool = False) -> torch.Tensor:
+    """Out of a TP region: the partial sums all-reduced, or (``sp``) reduce-scattered to this
+    rank's sequence shard."""
+    if tp == 1:
+        return x
+    return _ReduceScatterToSP.apply(x, group, tp) if sp else _ReduceFromTP.apply(x, group)
+
+
+def all_reduce_norm_grads(module: nn.Module, group: Any) -> None:
+    """Under sequence parallelism each rank's RMSNorm gains see only its sequence shard: sum
+    their gradients over the TP group (a hook, before DeepSpeed accumulates them)."""
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for m in module.modules():
+        if isinstance(m, RMSNorm):
+            m.weight.register_hook(summed)
 
 
 # ---------------------------------------------------------------------- blocks
 class TPAttention(Attention):
-    """growth.model.Attention over this rank's heads; o_proj partial sums all-reduced."""
+    """growth.model.Attention over this rank's heads; o_proj partial sums all-reduced (or, with
+    ``sp``, the input gathered along the sequence and the output reduce-scattered)."""
 
-    def __init__(self, local: ModelConfig, group: Any, tp: int):
+    def __init__(self, local: ModelConfig, group: Any, tp: int, sp: bool = False):
         super().__init__(local)
-        self.group, self.tp = group, tp
+        self.group, self.tp, self.sp = group, tp, sp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(super().forward(copy_to_tp(x, self.group, self.tp), cos, sin), self.group, self.tp)
+        out = super().forward(copy_to_tp(x, self.group, self.tp, self.sp), cos, sin)
+        return reduce_from_tp(out, self.group, self.tp, self.sp)
 
 
 class TPMLP(MLP):
-    """growth.model.MLP over this rank's FFN units; down_proj partial sums all-reduced."""
+    """growth.model.MLP over this rank's FFN units; down_proj partial sums all-reduced (or
+    reduce-scattered, with ``sp``)."""
 
-    def __init__(self, local: ModelConfig, group: Any, tp: int):
+    def __init__(self, local: ModelConfig, group: Any, tp: int, sp: bool = False):
         super().__init__(local)
-        self.group, self.tp = group, tp
+        self.group, self.tp, self.sp = group, tp, sp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(super().forward(copy_to_tp(x, self.group, self.tp)), self.group, self.tp)
+        return reduce_from_tp(super().forward(copy_to_tp(x, self.group, self.tp, self.sp)), self.group, self.tp,
+                              self.sp)
 
 
-def tp_decoder_layer(local: ModelConfig, group: Any, tp: int) -> DecoderLayer:
+def tp_decoder_layer(local: ModelConfig, group: Any, tp: int, sp: bool = False) -> DecoderLayer:
     """growth.model.DecoderLayer with its attention and MLP swapped for the TP ones."""
     layer = DecoderLayer(local)
-    layer.self_attn = TPAttention(local, group, tp)
-    layer.mlp = TPMLP(local, group, tp)
+    layer.self_attn = TPAttention(local, group, tp, sp)
+    layer.mlp = TPMLP(local, group, tp, sp)
     return layer
+
+
+def tp_embed(module: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel embedding of ``module`` (``embed_tokens``, ``vocab_start/stop``, ``group``,
+    ``tp``, ``sp``, ``config``, ``hidden_mask``): rows outside this rank's vocab are 0, the
+    partial sums all-reduced (with ``sp``: reduce-scattered to this rank's sequence shard)."""
+    if module.tp == 1:
+        h = module.embed_tokens(input_ids)
+    else:
+        outside = (input_ids < module.vocab_start) | (input_ids >= module.vocab_stop)
+        local_ids = (input_ids - module.vocab_start).masked_fill(outside, 0)
+        h = module.embed_tokens(local_ids).masked_fill(outside.unsqueeze(-1), 0.0)
+        h = reduce_from_tp(h, module.group, module.tp, module.sp)
+    if module.config.embedding_scale != 1.0:
+        h = h * module.config.embedding_scale
+    if module.hidden_mask is not None:
+        h = h * module.hidden_mask.to(h.dtype)
+    return h
 
 
 class TPModel(nn.Module):
     """The ``model.`` prefix: vocab-parallel embedding, TP decoder layers, final norm."""
 
-    def __init__(self, config: ModelConfig, local: ModelConfig, group: Any, tp: int, rank: int):
+    def __init__(self, config: ModelConfig, local: ModelConfig, group: Any, tp: int, rank: int, sp: bool = False):
         super().__init__()
-        self.config, self.group, self.tp = config, group, tp
+        self.config, self.group, self.tp, self.sp = config, group, tp, sp
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
         self.embed_tokens = nn.Embedding(local.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(tp_decoder_layer(local, group, tp) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(tp_decoder_layer(local, group, tp, sp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hidden_mask: torch.Tensor | None = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp == 1:
-            h = self.embed_tokens(input_ids)
-        else:
-            outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_stop)
-            local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
-            h = self.embed_tokens(local_ids).masked_fill(outside.unsqueeze(-1), 0.0)
-            h = reduce_from_tp(h, self.group, self.tp)
-        if self.config.embedding_scale != 1.0:
-            h = h * self.config.embedding_scale
-        if self.hidden_mask is not None:
-            h = h * self.hidden_mask.to(h.dtype)
-        return h
+        return tp_embed(self, input_ids)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids)
@@ -199,11 +281,11 @@ class TPModel(nn.Module):
 class TPForCausalLM(nn.Module):
     """One TP rank of TeleFLMForCausalLM; ``forward`` returns this rank's logit columns."""
 
-    def __init__(self, config: ModelConfig, group: Any = None, tp: int = 1, rank: int = 0):
+    def __init__(self, config: ModelConfig, group: Any = None, tp: int = 1, rank: int = 0, sp: bool = False):
         super().__init__()
-        self.config, self.group, self.tp, self.rank = config, group, tp, rank
+        self.config, self.group, self.tp, self.rank, self.sp = config, group, tp, rank, sp and tp > 1
         self.local = local_config(config, tp)
-        self.model = TPModel(self.config, self.local, group, tp, rank)
+        self.model = TPModel(self.config, self.local, group, tp, rank, self.sp)
         self.lm_head = nn.Linear(config.hidden_size, self.local.vocab_size, bias=False)
 
     @property
@@ -211,15 +293,8 @@ class TPForCausalLM(nn.Module):
         return self.model.vocab_start
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = copy_to_tp(self.model(input_ids), self.group, self.tp)
-        logits = self.lm_head(h)
-        if self.config.logit_scale != 1.0:
-            logits = logits * self.config.logit_scale
-        valid = self.config.valid_vocab_size
-        if valid is not None and valid < self.model.vocab_stop:
-            logits = logits.clone()
-            logits[..., max(valid - self.vocab_start, 0):] = float("-inf")
-        return logits
+        return vocab_parallel_logits(self.config, self.lm_head, self.model(input_ids), self.vocab_start,
+                                     self.model.vocab_stop, self.group, self.tp, self.sp)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(self(input_ids), labels, self.vocab_start, self.group, self.tp)
@@ -232,8 +307,8 @@ class TPForCausalLM(nn.Module):
         (frozen) config carrying ``record``; exporters read ``model.config``."""
         self.config = self.model.config = self.config.replace(growth_mask=record)  # validates
         masks = build_masks(self.config, self.lm_head.weight.device)
-        heads = _slice(masks["heads"], self.rank, self.tp)
-        ffn = _slice(masks["ffn"], self.rank, self.tp)
+        heads = slice_mask(masks["heads"], self.rank, self.tp)
+        ffn = slice_mask(masks["ffn"], self.rank, self.tp)
         self.model.hidden_mask = self.model.norm.mask = masks["hidden"]
         for i, layer in enumerate(self.model.layers):
             layer.hidden_mask = masks["hidden"]
@@ -248,7 +323,23 @@ class TPForCausalLM(nn.Module):
         self.set_growth_mask({**self.config.growth_mask, "c": float(c)})
 
 
-def _slice(mask: torch.Tensor | None, rank: int, tp: int) -> torch.Tensor | None:
+def vocab_parallel_logits(config: ModelConfig, lm_head: nn.Linear, h: torch.Tensor, vocab_start: int,
+                          vocab_stop: int, group: Any, tp: int, sp: bool = False) -> torch.Tensor:
+    """This rank's logit columns ``[vocab_start, vocab_stop)`` of the final-normed ``h`` (with
+    ``sp``, its sequence shard, gathered first): the μP logit scale, and −inf on the padded
+    vocab ids (``valid_vocab_size``) this rank holds."""
+    logits = lm_head(copy_to_tp(h, group, tp, sp))
+    if config.logit_scale != 1.0:
+        logits = logits * config.logit_scale
+    valid = config.valid_vocab_size
+    if valid is not None and valid < vocab_stop:
+        logits = logits.clone()
+        logits[..., max(valid - vocab_start, 0):] = float("-inf")
+    return logits
+
+
+def slice_mask(mask: torch.Tensor | None, rank: int, tp: int) -> torch.Tensor | None:
+    """Rank ``rank``'s rows of an MSG head or FFN mask (None stays None)."""
     if mask is None:
         return None
     start, stop = shard_range(mask.shape[0], rank, tp)

@@ -79,6 +79,10 @@ def check_layout_fields(cfg: dict[str, Any]) -> None:
         raise LayoutError(f"field 'deepspeed.tensor_parallel': {what} = {tp * pp} does not divide the "
                           f"{world} ranks (nproc × nnodes), so TP × PP × DP ≠ world size; pick degrees "
                           f"whose product divides {world}")
+    if ds["sequence_parallel"] and tp > 1 and cfg["stage"]["seq_len"] % tp:
+        raise LayoutError(f"field 'deepspeed.sequence_parallel': stage.seq_len {cfg['stage']['seq_len']} does not "
+                          f"divide by tensor_parallel {tp} (each TP rank holds 1/{tp} of the sequence); pick a "
+                          f"seq_len that is a multiple of {tp}")
     if not cfg["gpu_memory_gib"] > 0:
         raise LayoutError(f"field 'gpu_memory_gib' must be positive, got {cfg['gpu_memory_gib']}")
 
@@ -101,17 +105,15 @@ def check_model_split(config: ModelConfig, tp: int, what: str = "stage.model") -
 
 def check_stage_layout(cfg: dict[str, Any], target: ModelConfig) -> None:
     """The orchestrator's layout check, before any worker starts: TP splits the stage's model,
-    and a training run with TP > 1 uses what the TP engine is built for (ZeRO-1/2, no pipeline)."""
+    and a training run with TP > 1 uses what the TP engines are built for: ZeRO-0/1/2 without a
+    pipeline (stages.tensor_parallel.engine), ZeRO-0/1 inside DeepSpeed's pipeline
+    (stages.tensor_parallel.pipe)."""
     ds = cfg["deepspeed"]
     tp = ds["tensor_parallel"]
     check_model_split(target, tp)
     if tp == 1 or cfg["dry_run"]:
         return
-    if ds["pipeline"]:
-        raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.pipeline=true: tensor parallelism inside "
-                          f"the DeepSpeed pipeline is not built (docs/parallelism.md); dry_run=true checks the "
-                          f"layout, training with TP needs deepspeed.pipeline=false")
-    if ds["zero_stage"] not in (1, 2):
-        raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.zero_stage={ds['zero_stage']}: the "
-                          f"tensor-parallel engine is built and tested with ZeRO-1 and ZeRO-2 only; use "
-                          f"deepspeed=zero1 or deepspeed=zero2")
+    if ds["zero_stage"] == 3:  # the pipeline refuses ZeRO-2/3 itself (stages.config.check_deepspeed)
+        raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.zero_stage=3: the tensor-parallel "
+                          f"engines are built and tested with ZeRO-0, ZeRO-1 and ZeRO-2 (ZeRO-0/1 inside the "
+                          f"pipeline) only; use deepspeed=zero1, deepspeed=zero2 or deepspeed=pipe")
