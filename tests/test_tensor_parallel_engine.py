@@ -80,29 +80,35 @@ def runs(tmp_path_factory):
     return out, records
 
 
+def assert_same_training(tp: dict, ref: dict, tp_final: Path, ref_final: Path) -> None:
+    """A TP run trained as its reference did: eval losses (1e-6 at the start, 1e-4 at the end),
+    every step's loss (1e-4) and clipped gradient norm (1e-5), and its export (weights and
+    Adam moments, gathered from the TP slices back to the canonical checkpoint)."""
+    assert abs(tp["eval_loss_start"] - ref["eval_loss_start"]) <= 1e-6 * ref["eval_loss_start"]
+    assert len(tp["losses"]) == STEPS
+    for a, b in zip(tp["losses"], ref["losses"], strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    # the clipped norm is the whole model's: every TP shard (of every stage) once, replicated norms once
+    assert min(ref["grad_norms"]) > 0.2  # clipping at 0.2 is active in every step
+    for a, b in zip(tp["grad_norms"], ref["grad_norms"], strict=True):
+        assert abs(a - b) <= 1e-5 * b
+    assert abs(tp["eval_loss_end"] - ref["eval_loss_end"]) <= 1e-4 * ref["eval_loss_end"]
+    assert tp["eval_loss_end"] < tp["eval_loss_start"]
+    for sub, atol in (("", 1e-5), ("optimizer/exp_avg", 1e-6), ("optimizer/exp_avg_sq", 1e-8)):
+        w_tp, w_ref = tensors(tp_final / sub), tensors(ref_final / sub)
+        assert list(w_tp) == list(CONFIG.tensor_shapes()) == list(w_ref)
+        assert any(bool(t.abs().max() > 0) for t in w_ref.values()), sub
+        for name in w_ref:
+            assert torch.allclose(w_tp[name], w_ref[name], rtol=1e-4, atol=atol), f"{sub} {name}"
+
+
 # ---------------------------------------------------------------------- TP × DP
 def test_tp2_dp2_zero2_matches_dp2(runs):
     out, (dp, tp) = runs[0], (runs[1]["dp", 1], runs[1]["dp", 2])
     assert (dp["engine"], tp["engine"]) == ("StageEngine", "TPStageEngine")  # build_engine picks the TP engine
     assert (dp["zero_stage"], tp["zero_stage"]) == (1, 2)
     assert dp["dp_world"] == tp["dp_world"] == 2
-    assert abs(tp["eval_loss_start"] - dp["eval_loss_start"]) <= 1e-6 * dp["eval_loss_start"]
-    assert len(tp["losses"]) == STEPS
-    for a, b in zip(tp["losses"], dp["losses"], strict=True):
-        assert abs(a - b) <= 1e-4 * abs(b)
-    # the clipped norm is the whole model's: every TP shard once, replicated norms once
-    assert min(dp["grad_norms"]) > 0.2  # clipping at 0.2 is active in every step
-    for a, b in zip(tp["grad_norms"], dp["grad_norms"], strict=True):
-        assert abs(a - b) <= 1e-5 * b
-    assert abs(tp["eval_loss_end"] - dp["eval_loss_end"]) <= 1e-4 * dp["eval_loss_end"]
-    assert tp["eval_loss_end"] < tp["eval_loss_start"]
-    # the export gathers the TP slices back to the canonical checkpoint: weights and moments
-    for sub, atol in (("", 1e-5), ("optimizer/exp_avg", 1e-6), ("optimizer/exp_avg_sq", 1e-8)):
-        w_tp, w_dp = tensors(out / "dp-final-tp2" / sub), tensors(out / "dp-final-tp1" / sub)
-        assert list(w_tp) == list(CONFIG.tensor_shapes()) == list(w_dp)
-        assert any(bool(t.abs().max() > 0) for t in w_dp.values()), sub
-        for name in w_dp:
-            assert torch.allclose(w_tp[name], w_dp[name], rtol=1e-4, atol=atol), f"{sub} {name}"
+    assert_same_training(tp, dp, out / "dp-final-tp2", out / "dp-final-tp1")
     with CheckpointReader(out / "dp-final-tp2", check_shapes=False) as final:
         assert final.config.tensor_shapes() == CONFIG.tensor_shapes()
 
@@ -123,22 +129,7 @@ def test_tp2_pp2_matches_one_rank(runs):
     out, (one, tp) = runs[0], (runs[1]["pipe", 1], runs[1]["pipe", 2])
     assert (one["engine"], tp["engine"]) == ("StageEngine", "TPPipeStageEngine")
     assert one["dp_world"] == tp["dp_world"] == 1
-    assert abs(tp["eval_loss_start"] - one["eval_loss_start"]) <= 1e-6 * one["eval_loss_start"]
-    assert len(tp["losses"]) == STEPS
-    for a, b in zip(tp["losses"], one["losses"], strict=True):
-        assert abs(a - b) <= 1e-4 * abs(b)
-    # the clipped norm is the whole model's: TP shards of both stages once, replicated norms once
-    assert min(one["grad_norms"]) > 0.2  # clipping at 0.2 is active in every step
-    for a, b in zip(tp["grad_norms"], one["grad_norms"], strict=True):
-        assert abs(a - b) <= 1e-5 * b
-    assert abs(tp["eval_loss_end"] - one["eval_loss_end"]) <= 1e-4 * one["eval_loss_end"]
-    assert tp["eval_loss_end"] < tp["eval_loss_start"]
-    # the export gathers both stages' TP slices back to the canonical checkpoint
-    for sub, atol in (("", 1e-5), ("optimizer/exp_avg", 1e-6), ("optimizer/exp_avg_sq", 1e-8)):
-        w_tp, w_one = tensors(out / "pipe-final-tp2" / sub), tensors(out / "pipe-final-tp1" / sub)
-        assert list(w_tp) == list(CONFIG.tensor_shapes()) == list(w_one)
-        for name in w_one:
-            assert torch.allclose(w_tp[name], w_one[name], rtol=1e-4, atol=atol), f"{sub} {name}"
+    assert_same_training(tp, one, out / "pipe-final-tp2", out / "pipe-final-tp1")
     with CheckpointReader(out / "pipe-final-tp2", check_shapes=False) as final:
         assert final.config.growth_mask == {**MASK, "c": MASK["c"] + 0.2 * (STEPS - 1)}
 
