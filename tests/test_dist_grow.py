@@ -23,7 +23,7 @@ from flmcore.params import LAYER_PARAMS
 from growth.config import get_flavor
 from growth.init import init_checkpoint
 from stages.config import GrowthCfg, StageCfg, TrainConfig, validate
-from tests.conftest import run_grow
+from tests.conftest import grow_in_process
 from tests.ds_helpers import REPO, free_port
 from tests.readcount.counter import install, reads
 from tests.test_grow_apply import EPOCH, write_moments
@@ -93,14 +93,15 @@ class Published:
         self.messages[key] = message
 
 
-def test_distance_positions_on_two_ranks_equal_grow_apply_and_the_layers_are_read_once(parent, counted, tmp_path):
+def test_distance_positions_on_two_ranks_equal_grow_apply_and_the_layers_are_read_once(parent, counted, tmp_path,
+                                                                                       capsys):
     from stages.dist_grow import grow_on_all_nodes
     from stages.orchestrate import plan_stage
 
     src, target = parent
     ref = tmp_path / "ref"
-    rc, _, err = run_grow("apply", "--from", src, "--to", target, "--out", ref, "--strategy", "zero",
-                          "--positions", "distance", "--quiet")
+    rc, _, err = grow_in_process(capsys, "apply", "--from", src, "--to", target, "--out", ref, "--strategy", "zero",
+                                 "--positions", "distance", "--quiet")
     assert rc == 0, err
     ref_reads = reads(counted, src)
     assert all(ref_reads[n] >= 2 for n in block_matrices(SRC_LAYERS)), ref_reads  # distance, copy (the CLI: 3)
