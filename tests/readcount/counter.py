@@ -6,7 +6,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-
 _LOG: list[str] = []  # where this process logs (the latest install wins)
 
 
