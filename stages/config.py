@@ -67,6 +67,14 @@ class AfterGrowth(Choice):
     rewarm = "rewarm"
 
 
+class NonFinite(Choice):
+    """What a NaN/inf training loss does (stages.elastic): ``stop`` the stage naming the step,
+    or ``skip`` that step's update (weights and Adam state as before it) and go on."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 class Precision(Choice):
     """Training numerics; fp16 is unsupported (no loss scaling, and none on CPU)."""
 
@@ -169,6 +177,9 @@ class TrainConfig:
     max_restarts: int = 0  # torchrun restarts of the worker group; each resumes from ds_ckpt/
     keep_checkpoints: int = 2  # DeepSpeed checkpoints kept in ds_ckpt/ (older ones are deleted)
     launcher: str = "local"  # local (start the ranks) | slurm (write launch.sbatch) | print (commands)
+    # stop: a diverged run should not train on; skip: a rare bad batch costs one step, not the stage
+    on_nonfinite: NonFinite = NonFinite.stop
+    max_skips_in_a_row: int = 10  # on_nonfinite=skip: more skipped steps in a row stop the stage (it diverged)
 
     @property
     def world(self) -> int:

@@ -39,7 +39,13 @@ class DistGrowError(FlmError):
 
 
 def resolve_positions(plan: StagePlan) -> dict[str, Any]:
-    """The growth spec as a dict, ``distance`` positions replaced by the indices they pick."""
+    """The growth spec as a dict, ``distance`` positions replaced by the indices they pick.
+
+    ``plan_stage`` measured them while checking the shapes (``plan.new_layers``); only a plan
+    built otherwise reads the layer matrices here. Either way the growth processes read no
+    layer for the positions. Note: the grown checkpoint's history then records the explicit
+    indices (the distances are logged here), not ``distance``; the tensors are the same.
+    """
     from operators import make_plan
 
     spec = plan.spec
@@ -47,12 +53,16 @@ def resolve_positions(plan: StagePlan) -> dict[str, Any]:
     out = spec.to_dict()
     if spec.positions != "distance":
         return out
-    from stages.orchestrate import checked_reader
+    if plan.new_layers is None:
+        from stages.orchestrate import checked_reader
 
-    with checked_reader(plan.source, "starting checkpoint") as reader:
-        grown = make_plan(reader.config, plan.target, spec, get_tensor=reader.get)
-    out["positions"] = [i for i, entry in enumerate(grown.layer_map) if entry["new"]]
-    log.info("[%s] positions=distance resolved once: new layers at %s", plan.name, out["positions"])
+        with checked_reader(plan.source, "starting checkpoint") as reader:
+            grown = make_plan(reader.config, plan.target, spec, get_tensor=reader.get)
+        plan.new_layers = [i for i, entry in enumerate(grown.layer_map) if entry["new"]]
+        plan.distances = grown.distances
+    out["positions"] = list(plan.new_layers)
+    log.info("[%s] positions=distance resolved once: layer distances %s, new layers at %s", plan.name,
+             [round(d, 6) for d in plan.distances or []], out["positions"])
     return out
 
 

@@ -13,6 +13,7 @@ attribute / call                               class (module)                   
 ``update_lp_params()``                         DeepSpeedZeroOptimizer, BF16_Optimizer       0.19.8
 ``param.ds_id`` / ``param._hp_mapping``        ZeRO-3 params / ZeRO-1/2 + bf16 params       0.19.8
 ``build_shm_op`` (replaced on CPU)             module deepspeed.comm.torch                  0.19.8
+``MuonWithAuxAdam`` (placeholder module)      module deepspeed.runtime.zero.muon.muon_opt. 0.19.8
 ``engine.grid.data_parallel_id``,              PipelineEngine (runtime/pipe/engine)         0.19.8
 ``grid.stage_to_global``, ``stage_owner``      PipelineModule (runtime/pipe/module)         0.19.8
 =============================================  ===========================================  ==========
@@ -22,7 +23,11 @@ step), so seeding it from a grown checkpoint (``stages.optim_state``) writes the
 onto the wrapper's flat fp32 partitions and relinks DeepSpeed's per-parameter views of
 them; the public ``safe_get/set_full_*`` helpers then work per parameter. On CPU,
 ``deepspeed.init_distributed`` compiles a shared-memory all-reduce op (30–40 s, 1.6 GB)
-that gloo never uses; it is skipped.
+that gloo never uses; it is skipped. ``deepspeed.initialize`` (and the ZeRO/bf16 wrappers)
+import the Muon optimizer module only to test ``isinstance(optimizer, MuonWithAuxAdam)``;
+that import compiles Muon's kernels (``torch.compile`` pulls in dynamo: 1.9 s CPU per rank
+here). The trainer's optimizer is always AdamW, so a placeholder module whose
+``MuonWithAuxAdam`` nothing is an instance of answers those checks instead.
 
 ``pyproject.toml`` pins deepspeed to :data:`SUPPORTED`; :func:`check_version` refuses
 anything else in one line before an engine is built.
@@ -74,6 +79,25 @@ def skip_cpu_shm_build() -> None:
     import deepspeed.comm.torch  # noqa: F401  (the module whose build_shm_op is replaced)
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def skip_muon_import() -> None:
+    """Answer DeepSpeed's ``isinstance(optimizer, MuonWithAuxAdam)`` checks without importing
+    (and compiling) Muon; a no-op once the real module is loaded."""
+    import types
+
+    if MUON_MODULE in sys.modules:
+        return
+    placeholder = types.ModuleType(MUON_MODULE, "flm-growth placeholder: the trainer never uses Muon")
+
+    class MuonWithAuxAdam:  # never instantiated: every isinstance check is False
+        pass
+
+    placeholder.MuonWithAuxAdam = MuonWithAuxAdam
+    sys.modules[MUON_MODULE] = placeholder
 
 
 # ---------------------------------------------------------------------- optimizer wrappers

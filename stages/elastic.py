@@ -15,6 +15,11 @@
   message naming the step, and the last good checkpoint stays the newest sound one. A
   restarted group finds the stop record (``STAGE_DIR/.nonfinite``) and stops again
   instead of training into the same NaN.
+- ``on_nonfinite=skip`` instead drops that step's update on every rank (the ZeRO engine
+  sums the loss over the ranks before the optimizer step, ``stages.engine.StageEngine``):
+  weights and Adam state stay as they were, the step's batch is consumed, one warning
+  names the step, and the summary counts the skipped steps. More than
+  ``max_skips_in_a_row`` in a row stop the stage as above (the run diverged).
 """
 
 from __future__ import annotations
@@ -128,11 +133,45 @@ def check_finite(loss: Any, step: int, stage_dir: Path, rank: int, ds_dir: Path,
         "no checkpoint was written before it"
     message = (f"non-finite loss at step {step}: the stage stopped; {keep}; lower stage.lr or check the "
                f"data of that step")
+    stop(message, step, stage_dir, rank)
+
+
+def stop(message: str, step: int, stage_dir: Path, rank: int) -> None:
+    """Collective: record the stop (a restarted group stops again) and raise on every rank."""
+    import torch.distributed as dist
+
     if rank == 0:
         (stage_dir / NONFINITE_NAME).write_text(json.dumps({"step": step, "message": message}))
     if dist.is_initialized():
         dist.barrier()
     raise NonFiniteLossError(message)
+
+
+class Skips:
+    """``on_nonfinite=skip``: the steps whose update was dropped, and the stop after too many in a row.
+
+    Every rank records the same decision (the engine's all-reduced loss), so all raise together.
+    """
+
+    def __init__(self, limit: int, steps: list[int] | None = None):
+        self.limit = limit
+        self.steps = list(steps or [])  # 1-based step numbers, as in train_log.jsonl
+        self.in_a_row = 0
+
+    def record(self, step: int, skipped: bool, stage_dir: Path, rank: int) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.steps.append(step)
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            first = step - self.in_a_row + 1
+            stop(f"non-finite loss at steps {first}..{step}: {self.in_a_row} steps in a row skipped "
+                 f"(max_skips_in_a_row={self.limit}), the run diverged and the stage stopped; the checkpoints "
+                 f"hold the weights of step {first - 1}; lower stage.lr or check the data", step, stage_dir, rank)
+        if rank == 0:
+            log.warning("non-finite loss at step %d: its update was skipped (on_nonfinite=skip; %d in a row, "
+                        "%d in this stage)", step, self.in_a_row, len(self.steps))
 
 
 def before_start(stage_dir: str | Path) -> None:

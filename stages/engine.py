@@ -71,6 +71,7 @@ def init_distributed(timeout: float | None = None) -> None:
 
     ds_compat.check_version(deepspeed.__version__)
     deepspeed.utils.logger.setLevel(LOG_LEVEL)
+    ds_compat.skip_muon_import()  # the optimizer is AdamW: no Muon kernels to compile (stages.ds_compat)
     backend = None
     if on_cpu():
         ds_compat.skip_cpu_shm_build()
@@ -120,11 +121,27 @@ def param_groups(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
             for (mult, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose next ``step()`` can be dropped (``on_nonfinite=skip``).
+
+    Note: DeepSpeed's ZeRO wrappers call this inner step and then copy its fp32 (master)
+    weights back into the module; a dropped step leaves both, and the moments and step
+    count, exactly as they were. ZeRO-0 in fp32 has no overflow check of its own.
+    """
+
+    skip_next = False  # set by StageEngine.train_step for the update it decided to drop
+
+    def step(self, closure=None):  # noqa: D102
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
 def make_optimizer(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
                    stage: StageCfg) -> torch.optim.AdamW:
     """A plain ``torch.optim.AdamW`` (DeepSpeed's fused/CPU Adam need compiled ops)."""
-    return torch.optim.AdamW(param_groups(named, config, stage.weight_decay), lr=stage.lr,
-                             betas=tuple(stage.betas), eps=stage.eps)
+    return SkippableAdamW(param_groups(named, config, stage.weight_decay), lr=stage.lr,
+                          betas=tuple(stage.betas), eps=stage.eps)
 
 
 def set_lr(optimizer: Any, lr: float) -> None:
@@ -178,24 +195,33 @@ class StageEngine(DeepSpeedModule):
         self.dp_world = dist.get_world_size()
         self.dp_rank = dist.get_rank()
         named = list(model.named_parameters())
-        optimizer = make_optimizer(named, model.config, stage)
+        self.adam = make_optimizer(named, model.config, stage)  # the torch optimizer inside DeepSpeed's
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world))
-
+            model=model, optimizer=self.adam, config=ds_config(ds, stage, self.dp_world))
+        self.skip_nonfinite = False  # on_nonfinite=skip (set by the trainer)
+        self.skipped = False  # the last train_step dropped its update (its loss was NaN/inf)
 
     def train_step(self, batches: list[Batch]) -> torch.Tensor:
+        """With ``skip_nonfinite`` the step's loss is summed over the ranks BEFORE the last
+        micro batch's ``engine.step()`` (the one that updates), so every rank sees the same
+        NaN/inf and drops the same update; DeepSpeed still zeroes the gradients."""
         import torch.distributed as dist
 
         self.engine.train()
         # On the engine's device: with NCCL (GPU) a CPU tensor cannot be all-reduced.
         total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        for x, y in batches:
+        self.skipped = False
+        for i, (x, y) in enumerate(batches):
             loss = causal_lm_loss(self.engine(x.to(self.engine.device)), y.to(self.engine.device))
             self.engine.backward(loss)
-            self.engine.step()
             total += loss.detach().double()
-        total /= len(batches)
-        dist.all_reduce(total)
+            if i == len(batches) - 1:  # one all-reduce per step, before the update
+                total /= len(batches)
+                dist.all_reduce(total)
+                self.skipped = self.skip_nonfinite and not bool(torch.isfinite(total))  # a host sync (skip only)
+                self.adam.skip_next = self.skipped
+            self.engine.step()
+        self.adam.skip_next = False
         return total / self.dp_world
 
     @torch.no_grad()

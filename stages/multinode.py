@@ -64,6 +64,28 @@ def check_scale(cfg: TrainConfig) -> None:
         raise StageConfigError(f"field 'node_rank' ({cfg.node_rank}) must be below nnodes ({cfg.nnodes})")
     if cfg.launcher not in LAUNCHERS:
         raise StageConfigError(f"field 'launcher' must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
+    check_nonfinite(cfg)
+
+
+def check_nonfinite(cfg: TrainConfig) -> None:
+    """``on_nonfinite``: skip needs an engine that sees the step's loss before its update."""
+    from stages.config import NonFinite, StageConfigError
+
+    try:
+        mode = NonFinite(cfg.on_nonfinite)
+    except ValueError:
+        raise StageConfigError(f"field 'on_nonfinite' must be one of {', '.join(m.value for m in NonFinite)}, "
+                               f"got {cfg.on_nonfinite!r}") from None
+    if cfg.max_skips_in_a_row <= 0:
+        raise StageConfigError(f"field 'max_skips_in_a_row' must be positive, got {cfg.max_skips_in_a_row}")
+    if mode != NonFinite.skip:
+        return
+    ds = cfg.deepspeed
+    if ds.pipeline or ds.tensor_parallel > 1:
+        layout = "deepspeed.pipeline=true" if ds.pipeline else f"deepspeed.tensor_parallel={ds.tensor_parallel}"
+        raise StageConfigError(f"field 'on_nonfinite' is skip with {layout}: only the ZeRO engine checks the "
+                               f"loss before the optimizer step (the pipeline steps inside train_batch); "
+                               f"use on_nonfinite=stop")
 
 
 def check_launchable(cfg: TrainConfig) -> None:

@@ -65,6 +65,9 @@ class StagePlan:
     resume: bool = False  # a DeepSpeed checkpoint exists and resume=true
     finished: bool = False  # summary.json and final/ exist: nothing to do
     parent: StageDir | None = None
+    # positions=distance, measured once by the shape check (it reads every layer matrix):
+    new_layers: list[int] | None = None  # the indices of the new layers it picked
+    distances: list[float] | None = None  # d(j) between source layers j and j+1
 
     @property
     def name(self) -> str:
@@ -152,10 +155,13 @@ def _plan_source(plan: StagePlan, source: Path, what: str) -> None:
         # shapes only; 'distance' positions also read the layers they compare
         get = reader.get if plan.spec.positions == "distance" else None
         try:
-            make_plan(src_config, plan.target, plan.spec, get_tensor=get)
+            grown = make_plan(src_config, plan.target, plan.spec, get_tensor=get)
         except GrowthError as err:
             raise StageError(f"stage {plan.name}: {what} ({src_config.params:,} parameters) does not "
                              f"grow into stage.model {plan.cfg.stage.model!r}: {err}") from None
+    if get is not None:  # kept, so no process reads the layers for it again (stages.dist_grow)
+        plan.new_layers = [i for i, entry in enumerate(grown.layer_map) if entry["new"]]
+        plan.distances = grown.distances
     plan.grow = True
 
 
@@ -243,6 +249,7 @@ def grow_into(plan: StagePlan) -> str:
 
     from growth.executor import ApplyRequest
     from growth.parallel import apply_growth
+    from stages.dist_grow import resolve_positions
 
     out = plan.layout.init
     assert plan.source is not None and plan.spec is not None
@@ -258,8 +265,9 @@ def grow_into(plan: StagePlan) -> str:
     spec = plan.spec
     log.info("[%s] growing %s → %s (%s/%s/%s/%s)", plan.name, plan.source, out, spec.hidden, spec.ffn,
              spec.heads, spec.depth)
-    request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=spec.to_dict(), out=str(out),
-                           optimizer_state=plan.cfg.stage.growth.optimizer_state)
+    # spec: positions=distance as the indices plan_stage measured (spawned workers read no layer for it)
+    request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=resolve_positions(plan),
+                           out=str(out), optimizer_state=plan.cfg.stage.growth.optimizer_state)
     apply_growth(request, workers=plan.cfg.stage.growth.workers, progress=True)
     return fingerprint
 

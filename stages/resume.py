@@ -19,7 +19,7 @@ ALLOWED = ("stage.lr", "stage.min_lr_ratio", "stage.warmup_steps", "stage.decay"
            "stage.log_every", "deepspeed.gradient_clipping", "deepspeed.name", "master_port",
            "run_dir", "data.cache_dir", "schedule.name", "schedule.stages", "worker_module",
            "node_rank", "master_addr", "local_addr", "rdzv_timeout", "collective_timeout", "max_restarts",
-           "keep_checkpoints", "launcher")
+           "keep_checkpoints", "launcher", "on_nonfinite", "max_skips_in_a_row")
 # Fields that follow from the rest, from the machine or from the attempt: not compared.
 IGNORED = ("resume", "dry_run", "resolved.resume_changes", "resolved.stage_dir", "resolved.data.dir",
            "resolved.data.paths", "resolved.data.docs", "resolved.parent_eval_loss_end", "resolved.parent_lr",

@@ -39,7 +39,7 @@ from growth.config import ModelConfig
 from growth.model import init_state_dict
 from growth.runs import StageDir
 from stages import elastic, optim_state
-from stages.config import DeepSpeedCfg, Precision, ResolvedStage, StageCfg, ramp_unfinished
+from stages.config import DeepSpeedCfg, NonFinite, Precision, ResolvedStage, StageCfg, ramp_unfinished
 from stages.engine import Batch, Engine, build_plain
 from stages.export import export_final
 from stages.lr import mask_c, stage_schedule
@@ -162,7 +162,8 @@ class Reporter:
                 self.tb.add_scalar(f"train/{key}", record[key], record["step"])
         with open(self.log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        if record["loss"] is not None:  # None: a skipped step (on_nonfinite=skip)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
 
     def eval(self, step: int, loss: float) -> None:
         if self.active:
@@ -212,6 +213,8 @@ class Trainer:
         self.train_seconds, self.wall_before, self.eval_loss_start = 0.0, 0.0, None
         self._window = [0.0, 0]  # seconds and steps since the last logged step
         self.saved_step = -1  # the step of the newest ds_ckpt/ checkpoint this run wrote
+        self.skips = elastic.Skips(self.cfg.max_skips_in_a_row)  # on_nonfinite=skip
+        self.engine.skip_nonfinite = self.cfg.on_nonfinite == NonFinite.skip  # validate: ZeRO engine only
         self.resuming = (self.cfg.resume or elastic.restart_count() > 0) and self.layout.has_ds_checkpoint
         self.start(config)
 
@@ -241,6 +244,7 @@ class Trainer:
         self.eval_loss_start = client["eval_loss_start"]
         self.train_seconds, self.wall_before = float(client["train_seconds"]), float(client["wall_seconds"])
         self.seeded_step = client["seeded_step"]
+        self.skips.steps = list(client.get("skipped_steps", []))
         start = client.get("data_tokens_start", self.data.tokens_start)  # data (stages.data)
         if start != self.data.tokens_start:
             raise WorkerError(f"{self.layout.ds_ckpt}: the checkpoint's data stream started at token {start}, "
@@ -295,10 +299,15 @@ class Trainer:
         batches = self.data.batches(self.step)
         t0 = time.perf_counter()
         loss = self.engine.train_step(batches)
-        elastic.check_finite(loss, self.step + 1, self.layout.root, self.rank, self.layout.ds_ckpt, self.saved_step)
+        skipped = self.engine.skip_nonfinite and self.engine.skipped
+        if self.engine.skip_nonfinite:  # the engine already agreed on it across the ranks
+            self.skips.record(self.step + 1, skipped, self.layout.root, self.rank)
+        else:
+            elastic.check_finite(loss, self.step + 1, self.layout.root, self.rank, self.layout.ds_ckpt,
+                                 self.saved_step)
         self.step += 1
         logged = self.step % max(1, self.stage.log_every) == 0 or self.done
-        value = float(loss) if logged else None  # the host sync
+        value = None if skipped or not logged else float(loss)  # the host sync
         dt = time.perf_counter() - t0
         self.train_seconds += dt
         self._window[0] += dt
@@ -307,8 +316,9 @@ class Trainer:
         if logged:
             seconds, steps = self._window
             self._window = [0.0, 0]
-            self.reporter.step({"step": self.step, "loss": value, "lr": lr, "c": c,
-                                "tokens_per_second": self.tokens_per_step * steps / seconds})
+            record = {"step": self.step, "loss": value, "lr": lr, "c": c,
+                      "tokens_per_second": self.tokens_per_step * steps / seconds}
+            self.reporter.step({**record, "skipped": True} if skipped else record)
         every = self.stage.eval_every
         if every and self.step % every == 0 and not self.done:
             self.reporter.eval(self.step, self.eval())
@@ -327,7 +337,8 @@ class Trainer:
         client = {"step": self.step, "eval_loss_start": self.eval_loss_start,
                   "train_seconds": self.train_seconds, "seeded_step": self.seeded_step,
                   "wall_seconds": self.wall_before + time.perf_counter() - self.begin,
-                  "data_tokens_start": self.data.tokens_start}  # data (stages.data)
+                  "data_tokens_start": self.data.tokens_start,  # data (stages.data)
+                  "skipped_steps": self.skips.steps}
         self.engine.engine.save_checkpoint(str(ds_dir), tag=DS_TAG.format(self.step), client_state=client)
         dist.barrier()
         if self.rank == 0:  # sealed once every rank saved; keeps the newest cfg.keep_checkpoints
@@ -364,6 +375,7 @@ class Trainer:
             "parent_eval_loss_end": self.resolved.parent_eval_loss_end, "lr_peak": self.schedule.peak,
             "adam_seeded_step": self.seeded_step, "zero_stage": self.engine.zero_stage,
             "pipeline": ds.pipeline, "precision": Precision(ds.precision).value, "world_size": self.world,
+            "skipped_steps": len(self.skips.steps), "skipped_at": self.skips.steps,  # on_nonfinite=skip
             "final": str(self.layout.final),
             **self.data.position(total),  # data (stages.data): data_tokens_start/_end, data_epoch, positions
         }

@@ -8,6 +8,7 @@ stage of tests.ds_helpers; faults are injected by a Trainer subclass
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import zipfile
 
@@ -16,7 +17,7 @@ import torch
 
 from growth.runs import StageDir
 from stages import elastic
-from stages.config import ResolvedStage
+from stages.config import ResolvedStage, StageConfigError, TrainConfig, validate
 from stages.launch import LaunchError, launch_workers, worker_command
 from tests.ds_helpers import (
     REPO,
@@ -93,6 +94,35 @@ def test_seal_keeps_newest_k_and_drops_a_crashed_future(tmp_path):
         assert z.infolist()
 
 
+def test_skips_stop_after_too_many_in_a_row(tmp_path):
+    skips = elastic.Skips(limit=2)
+    for step, bad in [(1, True), (2, False), (3, True), (4, True)]:
+        skips.record(step, bad, tmp_path, rank=0)
+    assert skips.steps == [1, 3, 4] and skips.in_a_row == 2
+    with pytest.raises(elastic.NonFiniteLossError) as info:
+        skips.record(5, True, tmp_path, rank=0)
+    message = str(info.value)
+    assert "\n" not in message and "steps 3..5: 3 steps in a row skipped (max_skips_in_a_row=2)" in message
+    assert "weights of step 2" in message
+    assert json.loads((tmp_path / elastic.NONFINITE_NAME).read_text())["step"] == 5  # a restart stops again
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"on_nonfinite": "ignore"}, "field 'on_nonfinite' must be one of stop, skip, got 'ignore'"),
+    ({"on_nonfinite": "skip", "max_skips_in_a_row": 0}, "field 'max_skips_in_a_row' must be positive"),
+    ({"on_nonfinite": "skip", "nproc": 2, "deepspeed": {"pipeline": True}},
+     "field 'on_nonfinite' is skip with deepspeed.pipeline=true: only the ZeRO engine"),
+])
+def test_on_nonfinite_is_checked(fields, needle):
+    from stages.config import DeepSpeedCfg
+
+    if "deepspeed" in fields:
+        fields = {**fields, "deepspeed": DeepSpeedCfg(zero_stage=1, **fields["deepspeed"])}
+    with pytest.raises(StageConfigError) as info:
+        validate(TrainConfig(**fields))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
 def test_max_restarts_reaches_torchrun():
     cfg = dataclasses.replace(ResolvedStage.load(shared_run("zero1") / "stage_config.json").config, max_restarts=3)
     cmd = worker_command(cfg, REPO / "x.json", 12345)
@@ -126,6 +156,31 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_one():
     warnings = [ln for ln in proc.stderr.splitlines() if "resuming from step00000010 instead" in ln]
     assert len(warnings) == 1 and "step00000020 is truncated" in warnings[0], proc.stderr[-3000:]
     assert_same_losses(read_log(stage_dir), want)
+
+
+@pytest.mark.slow
+def test_nan_loss_with_skip_drops_that_update_and_the_stage_finishes(worker_env):
+    """ZeRO-0 fp32: DeepSpeed itself would apply a NaN update (ZeRO-1/2 drop one whose gradient
+    norm is NaN on their own); the step's weights and Adam state must equal the step before's."""
+    stage_dir = new_stage_dir("elastic-skip")
+    path = write_stage_config(stage_dir, data_info(), zero=0, steps=5, save_every=0)
+    write_faults(stage_dir, nan_batch_at=3, digest_at=[2, 3, 4])
+    cfg = scaled(path, on_nonfinite="skip")
+    launch_workers(cfg, path, StageDir(stage_dir))
+    lines = (stage_dir / DONE_NAME).read_text().splitlines()
+    assert "nan batch at step 3" in lines
+    digests = {d["step"]: d for d in map(json.loads, (ln for ln in lines if ln.startswith("{")))}
+    assert digests[2]["adam_tensors"] > 0 and all(d["finite"] for d in digests.values())
+    assert digests[3]["weights"] == digests[2]["weights"] and digests[3]["adam"] == digests[2]["adam"]
+    assert digests[4]["weights"] != digests[3]["weights"] and digests[4]["adam"] != digests[3]["adam"]
+    records = read_log(stage_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[2]["loss"] is None and records[2]["skipped"]
+    assert all(r["loss"] > 0 and "skipped" not in r for i, r in enumerate(records) if i != 2)
+    summary = read_summary(stage_dir)
+    assert (summary["skipped_steps"], summary["skipped_at"]) == (1, [3])
+    warnings = [ln for ln in StageDir(stage_dir).launch_log.read_text().splitlines() if "update was skipped" in ln]
+    assert len(warnings) == 1 and "non-finite loss at step 3" in warnings[0], warnings
 
 
 @pytest.mark.slow

@@ -159,20 +159,45 @@ exit $rc
                 SLURM_JOB_NODELIST="node[0-1]", SLURM_JOB_ID="1")
 
 
-SCHEDULE = ["-m", "schedule=tiny", "schedule.stages=[tiny_s1,tiny_s2]", "stage=tiny_s1,tiny_s2",
-            "stage.steps=6", "stage.seq_len=32", "stage.micro_batch_size=4", "stage.eval_batches=2",
-            "stage.save_every=3", "stage.rewarm_steps=2", "stage.warmup_steps=2", "data.max_bytes=300000"]
+# All three tiny stages, two growths (zero, then masked with its MSG ramp), 3 steps each: what
+# costs here is starting processes (≈ 10 per stage on 2 nodes), not steps.
+STAGES = ("tiny_s1", "tiny_s2", "tiny_s3")
+SCHEDULE = ["-m", "schedule=tiny", "stage.steps=3", "stage.seq_len=16", "stage.micro_batch_size=2",
+            "stage.eval_batches=2", "stage.save_every=0", "stage.rewarm_steps=1", "stage.warmup_steps=1",
+            "stage.ramp_steps=2", "data.max_bytes=100000"]
 
 
 @pytest.mark.slow
 def test_schedule_on_two_nodes_from_the_sbatch_script_matches_one_node(tmp_path):
-    """The tiny schedule's first two stages, growth between them, as launch.sbatch runs
+    """The tiny schedule's three stages, the growths between them, as launch.sbatch runs
     them on 2 nodes × 1 rank (stand-in srun), against the same schedule on 1 node × 2 ranks."""
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = subprocess.run(train_stage(*SCHEDULE, f"run_dir={one}", "nproc=2"), cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # The 1 node × 2 ranks reference runs alongside: each run is mostly process start-up,
+    # under one core on average, so on 2 cores the pair takes little more than the slower one.
+    with open(tmp_path / "one.log", "w") as out:
+        reference = subprocess.Popen(train_stage(*SCHEDULE, f"run_dir={one}", "nproc=2"), cwd=REPO, env=env(),
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        run_two_nodes(tmp_path, two)
+        assert reference.wait(timeout=900) == 0, (tmp_path / "one.log").read_text()[-4000:]
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
 
+    for name in STAGES:
+        assert_same_losses(read_log(two / name), read_log(one / name))
+        a, b = read_summary(two / name), read_summary(one / name)
+        assert a["world_size"] == b["world_size"] == 2
+        for key in ("eval_loss_start", "eval_loss_end"):
+            assert a[key] == pytest.approx(b[key], rel=REL), (name, key)
+        assert (two / name / "train.node1.log").is_file()
+    assert read_summary(two / "tiny_s3")["eval_loss_start"] == pytest.approx(
+        read_summary(two / "tiny_s2")["eval_loss_end"], abs=1e-4)  # both growths exact, on 2 nodes too
+
+
+def run_two_nodes(tmp_path: Path, two: Path) -> None:
+    """``train-stage launcher=slurm`` writes launch.sbatch; bash runs it under the stand-in srun."""
     port = free_port()
     proc = subprocess.run(train_stage(*SCHEDULE, f"run_dir={two}", "nproc=1", "nnodes=2", "launcher=slurm",
                                       f"master_port={port}", "local_addr=127.0.0.1"),
@@ -180,10 +205,12 @@ def test_schedule_on_two_nodes_from_the_sbatch_script_matches_one_node(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     script = two / "launch.sbatch"
     assert f"sbatch {script}" in proc.stdout and f"sbatch {two / 'tiny_s2' / 'launch.sbatch'}" in proc.stdout
+    assert f"sbatch {two / 'tiny_s3' / 'launch.sbatch'}" in proc.stdout
     text = script.read_text()
     assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in text
-    assert text.index("stage=tiny_s1") < text.index("stage=tiny_s2") and text.count("srun ") == 2
+    assert text.index("stage=tiny_s1") < text.index("stage=tiny_s2") < text.index("stage=tiny_s3")
+    assert text.count("srun ") == 3
     assert not (two / "tiny_s1" / "stage_config.json").exists()  # nothing ran yet
 
     job_env = stand_in_slurm(tmp_path / "bin", tmp_path / "srun-logs")
@@ -193,18 +220,12 @@ def test_schedule_on_two_nodes_from_the_sbatch_script_matches_one_node(tmp_path)
     logs = {p.name: p.read_text() for p in sorted((tmp_path / "srun-logs").iterdir())}
     assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(f"== {k}\n{v[-3000:]}" for k, v in logs.items())
     print(f"2-node schedule: {time.monotonic() - start:.0f} s (machine shared with other jobs)")
-    assert len(logs) == 4  # 2 stages × 2 nodes
+    assert len(logs) == 6  # 3 stages × 2 nodes
     assert "node 1 of 2 joined node 0" in logs["srun1.node1.log"]
 
-    for name in ("tiny_s1", "tiny_s2"):
-        assert_same_losses(read_log(two / name), read_log(one / name))
-        a, b = read_summary(two / name), read_summary(one / name)
-        assert a["world_size"] == b["world_size"] == 2
-        for key in ("eval_loss_start", "eval_loss_end"):
-            assert a[key] == pytest.approx(b[key], rel=REL), (name, key)
-        assert (two / name / "train.node1.log").is_file()
-    assert "growing" in logs["srun1.node0.log"] and "on 2 nodes × 1 ranks" in logs["srun1.node0.log"]
-    assert "-m stages.dist_grow" in (two / "tiny_s2" / "train.node1.log").read_text()  # node 1 grew too
+    for k, name in enumerate(STAGES[1:], start=1):
+        assert "growing" in logs[f"srun{k}.node0.log"] and "on 2 nodes × 1 ranks" in logs[f"srun{k}.node0.log"]
+        assert "-m stages.dist_grow" in (two / name / "train.node1.log").read_text()  # node 1 grew too
 
 
 @pytest.mark.slow
