@@ -83,7 +83,7 @@ def start_weights(resolved: ResolvedStage, config: ModelConfig) -> dict[str, tor
 def build_engine(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg,
                  stage: StageCfg, init: str | None = None) -> Engine:
     """The engine of this layout, weights loaded before ``deepspeed.initialize``."""
-    if ds.tensor_parallel > 1:  # issue 13: each rank reads its TP slices of ``init`` (ZeRO-1/2, no pipeline)
+    if ds.tensor_parallel > 1:  # issue 13: each rank reads its TP slices of ``init`` (TP × DP, or TP × PP × DP)
         from stages.tensor_parallel.engine import build_tp
 
         return build_tp(config, weights, ds, stage, init)
