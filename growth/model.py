@@ -161,13 +161,25 @@ class DecoderLayer(nn.Module):
         return h + self.layer_c.to(h.dtype) * (a + m)  # MSG depth: h + c·block(h)
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)``; on the meta device without its random init.
+
+    Note: ``normal_`` on a meta tensor runs torch's Python reference, whose first call
+    imports torch._dynamo (about 2–3 s of CPU in every process that builds a model on the
+    meta device, then loads weights with ``assign=True``); a meta table needs no values.
+    """
+    if torch.empty(()).device.type == "meta":  # inside ``with torch.device("meta")``
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 class TeleFLMModel(nn.Module):
     """Embedding, decoder layers and final norm: the ``model.`` prefix of the HF names."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hidden_mask: torch.Tensor | None = None

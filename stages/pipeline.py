@@ -33,6 +33,7 @@ from growth.model import (
     TeleFLMModel,
     build_masks,
     causal_lm_loss,
+    embedding,
     init_tensor,
     rope_cos_sin,
     scale_logits,
@@ -96,7 +97,7 @@ class EmbeddingPipe(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.hidden_mask: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

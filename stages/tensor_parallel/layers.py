@@ -53,6 +53,7 @@ from growth.model import (
     RMSNorm,
     build_masks,
     causal_lm_loss,
+    embedding,
     rope_cos_sin,
 )
 from stages.tensor_parallel.layout import check_model_split
@@ -261,7 +262,7 @@ class TPModel(nn.Module):
         super().__init__()
         self.config, self.group, self.tp, self.sp = config, group, tp, sp
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
-        self.embed_tokens = nn.Embedding(local.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(local.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(tp_decoder_layer(local, group, tp, sp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hidden_mask: torch.Tensor | None = None

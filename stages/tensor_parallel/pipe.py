@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from growth.config import ModelConfig
-from growth.model import DecoderLayer, RMSNorm, init_tensor, rope_cos_sin
+from growth.model import DecoderLayer, RMSNorm, embedding, init_tensor, rope_cos_sin
 from stages import ds_compat, optim_state
 from stages.config import DeepSpeedCfg, Precision, StageCfg
 from stages.pipeline import (
@@ -73,7 +73,7 @@ class TPEmbeddingPipe(EmbeddingPipe):
         nn.Module.__init__(self)
         self.config, self.tp, self.sp, self.group = config, tp, sp, None
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
-        self.embed_tokens = nn.Embedding(config.vocab_size // tp, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size // tp, config.hidden_size)
         self.hidden_mask: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
