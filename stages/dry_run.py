@@ -114,7 +114,8 @@ def memory_report(config: ModelConfig, cfg: dict[str, Any]) -> dict[str, Any]:
     this stage's TP × PP × DP layout (stages.tensor_parallel.memory states every term)."""
     layout = layout_of(cfg)
     check_model_split(config, layout.tp)
-    verdict = fit(config, layout, cfg["deepspeed"]["precision"], cfg["gpu_memory_gib"])
+    verdict = fit(config, layout, cfg["deepspeed"]["precision"], cfg["gpu_memory_gib"],
+                  sp=bool(cfg["deepspeed"]["sequence_parallel"]))
     states = verdict["model_states"]
     out: dict[str, Any] = {"params": config.params, "ranks": layout.world, "pipeline_degree": layout.pp,
                            "tensor_parallel": layout.tp, "data_parallel": layout.dp,

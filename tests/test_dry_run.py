@@ -92,6 +92,28 @@ def test_hand_computed_tp2_pp2_zero1_bf16_checkpointed():
     assert verdict["fits"] is False and verdict["bubble"] == 1 / 4 and verdict["tokens_per_step"] == 2 * 2 * 3 * 32
 
 
+def test_hand_computed_sequence_parallel_tp2_pp2_bf16_checkpointed():
+    """The layout above with sequence parallelism: the norms' saves and every hidden state
+    between layers are split over the 2 TP ranks; the projections' gathered inputs are not."""
+    layout = Layout(tp=2, pp=2, dp=2, zero_stage=1, micro_batch_size=2, grad_accum=3, seq_len=32,
+                    activation_checkpointing=True)
+    h, V, tokens = 64, 264, 2 * 32
+    norms = 2 * (4 * h + 2 * h + 4) // 2  # on this rank's 32 of the 64 tokens
+    gathered = 2 * (2 * h)  # q/k/v and gate/up inputs: the whole sequence, all-gathered
+    per_rank = 5 * (2 * 2 * 16) + 4 * 2 + 4 * (2 * 88)  # as without sequence parallelism
+    layer_full = (norms + gathered + per_rank) * tokens
+    assert layer_full == 107_264
+    hidden = 2 * h * tokens // 2  # a bf16 hidden state of one micro-batch, half the tokens
+    kept = 2 * hidden + hidden  # 2 checkpointed layer inputs + the stage output
+    working = layer_full + 2 * hidden
+    first, last = 2 * kept + working, kept + working + (2 + 4 + 4 + 4) * (V // 2) * tokens
+    assert (first, last) == (140_032, 246_016)  # without sequence parallelism: 197,632 and 291,328
+    acts = activations(TINY, layout, "bf16", sp=True)
+    assert (acts["first_stage_bytes"], acts["last_stage_bytes"]) == (first, last)
+    assert fit(TINY, layout, "bf16", gpu_memory_gib=1e-3, sp=True)["total_bytes"] == 707_328 + last
+    assert fit(TINY, layout, "bf16", gpu_memory_gib=1e-3, sp=False)["total_bytes"] == 998_656
+
+
 def test_hand_computed_tp1_zero2_fp32_no_checkpointing():
     layout = Layout(tp=1, pp=1, dp=4, zero_stage=2, micro_batch_size=1, grad_accum=4, seq_len=16,
                     activation_checkpointing=False)

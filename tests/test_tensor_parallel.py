@@ -60,6 +60,21 @@ WORKER = textwrap.dedent('''
                 p -= lr * p.grad
         save_gathered(model, os.path.join(out, kind + "-tp-gathered"))
         result[kind] = {"loss": loss.item(), "grads": grads}
+    # what one TP decoder layer saves for backward, with and without sequence parallelism
+    from growth.model import rope_cos_sin
+    for sp in (False, True):
+        layer = load_tp_model(os.path.join(out, "plain"), dist.group.WORLD, tp, rank, sp=sp).model.layers[0]
+        b, s = batch["ids"].shape
+        x = torch.randn(b, s // tp if sp else s, layer.input_layernorm.weight.shape[0], requires_grad=True)
+        cos, sin = rope_cos_sin(s, layer.self_attn.head_dim, 10000.0, x.device, x.dtype)
+        storages, skip = {}, {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        skip |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x, cos, sin)
+        result[f"saved_bytes_sp{int(sp)}"] = sum(n for ptr, n in storages.items() if ptr not in skip)
     if rank == 0:
         torch.save(result, os.path.join(out, "tp-result.pt"))
     dist.destroy_process_group()
@@ -122,6 +137,17 @@ def test_tp2_loss_and_gradients_match_one_rank(tp_run, kind):
         scale = g.abs().max().item()
         assert scale > 0 or ckpt == "masked", name
         assert (tp["grads"][name] - g).abs().max().item() <= 1e-6 * max(scale, 1e-6), name
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_dry_run_layer_formula_is_what_a_tp_rank_saves(tp_run, sp):
+    """stages.tensor_parallel.memory's per-layer count, checked against autograd on TP rank 0
+    (fp32; CPU SDPA runs its flash kernel), with and without sequence parallelism."""
+    from stages.tensor_parallel.memory import layer_activation_bytes_per_token
+
+    b, s = batch()["ids"].shape
+    expected = layer_activation_bytes_per_token(CONFIG, 2, "fp32", s, flash=True, sp=sp) * b * s
+    assert tp_run[1][f"saved_bytes_sp{int(sp)}"] == expected
 
 
 def test_tp1_model_is_the_model(tmp_path):

@@ -31,13 +31,16 @@ autograd actually saves (tests/test_dry_run.py). bf16 runs use flash attention (
 SDPA picks the flash kernel for 16-bit CUDA tensors); fp32 is counted without it.
 
 - With activation checkpointing (per decoder layer, as stages.engine / stages.pipeline do)
-  a layer keeps only its input, ``e·h`` per token (replicated: no sequence parallelism), and
+  a layer keeps only its input, ``e·h`` per token (``e·h/t`` with sequence parallelism), and
   while one layer is recomputed in the backward its full activations exist once.
 - A pipeline stage also keeps its output, ``e·h`` per token, per micro-batch in flight.
 - 1F1B keeps ``min(p − k, m)`` micro-batches in flight on stage ``k``: ``min(p, m)`` on the
   first; the last stage holds one, but also the logits: the 16-bit ``lm_head`` output, its
   fp32 copy, the log-softmax and its gradient, ``(e + 4 + 8)·V/t`` per token.
 - The gradients flowing into and out of the layer in backward: ``2·e·h`` per token.
+- Sequence parallelism (``deepspeed.sequence_parallel``) divides by ``t`` what the norms save
+  and every hidden state between layers (the three items above); the projections' inputs stay
+  whole (the column-parallel linears save the all-gathered sequence).
 
 The total is the fullest stage's model states plus the larger of the first and the last
 stage's activations. **Margin**: :data:`MARGIN` of the GPU is held back for the CUDA
@@ -107,27 +110,36 @@ def model_states(config: ModelConfig, layout: Layout) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- activations
 def layer_activation_bytes_per_token(config: ModelConfig, tp: int, precision: str, seq_len: int,
-                                     flash: bool | None = None) -> float:
-    """Bytes one decoder layer saves for backward per token, without recomputation."""
+                                     flash: bool | None = None, sp: bool = False) -> float:
+    """Bytes one decoder layer saves for backward per token, without recomputation.
+
+    ``sp`` (sequence parallelism, stages.tensor_parallel.layers): the two RMSNorms run on
+    this rank's 1/tp of the tokens, so what they save is split too; the projections' inputs
+    are the all-gathered sequence (saved whole by the column-parallel linears)."""
     e = ELEMENT_BYTES[precision]
     flash = precision == "bf16" if flash is None else flash
     h, f, a = config.hidden_size, config.intermediate_size, config.num_attention_heads
     hq = a * config.head_dim
-    replicated = 2 * (4 * h + e * h + 4) + 2 * e * h
+    norms = 2 * (4 * h + e * h + 4)
+    gathered = 2 * e * h
     split = 5 * e * hq + 4 * e * f + (4 * a if flash else e * a * seq_len)
-    return replicated + split / tp
+    return norms / (tp if sp else 1) + gathered + split / tp
 
 
-def activations(config: ModelConfig, layout: Layout, precision: str) -> dict[str, Any]:
-    """Activation bytes of the first and the last pipeline stage (one stage when pp = 1)."""
+def activations(config: ModelConfig, layout: Layout, precision: str, sp: bool = False) -> dict[str, Any]:
+    """Activation bytes of the first and the last pipeline stage (one stage when pp = 1).
+
+    ``sp``: the hidden states between layers (a checkpointed layer's input, a stage's
+    output, the gradients into and out of a layer) are this rank's 1/tp of the sequence."""
     e = ELEMENT_BYTES[precision]
     h, tp, pp, m = config.hidden_size, layout.tp, layout.pp, layout.grad_accum
     tokens = layout.micro_batch_size * layout.seq_len
-    per_layer = layer_activation_bytes_per_token(config, tp, precision, layout.seq_len) * tokens
+    per_layer = layer_activation_bytes_per_token(config, tp, precision, layout.seq_len, sp=sp) * tokens
     layers = -(-config.num_hidden_layers // pp)
-    kept_layer = e * h * tokens if layout.activation_checkpointing else per_layer
-    kept = layers * kept_layer + (e * h * tokens if pp > 1 else 0)  # + the stage's output buffer
-    working = (per_layer if layout.activation_checkpointing else 0) + 2 * e * h * tokens
+    hidden = e * h * tokens / (tp if sp else 1)  # one hidden state of the micro-batch on this rank
+    kept_layer = hidden if layout.activation_checkpointing else per_layer
+    kept = layers * kept_layer + (hidden if pp > 1 else 0)  # + the stage's output buffer
+    working = (per_layer if layout.activation_checkpointing else 0) + 2 * hidden
     logits = (e + (4 if e < 4 else 0) + 8) * (config.vocab_size // tp) * tokens
     in_flight = min(pp, m)
     first = in_flight * kept + working + (logits if pp == 1 else 0)
@@ -139,10 +151,11 @@ def activations(config: ModelConfig, layout: Layout, precision: str) -> dict[str
 
 
 # ---------------------------------------------------------------------- verdict
-def fit(config: ModelConfig, layout: Layout, precision: str, gpu_memory_gib: float) -> dict[str, Any]:
+def fit(config: ModelConfig, layout: Layout, precision: str, gpu_memory_gib: float,
+        sp: bool = False) -> dict[str, Any]:
     """Model states + activations vs ``(1 − MARGIN) × gpu_memory_gib``, bubble, tokens/step."""
     states = model_states(config, layout)
-    acts = activations(config, layout, precision)
+    acts = activations(config, layout, precision, sp=sp and layout.tp > 1)
     total = states["bytes"] + acts["bytes"]
     usable = (1.0 - MARGIN) * gpu_memory_gib
     return {"model_states": states, "activations": acts, "total_bytes": total,
