@@ -197,7 +197,8 @@ def echo_memory(mem: dict[str, Any], cfg: dict[str, Any], echo: Any) -> None:
               else f"ZeRO-{ds['zero_stage']}")
     echo(f"   layout TP {mem['tensor_parallel']} × PP {mem['pipeline_degree']} × DP {mem['data_parallel']} = "
          f"{mem['ranks']} ranks ({cfg['nnodes']} node(s) × {cfg['nproc']} GPUs), DeepSpeed {engine}, "
-         f"{ds['precision']}, activation checkpointing {'on' if lay['activation_checkpointing'] else 'off'}")
+         f"{ds['precision']}, activation checkpointing {'on' if lay['activation_checkpointing'] else 'off'}"
+         + (", sequence parallelism" if ds["sequence_parallel"] and mem["tensor_parallel"] > 1 else ""))
     if ds["pipeline"]:
         echo(f"     pipeline: {mem['pipeline_degree']} stages of {fmt_params(mem['params_per_gpu_mean'])} "
              f"per GPU on average; the fullest holds {fmt_params(mem['params_per_gpu'])} (ceil(layers / "
