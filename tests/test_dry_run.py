@@ -4,6 +4,7 @@ seed's 1T layout evaluated), and bad layouts refused in one line before any work
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from growth.config import ModelConfig, get_flavor
 from growth.model import DecoderLayer, rope_cos_sin
 from stages.config import StageConfigError, to_config, validate
 from stages.orchestrate import run_stage
-from stages.tensor_parallel.layout import Layout, LayoutError, check_model_split
+from stages.tensor_parallel.layout import Layout, LayoutError, check_model_split, check_stage_layout
 from stages.tensor_parallel.memory import GIB, activations, fit, layer_activation_bytes_per_token, model_states
 from stages.train import CONF_DIR
 
@@ -206,6 +207,16 @@ def test_tp_times_pp_must_divide_the_world(hydra_conf):
         validate(to_config(hydra_conf("deepspeed.tensor_parallel=0")))
 
 
+def test_tp_without_a_pipeline_takes_every_zero_stage(hydra_conf):
+    """TP × DP runs under ZeRO-0/1/2/3 (tests/test_tensor_parallel_engine.py): the orchestrator's
+    layout check lets each through."""
+    for zero in (0, 1, 2, 3):
+        cfg = to_config(hydra_conf("deepspeed=zero3", f"deepspeed.zero_stage={zero}", "deepspeed.tensor_parallel=2",
+                                   "nproc=4"))
+        validate(cfg)
+        check_stage_layout(dataclasses.asdict(cfg), get_flavor("tiny"))
+
+
 def test_sequence_parallel_needs_seq_len_divisible_by_tp(hydra_conf):
     validate(to_config(hydra_conf("deepspeed.tensor_parallel=2", "deepspeed.sequence_parallel=true",
                                   "stage.seq_len=32", "nproc=2")))
@@ -220,7 +231,8 @@ def test_sequence_parallel_needs_seq_len_divisible_by_tp(hydra_conf):
     (["deepspeed=pipe", "deepspeed.tensor_parallel=2", "nproc=2"], "TP × PP × DP ≠ world size"),
     (["deepspeed=pipe", "deepspeed.zero_stage=2", "deepspeed.tensor_parallel=2", "nproc=4"],
      "DeepSpeed's pipeline allows ZeRO 0 or 1 only"),
-    (["deepspeed=zero3", "deepspeed.tensor_parallel=2", "nproc=2"], "tested with ZeRO-0, ZeRO-1 and ZeRO-2"),
+    (["deepspeed=pipe", "deepspeed.zero_stage=3", "deepspeed.tensor_parallel=2", "nproc=4"],
+     "DeepSpeed's pipeline allows ZeRO 0 or 1 only"),
 ])
 def test_cli_refuses_bad_tp_in_one_line_before_any_worker(tmp_path, overrides, message):
     proc = subprocess.run([sys.executable, "-m", "stages.train", f"run_dir={tmp_path / 'run'}",

@@ -2,7 +2,8 @@
 in one 4-rank launch (tests/tp_parity_worker.py runs each layout after one start-up) plus a
 2-rank and a 1-rank reference:
 
-- **TP × DP**: TP 2 × DP 2 under ZeRO-2 vs the plain ZeRO-1 engine at DP 2: same start, same
+- **TP × DP**: TP 2 × DP 2 under ZeRO-2, and under ZeRO-3 (each TP rank's shards partitioned
+  over the data-parallel group), vs the plain ZeRO-1 engine at DP 2: same start, same
   global batches, gradient clipping on. Eval loss, per-step losses, the clipped global gradient
   norm, the exported weights and Adam moments (``stages.export.export_final``) must agree, and a
   fresh TP engine seeded from the TP export's ``optimizer/`` holds exactly those moments again.
@@ -11,16 +12,18 @@ in one 4-rank launch (tests/tp_parity_worker.py runs each layout after one start
   (heads, FFN units, hidden, a new layer) ramping every step; the same checks, plus a fresh TP
   pipeline engine seeded from the export holds its moments exactly and, loaded from the
   DeepSpeed checkpoint, redoes the last step identically (resume).
-- **Sequence parallelism** (TP 2 × PP 2 under ZeRO-1, TP 2 × DP 2 under ZeRO-2) vs that 1-rank run.
+- **Sequence parallelism** (TP 2 × PP 2 under ZeRO-1, TP 2 × DP 2 under ZeRO-2 and ZeRO-3) vs that
+  1-rank run.
 - **ZeRO-0 under TP** (TP 2 × PP 2, and TP 2 × DP 2 whose two replicas see the same rows, so the
   global gradient is the 1-rank one; also the plain PP 2 × DP 2 pipeline) vs that 1-rank run.
-- **bf16 under TP** (both engines) vs the 1-rank bf16 engine, a loose tolerance: bf16 rounds
-  differently when sums are split across ranks.
+- **bf16 under TP** (both engines; TP 2 × DP 2 also under ZeRO-3) vs the 1-rank bf16 engine, a
+  loose tolerance: bf16 rounds differently when sums are split across ranks.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -33,6 +36,7 @@ import torch
 from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig
 from growth.init import init_checkpoint
+from stages.tensor_parallel.layers import shard_dim
 from tests.tp_parity_worker import MASK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,12 +117,26 @@ def test_tp2_dp2_zero2_matches_dp2(runs):
         assert final.config.tensor_shapes() == CONFIG.tensor_shapes()
 
 
-def test_adam_seeding_under_tp_restores_the_moments(runs):
-    out, tp = runs[0], runs[1]["dp", 2]
+def test_tp2_dp2_zero3_matches_dp2(runs):
+    """ZeRO-3 under TP partitions each TP rank's shards over the data-parallel group only."""
+    out, dp, tp = runs[0], runs[1]["dp", 1], runs[1]["dp", 2]["zero3_dp"]
+    assert (tp["engine"], tp["zero_stage"], tp["dp_world"]) == ("TPStageEngine", 3, 2)
+    assert_same_training(tp, dp, out / "dp-zero3-final-tp2", out / "dp-final-tp1")
+    local = {name: math.prod(shape) // (1 if shard_dim(name) is None else 2)
+             for name, shape in CONFIG.tensor_shapes().items()}  # TP rank 0's shards
+    # rank 0 (TP rank 0 of replica 0) partitions over its data-parallel peer, rank 2, never TP rank 1
+    assert tp["zero3_partition"] == {"ranks": [[0, 2]], "numel": sum(local.values()),
+                                     "held": sum(-(-n // 2) for n in local.values())}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_adam_seeding_under_tp_restores_the_moments(runs, zero):
+    out, tp = runs[0], runs[1]["dp", 2] if zero == 2 else runs[1]["dp", 2]["zero3_dp"]
     assert tp["seeded_step"] == STEPS
-    seeded = torch.load(out / "dp-seeded-tp2.pt")
+    seeded = torch.load(out / "dp-seeded-tp2.pt")[f"zero{zero}"]
+    final = out / ("dp-final-tp2" if zero == 2 else "dp-zero3-final-tp2")
     for kind in ("exp_avg", "exp_avg_sq"):
-        written = tensors(out / "dp-final-tp2" / "optimizer" / kind)
+        written = tensors(final / "optimizer" / kind)
         assert list(seeded[kind]) == list(written)
         for name, t in written.items():
             assert torch.equal(seeded[kind][name], t), f"{kind} {name}"
@@ -162,7 +180,8 @@ def test_zero0_under_tp_matches_one_rank(runs):
 
 def test_sequence_parallel_matches_one_rank(runs):
     one = runs[1]["pipe", 1]
-    for key, engine, zero in (("sp_pipe", "TPPipeStageEngine", 1), ("sp_dp", "TPStageEngine", 2)):
+    for key, engine, zero in (("sp_pipe", "TPPipeStageEngine", 1), ("sp_dp", "TPStageEngine", 2),
+                              ("sp_dp3", "TPStageEngine", 3)):
         rec = runs[1]["pipe", 2][key]
         assert (rec["engine"], rec["zero_stage"]) == (engine, zero)
         assert rec["layer_input_tokens"] == [6]  # each TP rank holds 6 of the 12 tokens
@@ -183,9 +202,10 @@ def test_bf16_under_tp_trains_and_matches_one_rank_bf16(runs):
     one, fp32 = runs[1]["pipe", 1]["bf16"], runs[1]["pipe", 1]
     assert one["eval_loss_start"] != fp32["eval_loss_start"]  # the reference really runs in bf16
     assert (one["dtype"], fp32["dtype"]) == ("torch.bfloat16", "torch.float32")
-    for key, engine in (("bf16_pipe", "TPPipeStageEngine"), ("bf16_dp", "TPStageEngine")):
+    for key, engine, zero in (("bf16_pipe", "TPPipeStageEngine", 1), ("bf16_dp", "TPStageEngine", 1),
+                              ("bf16_dp3", "TPStageEngine", 3)):
         rec = runs[1]["pipe", 2][key]
-        assert (rec["engine"], rec["dtype"]) == (engine, "torch.bfloat16")
+        assert (rec["engine"], rec["dtype"], rec["zero_stage"]) == (engine, "torch.bfloat16", zero)
         for field in ("eval_loss_start", "eval_loss_end"):
             assert abs(rec[field] - one[field]) <= BF16_LOSS_RTOL * one[field], (key, field)
         for a, b in zip(rec["losses"], one["losses"], strict=True):

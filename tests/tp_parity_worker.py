@@ -3,11 +3,11 @@ that one 4-rank launch runs every TP layout after a single start-up:
 
     python -m tests.tp_parity_worker OUT TP STEPS PHASE [PHASE ...]
 
-``dp``: the TP × DP check (TP 2 × DP 2 under ZeRO-2 vs plain DP 2 under ZeRO-1; batches keyed by
-the data-parallel rank). ``pipe``: TP 2 × PP 2 inside DeepSpeed's pipeline vs 1 rank (batches
-not keyed by rank; with ``TP > 1`` also Adam seeding, resume, ZeRO-0, sequence parallelism and
-bf16 under TP, and the plain pipeline under ZeRO-0). Both
-start from ``OUT/start``; every engine comes from ``stages.trainer.build_engine``. Rank 0 writes
+``dp``: the TP × DP check (TP 2 × DP 2 under ZeRO-2, and under ZeRO-3, vs plain DP 2 under ZeRO-1;
+batches keyed by the data-parallel rank). ``pipe``: TP 2 × PP 2 inside DeepSpeed's pipeline vs
+1 rank (batches not keyed by rank; with ``TP > 1`` also Adam seeding, resume, ZeRO-0, sequence
+parallelism and bf16 under TP (the last two also under ZeRO-3), and the plain pipeline under
+ZeRO-0). Both start from ``OUT/start``; every engine comes from ``stages.trainer.build_engine``. Rank 0 writes
 ``OUT/<phase>-record-tp<TP>.json`` and the exports ``OUT/<phase>-final-tp<TP>``.
 """
 
@@ -84,10 +84,10 @@ def gathered_moments(eng: Any) -> dict[str, dict[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------- dp: TP × DP vs DP
-def dp_phase(out: str, tp: int, steps: int) -> None:
-    start = os.path.join(out, "start")
-    zero = 2 if tp > 1 else 1
-    eng = engine(start, tp, zero=zero)
+def dp_train(out: str, tp: int, steps: int, zero: int, final: str) -> tuple[dict[str, Any], Any]:
+    """Train ``steps`` steps (batches keyed by the data-parallel rank), export to ``OUT/final``;
+    with ``tp > 1`` also seed a fresh engine's Adam state from that export (moments read as slices)."""
+    eng = engine(os.path.join(out, "start"), tp, zero=zero)
     evals = [batch("eval", i) for i in range(2)]
     record = {"engine": type(eng).__name__, "zero_stage": eng.zero_stage, "eval_loss_start": eng.eval_loss(evals),
               "losses": [], "grad_norms": [], "dp_world": eng.dp_world}
@@ -97,13 +97,28 @@ def dp_phase(out: str, tp: int, steps: int) -> None:
         record["losses"].append(float(loss))
         record["grad_norms"].append(grad_norm(eng))
     record["eval_loss_end"] = eng.eval_loss(evals)
-    final = os.path.join(out, f"dp-final-tp{tp}")
-    export_final(eng, eng.config, new_history(), final, META)
+    if zero == 3:  # what ZeRO-3 partitioned, and over which group (this TP rank's shards, over DP)
+        held = [p for _, p in eng.named_params()]
+        record["zero3_partition"] = {"ranks": sorted({tuple(dist.get_process_group_ranks(p.ds_process_group))
+                                                      for p in held}),
+                                     "numel": sum(p.ds_numel for p in held),
+                                     "held": sum(p.ds_tensor.numel() for p in held)}
+    export_final(eng, eng.config, new_history(), os.path.join(out, final), META)
     seeded = None
     if tp > 1:  # Adam seeding under TP: a fresh engine from the export, moments read as slices
-        fresh = engine(final, tp, zero=zero)
-        record["seeded_step"] = fresh.seed_adam_state(final, fresh.config)
+        fresh = engine(os.path.join(out, final), tp, zero=zero)
+        record["seeded_step"] = fresh.seed_adam_state(os.path.join(out, final), fresh.config)
         seeded = gathered_moments(fresh)
+    return record, seeded
+
+
+def dp_phase(out: str, tp: int, steps: int) -> None:
+    """TP × DP under ZeRO-2 (DP 2 under ZeRO-1 at ``tp == 1``); with ``tp > 1`` also TP × DP
+    under ZeRO-3 (``zero3_dp``: parameters partitioned over the data-parallel group)."""
+    record, seeded = dp_train(out, tp, steps, 2 if tp > 1 else 1, f"dp-final-tp{tp}")
+    if tp > 1:
+        record["zero3_dp"], seeded3 = dp_train(out, tp, steps, 3, f"dp-zero3-final-tp{tp}")
+        seeded = {"zero2": seeded, "zero3": seeded3}
     save_record(out, f"dp-record-tp{tp}.json", record, seeded)
 
 
@@ -169,9 +184,11 @@ def pipe_phase(out: str, tp: int, steps: int) -> None:
         # sequence parallelism, both engines (12 tokens: 6 a TP rank)
         record["sp_pipe"] = pipe_train(engine(start, tp, zero=1, pipe=True, sp=True), 2)
         record["sp_dp"] = pipe_train(engine(start, tp, zero=2, sp=True), 2)
+        record["sp_dp3"] = pipe_train(engine(start, tp, zero=3, sp=True), 2)  # ... and under ZeRO-3
         # bf16 under TP, both engines
         record["bf16_pipe"] = pipe_train(engine(start, tp, zero=1, pipe=True, precision="bf16"), steps)
         record["bf16_dp"] = pipe_train(engine(start, tp, zero=1, precision="bf16"), steps)
+        record["bf16_dp3"] = pipe_train(engine(start, tp, zero=3, precision="bf16"), steps)  # ... and under ZeRO-3
     else:
         record["bf16"] = pipe_train(engine(start, tp, zero=1, precision="bf16"), steps)
     save_record(out, f"pipe-record-tp{tp}.json", record, seeded)

@@ -6,7 +6,7 @@
   pieces (RoPE, RMSNorm, μP, MSG masks sliced with their shards);
 - :mod:`.io`: each TP rank reads only its slices of a canonical checkpoint
   (safetensors ``get_slice``) and a TP model is gathered back to HF names tensor by tensor;
-- :mod:`.engine`: the TP model under DeepSpeed ZeRO-0/1/2 (TP × DP groups as DeepSpeed's ``mpu``),
+- :mod:`.engine`: the TP model under DeepSpeed ZeRO-0/1/2/3 (TP × DP groups as DeepSpeed's ``mpu``),
   an ``stages.engine.Engine`` that ``stages.trainer.build_engine`` picks for ``tensor_parallel > 1``;
 - :mod:`.pipe`: TP inside DeepSpeed's pipeline (TP × PP × DP on ``PipeModelDataParallelTopology``,
   ZeRO-0/1), the engine ``build_tp`` hands out with ``deepspeed.pipeline``.

@@ -1,4 +1,4 @@
-"""A tensor-parallel Tele-FLM under a DeepSpeed ZeRO-0/1/2 engine (no pipeline).
+"""A tensor-parallel Tele-FLM under a DeepSpeed ZeRO-0/1/2/3 engine (no pipeline).
 
 :class:`TPStageEngine` implements ``stages.engine.Engine``, so ``stages.trainer.Trainer``
 drives it like the plain and pipeline engines; ``stages.trainer.build_engine`` picks it when
@@ -9,10 +9,13 @@ TP rank ``r % tp`` of data-parallel replica ``r // tp``. The groups object is al
 Megatron-style ``mpu`` DeepSpeed takes (``deepspeed.initialize(mpu=…)``), so
 
 - gradients are averaged and ZeRO partitions Adam state over the **data-parallel** group only;
+  under ZeRO-3 also the parameters: DeepSpeed partitions over the ``mpu``'s data-parallel
+  group, so each parameter's ``ds_process_group`` is this rank's DP group and a forward
+  all-gathers a module's TP shard from its DP peers, never across TP ranks;
 - the global gradient norm for clipping counts every TP shard once: split parameters carry
   ``tensor_model_parallel = True`` (DeepSpeed's ``is_model_parallel_parameter``), replicated
   norms are counted on TP rank 0 only, and the partial sums are all-reduced over the
-  model-parallel group;
+  model-parallel group (ZeRO-1/2 and ZeRO-3's ``get_grad_norm_direct`` count the same way);
 - the reported loss is averaged over the data-parallel group (TP ranks hold the same loss).
 
 Every TP rank of a replica sees the same batches: the trainer shards data by ``dp_rank`` /
@@ -20,6 +23,9 @@ Every TP rank of a replica sees the same batches: the trainer shards data by ``d
 (:meth:`TPStageEngine.seed_adam_state`), and :meth:`TPStageEngine.gather` yields full
 HF-named tensors on global rank 0 one at a time (ZeRO gathers a slice over DP, then the TP
 slices are gathered and concatenated), which ``stages.export.export_final`` streams to disk.
+Both go through ``stages.optim_state`` (DeepSpeed's ``safe_get/set_full_*`` helpers), as the
+plain engine does under every ZeRO stage; under ZeRO-3 those gather (or write into) one
+parameter's partitions over its ``ds_process_group``, the DP group.
 """
 
 from __future__ import annotations

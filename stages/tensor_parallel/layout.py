@@ -104,16 +104,9 @@ def check_model_split(config: ModelConfig, tp: int, what: str = "stage.model") -
 
 
 def check_stage_layout(cfg: dict[str, Any], target: ModelConfig) -> None:
-    """The orchestrator's layout check, before any worker starts: TP splits the stage's model,
-    and a training run with TP > 1 uses what the TP engines are built for: ZeRO-0/1/2 without a
-    pipeline (stages.tensor_parallel.engine), ZeRO-0/1 inside DeepSpeed's pipeline
-    (stages.tensor_parallel.pipe)."""
-    ds = cfg["deepspeed"]
-    tp = ds["tensor_parallel"]
-    check_model_split(target, tp)
-    if tp == 1 or cfg["dry_run"]:
-        return
-    if ds["zero_stage"] == 3:  # the pipeline refuses ZeRO-2/3 itself (stages.config.check_deepspeed)
-        raise LayoutError(f"deepspeed.tensor_parallel={tp} with deepspeed.zero_stage=3: the tensor-parallel "
-                          f"engines are built and tested with ZeRO-0, ZeRO-1 and ZeRO-2 (ZeRO-0/1 inside the "
-                          f"pipeline) only; use deepspeed=zero1, deepspeed=zero2 or deepspeed=pipe")
+    """The orchestrator's layout check, before any worker starts: TP splits the stage's model.
+    A training run with TP > 1 uses one of the TP engines: ZeRO-0/1/2/3 without a pipeline
+    (stages.tensor_parallel.engine; ZeRO-3 partitions over the data-parallel group only),
+    ZeRO-0/1 inside DeepSpeed's pipeline (stages.tensor_parallel.pipe; the pipeline refuses
+    ZeRO-2/3 itself, stages.config.check_deepspeed)."""
+    check_model_split(target, cfg["deepspeed"]["tensor_parallel"])
