@@ -145,32 +145,29 @@ def _seq_reduce_scatter(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
     return out.transpose(0, 1).contiguous()
 
 
-class _GatherFromSP(torch.autograd.Function):
-    """All-gather along the sequence forward; reduce-scatter of the gradient backward (the
-    sequence-parallel form of ``_CopyToTP``)."""
+def _sp_function(forward: Any, backward: Any, doc: str) -> type[torch.autograd.Function]:
+    """An autograd function running ``forward(x, group, tp)`` and, on the gradient,
+    ``backward(grad, group, tp)`` (the sequence-parallel collectives are each other's adjoints)."""
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
-        ctx.group, ctx.tp = group, tp
-        return _seq_all_gather(x, group, tp)
+    class SequenceParallelOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
+            ctx.group, ctx.tp = group, tp
+            return forward(x, group, tp)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _seq_reduce_scatter(grad, ctx.group, ctx.tp), None, None
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            return backward(grad, ctx.group, ctx.tp), None, None
+
+    SequenceParallelOp.__doc__ = doc
+    return SequenceParallelOp
 
 
-class _ReduceScatterToSP(torch.autograd.Function):
-    """Reduce-scatter along the sequence forward; all-gather of the gradient backward (the
-    sequence-parallel form of ``_ReduceFromTP``)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
-        ctx.group, ctx.tp = group, tp
-        return _seq_reduce_scatter(x, group, tp)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _seq_all_gather(grad, ctx.group, ctx.tp), None, None
+# the sequence-parallel forms of _CopyToTP and _ReduceFromTP
+_GatherFromSP = _sp_function(_seq_all_gather, _seq_reduce_scatter,
+                             "All-gather along the sequence forward; reduce-scatter of the gradient backward.")
+_ReduceScatterToSP = _sp_function(_seq_reduce_scatter, _seq_all_gather,
+                                  "Reduce-scatter along the sequence forward; all-gather of the gradient backward.")
 
 
 def copy_to_tp(x: torch.Tensor, group: Any, tp: int, sp: bool = False) -> torch.Tensor:
