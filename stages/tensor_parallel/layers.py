@@ -51,10 +51,10 @@ from growth.model import (
     DecoderLayer,
     GrowthMaskError,
     RMSNorm,
+    TeleFLMModel,
     build_masks,
     causal_lm_loss,
     embedding,
-    rope_cos_sin,
 )
 from stages.tensor_parallel.layout import check_model_split
 
@@ -252,11 +252,14 @@ def tp_embed(module: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return h
 
 
-class TPModel(nn.Module):
-    """The ``model.`` prefix: vocab-parallel embedding, TP decoder layers, final norm."""
+class TPModel(TeleFLMModel):
+    """The ``model.`` prefix: vocab-parallel embedding, TP decoder layers, final norm.
+
+    TeleFLMModel's attributes with the matrices split; its ``forward`` (RoPE tables, the
+    layers, the final norm) is used as is, around this class's vocab-parallel ``embed``."""
 
     def __init__(self, config: ModelConfig, local: ModelConfig, group: Any, tp: int, rank: int, sp: bool = False):
-        super().__init__()
+        nn.Module.__init__(self)  # not TeleFLMModel's: it would build the full-width layers
         self.config, self.group, self.tp, self.sp = config, group, tp, sp
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
         self.embed_tokens = embedding(local.vocab_size, config.hidden_size)
@@ -266,14 +269,6 @@ class TPModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return tp_embed(self, input_ids)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
-        cos, sin = rope_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
-                                h.device, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.norm(h)
 
 
 class TPForCausalLM(nn.Module):
