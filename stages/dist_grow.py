@@ -41,59 +41,29 @@ class DistGrowError(FlmError):
 def resolve_positions(plan: StagePlan) -> dict[str, Any]:
     """The growth spec as a dict, ``distance`` positions replaced by the indices they pick.
 
-    ``plan_stage`` measured them while checking the shapes (``plan.new_layers``); only a plan
-    built otherwise reads the layer matrices here. Either way the growth processes read no
-    layer for the positions. Note: the grown checkpoint's history then records the explicit
-    indices (the distances are logged here), not ``distance``; the tensors are the same.
+    ``plan_stage`` measured them while checking the shapes (``plan.new_layers``), so no growth
+    process reads a layer for the positions. Note: the grown checkpoint's history then records
+    the explicit indices (the distances are logged here), not ``distance``; the tensors are the same.
     """
-    from operators import make_plan
-
     spec = plan.spec
     assert spec is not None and plan.source is not None
     out = spec.to_dict()
     if spec.positions != "distance":
         return out
-    if plan.new_layers is None:
-        from stages.orchestrate import checked_reader
-
-        with checked_reader(plan.source, "starting checkpoint") as reader:
-            grown = make_plan(reader.config, plan.target, spec, get_tensor=reader.get)
-        plan.new_layers = [i for i, entry in enumerate(grown.layer_map) if entry["new"]]
-        plan.distances = grown.distances
+    assert plan.new_layers is not None, "plan_stage measures distance positions"
     out["positions"] = list(plan.new_layers)
     log.info("[%s] positions=distance resolved once: layer distances %s, new layers at %s", plan.name,
              [round(d, 6) for d in plan.distances or []], out["positions"])
     return out
 
 
-def init_is_current(plan: StagePlan) -> bool:
-    """STAGE_DIR/init is complete and was grown from this very source (nothing to do)."""
-    from stages.orchestrate import checked_reader
-
-    out = plan.layout.init
-    if not (out / "config.json").is_file():
-        return False
-    with checked_reader(plan.source, "starting checkpoint") as reader:
-        fingerprint = reader.fingerprint()
-    with checked_reader(out, f"{out} (grown by an earlier attempt)") as grown:
-        return grown.history["events"][-1]["parent"]["fingerprint"] == fingerprint
-
-
 def grow_on_all_nodes(plan: StagePlan, coord: Coordinator) -> None:
     """Node 0: publish the growth job, run this node's ranks of it (the others run theirs)."""
-    import shutil
+    from stages.orchestrate import grow_request, init_is_current
 
-    from growth.executor import ApplyRequest
-    from stages.orchestrate import target_spec
-
-    if init_is_current(plan):
+    if init_is_current(plan)[1]:
         return
-    out = plan.layout.init
-    if (out / "config.json").is_file():  # grown from another version of the parent
-        shutil.rmtree(out)
-    request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=resolve_positions(plan),
-                           out=str(out), optimizer_state=plan.cfg.stage.growth.optimizer_state)
-    job = asdict(request)
+    job = asdict(grow_request(plan))
     coord.publish("ready", {"grow": job})
     run_grow_ranks(plan.cfg, job, plan.layout)
 

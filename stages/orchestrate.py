@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flmcore.errors import FlmError
 from growth.checkpoint import CheckpointError, CheckpointReader
@@ -40,6 +40,9 @@ from stages.launch import launch_workers
 from stages.lock import StageLock
 from stages.resume import diff_for_resume
 from stages.tensor_parallel.layout import check_stage_layout  # issue 13
+
+if TYPE_CHECKING:
+    from growth.executor import ApplyRequest
 
 log = logging.getLogger(__name__)
 
@@ -245,31 +248,45 @@ def grow_into(plan: StagePlan) -> str:
     mid-grow) is finished by the executor's own resume. Adam moments come along when the
     source has them and ``stage.growth.optimizer_state`` is true.
     """
-    import shutil
-
-    from growth.executor import ApplyRequest
     from growth.parallel import apply_growth
-    from stages.dist_grow import resolve_positions
+
+    fingerprint, current = init_is_current(plan)
+    if current:
+        return fingerprint
+    spec = plan.spec
+    log.info("[%s] growing %s → %s (%s/%s/%s/%s)", plan.name, plan.source, plan.layout.init, spec.hidden,
+             spec.ffn, spec.heads, spec.depth)
+    apply_growth(grow_request(plan), workers=plan.cfg.stage.growth.workers, progress=True)
+    return fingerprint
+
+
+def init_is_current(plan: StagePlan) -> tuple[str, bool]:
+    """(the source's fingerprint, whether STAGE_DIR/init is complete and grown from it); an
+    init/ grown from another version of the source is removed, with a warning."""
+    import shutil
 
     out = plan.layout.init
     assert plan.source is not None and plan.spec is not None
     with checked_reader(plan.source, "starting checkpoint") as reader:
         fingerprint = reader.fingerprint()
-    if out.is_dir() and any(out.iterdir()) and (out / "config.json").is_file():
+    if (out / "config.json").is_file():
         with checked_reader(out, f"{out} (grown by an earlier attempt)") as grown:
             grown_from = grown.history["events"][-1]["parent"]["fingerprint"]
         if grown_from == fingerprint:
-            return fingerprint
+            return fingerprint, True
         log.warning("[%s] %s was grown from another version of %s; growing it again", plan.name, out, plan.source)
         shutil.rmtree(out)
-    spec = plan.spec
-    log.info("[%s] growing %s → %s (%s/%s/%s/%s)", plan.name, plan.source, out, spec.hidden, spec.ffn,
-             spec.heads, spec.depth)
-    # spec: positions=distance as the indices plan_stage measured (spawned workers read no layer for it)
-    request = ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=resolve_positions(plan),
-                           out=str(out), optimizer_state=plan.cfg.stage.growth.optimizer_state)
-    apply_growth(request, workers=plan.cfg.stage.growth.workers, progress=True)
-    return fingerprint
+    return fingerprint, False
+
+
+def grow_request(plan: StagePlan) -> ApplyRequest:
+    """The executor's job for this stage's growth (local workers or every rank of every node);
+    positions=distance as the indices plan_stage measured (no growth process reads a layer for it)."""
+    from growth.executor import ApplyRequest
+    from stages.dist_grow import resolve_positions
+
+    return ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=resolve_positions(plan),
+                        out=str(plan.layout.init), optimizer_state=plan.cfg.stage.growth.optimizer_state)
 
 
 def target_spec(plan: StagePlan) -> str:
