@@ -14,7 +14,7 @@ projects:
   bandwidth), N ≤ number of shards (a shard is the unit of work). Disk-bound by
   assumption — operator arithmetic is a few passes over each tensor in RAM;
 - **DeepSpeed per-GPU model states** for each stage's layout from conf/stage/teleflm_*.yaml
-  (via ``stages.dry_run.memory_report``): ``estimate_zero2_model_states_mem_needs`` for
+  (via ``stages.launch.dry_run.memory_report``): ``estimate_zero2_model_states_mem_needs`` for
   ZeRO-0/1/2 — ZeRO-1 shares ZeRO-2's optimizer and DeepSpeed has no separate ZeRO-1
   formula — with the pipeline applied as *parameters ÷ pipeline degree per GPU and the
   data-parallel degree (ranks ÷ pipeline degree) as the GPU count over which Adam state
@@ -117,7 +117,7 @@ def compose_stages(names: list[str]) -> list[dict[str, Any]]:
     """Each stage's resolved TrainConfig, composed from conf/ exactly as train-stage does."""
     from hydra import compose, initialize_config_dir
 
-    from stages.config import register_configs, to_plain
+    from stages.schema import register_configs, to_plain
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from growth.config import resolve_config
     from growth.executor import peak_memory_estimate, shard_tasks
     from operators import make_plan
-    from stages.config import growth_spec
-    from stages.dry_run import memory_report
+    from stages.launch.dry_run import memory_report
+    from stages.schema import growth_spec
 
     info = machine_info()
     print_machine(info)
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "its states", "< 80 GB"], mem_rows,
                 title="DeepSpeed per-GPU model states (weights + grads + Adam, no offload, activations excluded)")
     print("  ZeRO-0/1/2: estimate_zero2_model_states_mem_needs(params per GPU, num_gpus_per_node=DP, num_nodes=1,"
-          " cpu_offload=False)\n  — with a pipeline, params per GPU = params / pipeline degree (stages.dry_run), "
+          " cpu_offload=False)\n  — with a pipeline, params per GPU = params / pipeline degree (stages.launch.dry_run), "
           "and for the\n  fullest stage (layers split contiguously to balance parameters, embedding first, "
           "norm + lm_head last)\n  ZeRO-3: estimate_zero3_model_states_mem_needs(params, largest tensor, "
           "nproc, nnodes, cpu_offload=False)")

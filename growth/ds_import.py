@@ -38,6 +38,7 @@ import torch
 
 from growth.checkpoint import CheckpointError
 from growth.config import CONFIG_NAME, ConfigError, ModelConfig, resolve_config
+from growth.import_source import Source, TensorInfo, canonical
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,6 @@ class Feed:
 
 
 def open_source(src: Path, kind: str, config: str | None) -> Any:
-    from growth.importer import Source, TensorInfo, canonical
-
     model, raw = find_config(src, config)
     found: dict[str, TensorInfo] = {}
     if kind == "deepspeed-zero":

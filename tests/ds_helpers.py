@@ -1,6 +1,6 @@
 """Helpers for the real-DeepSpeed tests: a stage_config.json, torchrun launches, logs.
 
-Each run is ``torchrun --nproc_per_node 2 -m stages.worker STAGE_DIR/stage_config.json``
+Each run is ``torchrun --nproc_per_node 2 -m stages.rank.worker STAGE_DIR/stage_config.json``
 on CPU (gloo), exactly what the orchestrator starts, with a tiny model and short
 sequences so a run takes a few seconds after imports. Runs that must stop or pause
 mid-stage use ``tests.ds_workers`` (a Trainer subclass) as their worker module.
@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,9 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flmcore.io import free_port
 from growth.config import get_flavor
 from growth.runs import StageDir
-from stages.config import DeepSpeedCfg, ResolvedStage, StageCfg, TrainConfig
+from stages.resolved import ResolvedStage
+from stages.schema import DeepSpeedCfg, StageCfg, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CFG = {"source": "embedded", "tokenizer": "byte", "eval_fraction": 0.1, "max_bytes": 300_000,
@@ -41,12 +42,6 @@ def prepare_data(cache_dir: Path) -> dict[str, Any]:
     from stages.data import prepare_corpus
 
     return prepare_corpus(DATA_CFG, cache_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_stage_config(stage_dir: Path, data: dict[str, Any], *, zero: int = 1, pipeline: bool = False,
@@ -78,9 +73,9 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def torchrun_argv(config_path: Path, nproc: int = 2, worker: list[str] | None = None) -> list[str]:
-    """``worker``: the module and its options before the config path (default stages.worker)."""
+    """``worker``: the module and its options before the config path (default stages.rank.worker)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), "-m", *(worker or ["stages.worker"]), str(config_path)]
+            "--master_port", str(free_port()), "-m", *(worker or ["stages.rank.worker"]), str(config_path)]
 
 
 def run_worker(config_path: Path, env: dict[str, str] | None = None, timeout: float = 180,

@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
-from stages import worker
-from stages.trainer import Trainer
+from stages.rank import worker
+from stages.rank.trainer import Trainer
 
 PAUSED_MARK = ".paused-{}"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from stages import elastic, worker
-from stages.trainer import Trainer
+from stages.rank import elastic, worker
+from stages.rank.trainer import Trainer
 
 FAULTS_NAME = ".test_faults.json"
 DONE_NAME = ".faults-done"

@@ -1,7 +1,7 @@
 """`train-stage` in a subprocess with a fake worker module (no DeepSpeed), for the CLI tests.
 
 The fake worker records that it ran (FAKE_WORKER_MARK) and writes a summary; the failing
-one prints the worker's one-line user error and exits 2, as ``stages.worker`` does.
+one prints the worker's one-line user error and exits 2, as ``stages.rank.worker`` does.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 _CACHE: list[Path] = []
 
 FAKE_WORKER = textwrap.dedent('''
-    """Stands in for stages.worker: records that it ran and writes a summary."""
+    """Stands in for stages.rank.worker: records that it ran and writes a summary."""
     import json, os, sys
     from pathlib import Path
 
@@ -30,7 +30,7 @@ FAKE_WORKER = textwrap.dedent('''
         (Path(cfg["stage_dir"]) / "summary.json").write_text(json.dumps(summary))
 ''')
 FAILING_WORKER = textwrap.dedent('''
-    """Fails like stages.worker on a user error: one line on rank 0, exit 2."""
+    """Fails like stages.rank.worker on a user error: one line on rank 0, exit 2."""
     import os, sys
     from pathlib import Path
 

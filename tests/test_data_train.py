@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from growth.config import get_flavor
-from stages.config import TrainConfig, from_dict, to_plain
 from stages.data import check_data, embedded_files, prepare_stage_data
+from stages.schema import TrainConfig, from_dict, to_plain
 from tests.data_helpers import prepare_cli, read_megatron, write_megatron
 from tests.ds_helpers import read_log, read_summary, run_worker, write_stage_config
 from tests.test_data import train_sentencepiece
@@ -60,8 +60,9 @@ def test_prepare_data_output_reads_back_in_megatron_core(corpus):
 
 
 def test_train_on_blend_then_grown_stage_continues(corpus, tmp_path):
-    from stages.lock import StageLock
-    from stages.orchestrate import plan_stage, prepare_stage
+    from stages.launch.lock import StageLock
+    from stages.launch.plan import plan_stage
+    from stages.launch.prepare import prepare_stage
 
     _, sp_prefix, indep, _ = corpus
     data_cfg = {"source": "indexed", "paths": [str(sp_prefix), str(indep)], "weights": [0.7, 0.3],
@@ -110,7 +111,7 @@ def test_train_on_blend_then_grown_stage_continues(corpus, tmp_path):
 def test_stage_planning_refuses_bad_data(corpus, tmp_path, case):
     """The orchestrator's planning (train-stage's first step) refuses before writing anything."""
     from stages.data import DataError
-    from stages.orchestrate import plan_stage
+    from stages.launch.plan import plan_stage
 
     _, sp_prefix, indep, _ = corpus
     broken = tmp_path / "broken"

@@ -26,9 +26,9 @@ from ds_helpers import (
 
 from growth.checkpoint import OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointReader, load_model
 from growth.runs import StageDir
-from stages.config import StageCfg
 from stages.data import TokenBatches
-from stages.engine import make_optimizer, set_lr
+from stages.engines.common import make_optimizer, set_lr
+from stages.schema import StageCfg
 
 pytestmark = pytest.mark.slow
 

@@ -63,7 +63,7 @@ def test_zero_stages_agree():
 
 def test_pipeline_checkpoint_files_follow_the_adapter():
     """DeepSpeed's layer_XX files hold exactly the adapter's keys, with the exported values."""
-    from stages.pipeline import hf_to_pipe, layer_file
+    from stages.engines.pipeline import hf_to_pipe, layer_file
 
     stage_dir = shared_run("pipe")
     config = get_flavor("tiny-s1")

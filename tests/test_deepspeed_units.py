@@ -12,10 +12,8 @@ from torch import nn
 
 from growth.config import get_flavor
 from growth.model import build_model, init_state_dict
-from stages.config import DeepSpeedCfg, ResolvedStage, StageCfg, TrainConfig
-from stages.engine import checkpoint_layers, ds_config, param_groups
-from stages.lr import LRSchedule, mask_c, stage_schedule
-from stages.pipeline import (
+from stages.engines.common import checkpoint_layers, ds_config, param_groups
+from stages.engines.pipeline import (
     DecoderLayerPipe,
     EmbeddingPipe,
     HeadPipe,
@@ -24,7 +22,10 @@ from stages.pipeline import (
     pipe_to_hf,
     set_pipe_growth_mask,
 )
-from stages.worker import WorkerError, start_config
+from stages.lr import LRSchedule, mask_c, stage_schedule
+from stages.rank.worker import WorkerError, start_config
+from stages.resolved import ResolvedStage
+from stages.schema import DeepSpeedCfg, StageCfg, TrainConfig
 
 STAGE = StageCfg(lr=1e-3, warmup_steps=4, steps=20, decay="cosine", min_lr_ratio=0.1,
                  lr_after_growth="restart", rewarm_peak_ratio=0.85, rewarm_steps=2,
@@ -173,7 +174,7 @@ def test_start_config_takes_the_checkpoint_and_refuses_a_mismatch(tiny_checkpoin
 def test_deepspeed_outside_the_verified_range_is_refused_in_one_line():
     import deepspeed
 
-    from stages.ds_compat import DeepSpeedVersionError, check_version
+    from stages.engines.ds_compat import DeepSpeedVersionError, check_version
 
     check_version()  # the installed one is in range (pyproject pins it)
     check_version("0.19.0")

@@ -1,4 +1,4 @@
-"""The growth at a stage boundary (stages.dist_grow, stages.orchestrate.grow_into), no training.
+"""The growth at a stage boundary (stages.launch.dist_grow, stages.launch.prepare.grow_into), no training.
 
 ``positions: distance`` is measured once, by node 0's ``plan_stage`` (it reads every layer
 matrix of the parent); the growth processes — torchrun ranks of a multi-node stage, or the
@@ -22,7 +22,8 @@ import pytest
 from flmcore.params import LAYER_PARAMS
 from growth.config import get_flavor
 from growth.init import init_checkpoint
-from stages.config import GrowthCfg, StageCfg, TrainConfig, validate
+from stages.schema import GrowthCfg, StageCfg, TrainConfig
+from stages.validate import validate
 from tests.conftest import grow_in_process
 from tests.ds_helpers import REPO, free_port
 from tests.readcount.counter import install, reads
@@ -95,8 +96,8 @@ class Published:
 
 def test_distance_positions_on_two_ranks_equal_grow_apply_and_the_layers_are_read_once(parent, counted, tmp_path,
                                                                                        capsys):
-    from stages.dist_grow import grow_on_all_nodes
-    from stages.orchestrate import plan_stage
+    from stages.launch.dist_grow import grow_on_all_nodes
+    from stages.launch.plan import plan_stage
 
     src, target = parent
     ref = tmp_path / "ref"
@@ -133,7 +134,8 @@ def test_distance_positions_on_two_ranks_equal_grow_apply_and_the_layers_are_rea
 
 
 def test_growth_workers_2_on_one_node_write_the_same_bytes_as_1(parent, counted, tmp_path):
-    from stages.orchestrate import grow_into, plan_stage
+    from stages.launch.plan import plan_stage
+    from stages.launch.prepare import grow_into
 
     src, target = parent
     outs = []

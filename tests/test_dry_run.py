@@ -15,11 +15,12 @@ from hydra import compose, initialize_config_dir
 
 from growth.config import ModelConfig, get_flavor
 from growth.model import DecoderLayer, rope_cos_sin
-from stages.config import StageConfigError, to_config, validate
-from stages.orchestrate import run_stage
-from stages.tensor_parallel.layout import Layout, LayoutError, check_model_split, check_stage_layout
-from stages.tensor_parallel.memory import GIB, activations, fit, layer_activation_bytes_per_token, model_states
+from stages.launch.memory import GIB, activations, fit, layer_activation_bytes_per_token, model_states
+from stages.launch.run import run_stage
+from stages.layout import Layout, LayoutError, check_model_split, check_stage_layout
+from stages.schema import StageConfigError, to_config
 from stages.train import CONF_DIR
+from stages.validate import validate
 
 RECORD_FIELDS = {"layout", "memory_gib", "gpu_memory_gib", "fits", "bubble"}
 LAYOUT_FIELDS = {"tp", "pp", "dp", "zero_stage", "micro_batch_size", "grad_accum", "seq_len",

@@ -1,4 +1,4 @@
-"""Faults a stage survives (stages.elastic): a killed rank, a truncated checkpoint, a NaN loss.
+"""Faults a stage survives (stages.rank.elastic): a killed rank, a truncated checkpoint, a NaN loss.
 
 Real torchrun (``--max-restarts``) and real DeepSpeed ZeRO-1 on 2 CPU ranks, the tiny
 stage of tests.ds_helpers; faults are injected by a Trainer subclass
@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from growth.runs import StageDir
-from stages import elastic
-from stages.config import ResolvedStage, StageConfigError, TrainConfig, validate
-from stages.launch import LaunchError, launch_workers, worker_command
+from stages.launch.local import LaunchError, launch_workers, worker_command
+from stages.rank import elastic
+from stages.resolved import ResolvedStage
+from stages.schema import StageConfigError, TrainConfig
+from stages.validate import validate
 from tests.ds_helpers import (
     REPO,
     data_info,
@@ -114,7 +116,7 @@ def test_skips_stop_after_too_many_in_a_row(tmp_path):
      "field 'on_nonfinite' is skip with deepspeed.pipeline=true: only the ZeRO engine"),
 ])
 def test_on_nonfinite_is_checked(fields, needle):
-    from stages.config import DeepSpeedCfg
+    from stages.schema import DeepSpeedCfg
 
     if "deepspeed" in fields:
         fields = {**fields, "deepspeed": DeepSpeedCfg(zero_stage=1, **fields["deepspeed"])}

@@ -17,9 +17,12 @@ from growth.config import get_flavor
 from growth.init import init_checkpoint
 from growth.runs import DS_LATEST_NAME, StageDir
 from growth.runs import STAGE_CONFIG_NAME as RESOLVED_NAME
-from stages.config import ResolvedStage, to_config, to_plain, validate
-from stages.orchestrate import StageError, run_stage
+from stages.launch.plan import StageError
+from stages.launch.run import run_stage
+from stages.resolved import ResolvedStage
+from stages.schema import to_config, to_plain
 from stages.train import CONF_DIR
+from stages.validate import validate
 
 RESOLVED_KEYS = ResolvedStage.RESOLVED_KEYS
 GROUPS = ("model", "stage", "growth", "deepspeed", "data", "schedule")

@@ -297,12 +297,12 @@ def test_run_dir_orders_stages_and_marks_growth_points(tmp_path):
 
 
 def test_run_layout_names_match_the_trainer():
-    import stages.orchestrate as orchestrate
-    import stages.worker as worker
+    import stages.launch.plan as orchestrate
+    import stages.rank.worker as worker
     from growth import runs
 
     assert (runs.SUMMARY_NAME, runs.TB_DIR, runs.TRAIN_LOG_NAME, runs.FINAL_DIR) == (
         worker.SUMMARY_NAME, worker.TB_DIR, worker.TRAIN_LOG_NAME, worker.FINAL_DIR)
     assert runs.INIT_DIR == orchestrate.INIT_DIR
-    from stages.config import RESOLVED_NAME
+    from stages.schema import RESOLVED_NAME
     assert runs.STAGE_CONFIG_NAME == RESOLVED_NAME

@@ -1,9 +1,9 @@
 """Multi-node stages on localhost "nodes": two ``train-stage`` processes, one rendezvous.
 
 Real torchrun (c10d) and DeepSpeed on CPU (gloo over loopback), a shared run dir, the
-coordinator's config check (stages.multinode), the SLURM script (stages.launchers) run
+coordinator's config check (stages.launch.multinode), the SLURM script (stages.launch.slurm) run
 under a stand-in ``srun`` that starts the node commands locally, and distributed growth
-at the stage boundary (stages.dist_grow). Losses are compared with one node's at 1e-6.
+at the stage boundary (stages.launch.dist_grow). Losses are compared with one node's at 1e-6.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import StageConfigError, TrainConfig, validate
-from stages.multinode import config_hash
+from stages.launch.multinode import config_hash
+from stages.schema import StageConfigError, TrainConfig
+from stages.validate import validate
 from tests.conftest import assert_one_line_error
 from tests.ds_helpers import REPO, free_port, read_log, read_summary, shared_run
 
@@ -72,7 +73,7 @@ def stage_fields(stage_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------- no processes
 def test_a_multinode_launch_needs_master_port():
-    from stages.multinode import MultiNodeError, run_multinode
+    from stages.launch.multinode import MultiNodeError, run_multinode
 
     validate(TrainConfig(nnodes=112))  # composes and checks (a dry run needs no port)
     with pytest.raises(MultiNodeError, match="nnodes=2 needs master_port"):
@@ -225,7 +226,7 @@ def run_two_nodes(tmp_path: Path, two: Path) -> None:
 
     for k, name in enumerate(STAGES[1:], start=1):
         assert "growing" in logs[f"srun{k}.node0.log"] and "on 2 nodes × 1 ranks" in logs[f"srun{k}.node0.log"]
-        assert "-m stages.dist_grow" in (two / name / "train.node1.log").read_text()  # node 1 grew too
+        assert "-m stages.launch.dist_grow" in (two / name / "train.node1.log").read_text()  # node 1 grew too
 
 
 @pytest.mark.slow

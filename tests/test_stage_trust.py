@@ -17,9 +17,10 @@ from stage_cli import make_cli
 from growth.config import get_flavor
 from growth.init import init_checkpoint
 from growth.runs import DS_LATEST_NAME, StageDir
-from stages.config import ResolvedStage, TrainConfig, from_dict, to_plain
-from stages.lock import StageLock, StageLockedError
-from stages.resume import ResumeMismatchError, diff_for_resume
+from stages.launch.lock import StageLock, StageLockedError
+from stages.launch.resume import ResumeMismatchError, diff_for_resume
+from stages.resolved import ResolvedStage
+from stages.schema import TrainConfig, from_dict, to_plain
 
 SMALL_DATA = "data.max_bytes=1000000"
 ONE = ("stage=tiny_s1", "nproc=1", SMALL_DATA)
@@ -46,7 +47,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(cli, tmp_path):
         assert rc == 2 and not ran
         assert f"in use by process {os.getpid()}" in one_error_line(err)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from stages.lock import StageLock; StageLock(sys.argv[1]).acquire(); "
+        "import sys, time; from stages.launch.lock import StageLock; StageLock(sys.argv[1]).acquire(); "
         "print('locked', flush=True); time.sleep(600)"), str(layout.lock)],
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
     assert holder.stdout.readline().strip() == "locked"

@@ -5,7 +5,6 @@ transformers' Llama."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from flmcore.io import free_port
 from growth.checkpoint import CheckpointReader, load_model
 from growth.config import ModelConfig
 from growth.init import init_checkpoint
-from stages.tensor_parallel import io as tp_io
-from stages.tensor_parallel.io import ShardReader, load_tp_model
-from stages.tensor_parallel.layers import TPForCausalLM, shard, shard_dim
+from stages.engines.tensor_parallel import io as tp_io
+from stages.engines.tensor_parallel.io import ShardReader, load_tp_model
+from stages.engines.tensor_parallel.layers import TPForCausalLM, shard, shard_dim
 
 LR = 0.05  # one plain SGD step before the export, so the gathered weights are trained ones
 # GQA (4 query heads, 2 kv heads: one kv head per rank), μP logit scale, padded vocab rows on rank 1
@@ -32,8 +32,8 @@ WORKER = textwrap.dedent('''
     import os, sys
     import torch
     import torch.distributed as dist
-    from stages.tensor_parallel.io import load_tp_model, save_gathered, gather_tensors
-    from stages.tensor_parallel.layers import all_reduce_norm_grads
+    from stages.engines.tensor_parallel.io import load_tp_model, save_gathered, gather_tensors
+    from stages.engines.tensor_parallel.layers import all_reduce_norm_grads
 
     out, lr = sys.argv[1], float(sys.argv[2])
     dist.init_process_group("gloo")
@@ -79,12 +79,6 @@ WORKER = textwrap.dedent('''
         torch.save(result, os.path.join(out, "tp-result.pt"))
     dist.destroy_process_group()
 ''')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -141,9 +135,9 @@ def test_tp2_loss_and_gradients_match_one_rank(tp_run, kind):
 
 @pytest.mark.parametrize("sp", [False, True])
 def test_dry_run_layer_formula_is_what_a_tp_rank_saves(tp_run, sp):
-    """stages.tensor_parallel.memory's per-layer count, checked against autograd on TP rank 0
+    """stages.launch.memory's per-layer count, checked against autograd on TP rank 0
     (fp32; CPU SDPA runs its flash kernel), with and without sequence parallelism."""
-    from stages.tensor_parallel.memory import layer_activation_bytes_per_token
+    from stages.launch.memory import layer_activation_bytes_per_token
 
     b, s = batch()["ids"].shape
     expected = layer_activation_bytes_per_token(CONFIG, 2, "fp32", s, flash=True, sp=sp) * b * s

@@ -1,11 +1,11 @@
-"""The TP engines under real DeepSpeed on gloo, every engine built by ``stages.trainer.build_engine``,
+"""The TP engines under real DeepSpeed on gloo, every engine built by ``stages.engines.build.build_engine``,
 in one 4-rank launch (tests/tp_parity_worker.py runs each layout after one start-up) plus a
 2-rank and a 1-rank reference:
 
 - **TP × DP**: TP 2 × DP 2 under ZeRO-2, and under ZeRO-3 (each TP rank's shards partitioned
   over the data-parallel group), vs the plain ZeRO-1 engine at DP 2: same start, same
   global batches, gradient clipping on. Eval loss, per-step losses, the clipped global gradient
-  norm, the exported weights and Adam moments (``stages.export.export_final``) must agree, and a
+  norm, the exported weights and Adam moments (``stages.rank.export.export_final``) must agree, and a
   fresh TP engine seeded from the TP export's ``optimizer/`` holds exactly those moments again.
 - **TP × PP**: TP 2 × PP 2 inside DeepSpeed's PipelineModule (ZeRO-1, activation checkpointing)
   vs the plain 1-rank ZeRO-1 engine: same start, same global batch, clipping on, MSG masks
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +32,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from flmcore.io import free_port
 from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig
 from growth.init import init_checkpoint
-from stages.tensor_parallel.layers import shard_dim
+from stages.engines.tensor_parallel.layers import shard_dim
 from tests.tp_parity_worker import MASK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,12 +44,6 @@ CONFIG = ModelConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2, 
                      head_dim=8, vocab_size=264, valid_vocab_size=259, use_mup=True, input_mult=1.0,
                      output_mult=1.0, mup_scale_factor=2.0)
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out, tp: int, world: int, *phases: str) -> None:

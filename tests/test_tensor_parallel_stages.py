@@ -1,5 +1,5 @@
 """Whole stages at changing TP degrees through `train-stage` (real orchestrator, torchrun,
-``stages.trainer.Trainer`` driving the TP engine under DeepSpeed ZeRO-1 on gloo): TP 2 →
+``stages.rank.trainer.Trainer`` driving the TP engine under DeepSpeed ZeRO-1 on gloo): TP 2 →
 grow → TP 1 → MSG-masked grow → TP 2, in one chain of three tiny stages. Each child's
 eval_loss_start equals its parent's eval_loss_end (exact growth across a TP change), the
 grown Adam moments are seeded into the TP engine (steps add up), the masked stage ramps c to

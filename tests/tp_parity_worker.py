@@ -7,7 +7,7 @@ that one 4-rank launch runs every TP layout after a single start-up:
 batches keyed by the data-parallel rank). ``pipe``: TP 2 × PP 2 inside DeepSpeed's pipeline vs
 1 rank (batches not keyed by rank; with ``TP > 1`` also Adam seeding, resume, ZeRO-0, sequence
 parallelism and bf16 under TP (the last two also under ZeRO-3), and the plain pipeline under
-ZeRO-0). Both start from ``OUT/start``; every engine comes from ``stages.trainer.build_engine``. Rank 0 writes
+ZeRO-0). Both start from ``OUT/start``; every engine comes from ``stages.engines.build.build_engine``. Rank 0 writes
 ``OUT/<phase>-record-tp<TP>.json`` and the exports ``OUT/<phase>-final-tp<TP>``.
 """
 
@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from growth.checkpoint import CheckpointReader, new_history
-from stages.config import DeepSpeedCfg, StageCfg
-from stages.engine import init_distributed, set_lr
-from stages.export import export_final
-from stages.trainer import build_engine
+from stages.engines.build import build_engine
+from stages.engines.common import init_distributed, set_lr
+from stages.rank.export import export_final
+from stages.schema import DeepSpeedCfg, StageCfg
 
 STAGE = StageCfg(micro_batch_size=2, grad_accum=2, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
 META = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}

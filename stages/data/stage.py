@@ -1,6 +1,6 @@
 """A stage's data: the ``data`` config group, preparation (cached), checks, the resolved info.
 
-``DataCfg`` is the schema of ``conf/data/*.yaml`` (``stages.config.TrainConfig.data``).
+``DataCfg`` is the schema of ``conf/data/*.yaml`` (``stages.schema.TrainConfig.data``).
 Three sources, one path: ``embedded`` (the standard library's own text) and a file/dir/glob
 of documents are run through prepare-data into ``CACHE/<key>/corpus`` (key = a digest of
 the inputs and the tokenizer; a finished entry is reused); ``indexed`` reads Megatron

@@ -1,7 +1,7 @@
 """A tensor-parallel Tele-FLM under a DeepSpeed ZeRO-0/1/2/3 engine (no pipeline).
 
-:class:`TPStageEngine` implements ``stages.engine.Engine``, so ``stages.trainer.Trainer``
-drives it like the plain and pipeline engines; ``stages.trainer.build_engine`` picks it when
+:class:`TPStageEngine` implements ``stages.engines.protocol.Engine``, so ``stages.rank.trainer.Trainer``
+drives it like the plain and pipeline engines; ``stages.engines.build.build_engine`` picks it when
 ``deepspeed.tensor_parallel > 1``.
 
 Ranks form a TP × DP grid with TP innermost (:class:`ParallelGroups`): global rank ``r`` is
@@ -22,8 +22,8 @@ Every TP rank of a replica sees the same batches: the trainer shards data by ``d
 ``dp_world``. Adam moments are seeded from this rank's slices of ``init/optimizer/``
 (:meth:`TPStageEngine.seed_adam_state`), and :meth:`TPStageEngine.gather` yields full
 HF-named tensors on global rank 0 one at a time (ZeRO gathers a slice over DP, then the TP
-slices are gathered and concatenated), which ``stages.export.export_final`` streams to disk.
-Both go through ``stages.optim_state`` (DeepSpeed's ``safe_get/set_full_*`` helpers), as the
+slices are gathered and concatenated), which ``stages.rank.export.export_final`` streams to disk.
+Both go through ``stages.engines.optim_state`` (DeepSpeed's ``safe_get/set_full_*`` helpers), as the
 plain engine does under every ZeRO stage; under ZeRO-3 those gather (or write into) one
 parameter's partitions over its ``ds_process_group``, the DP group.
 """
@@ -37,20 +37,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointError, read_optimizer_state
 from growth.config import ModelConfig
 from growth.model import init_tensor
-from stages import optim_state
-from stages.config import DeepSpeedCfg, Precision, StageCfg
-from stages.engine import Batch, DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
-from stages.tensor_parallel.io import gather_tensors, read_shards, tp_model
-from stages.tensor_parallel.layers import (
+from stages.engines import optim_state
+from stages.engines.common import DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
+from stages.engines.protocol import Batch
+from stages.engines.tensor_parallel.io import gather_tensors, read_shards, seed_sliced_moments, tp_model
+from stages.engines.tensor_parallel.layers import (
     TPForCausalLM,
     all_reduce_norm_grads,
     shard,
     shard_dim,
     vocab_parallel_cross_entropy,
 )
+from stages.schema import DeepSpeedCfg, StageCfg
 
 
 class ParallelGroups:
@@ -159,7 +159,7 @@ class TPStageEngine(DeepSpeedModule):
         self.model.set_growth_mask(record)
 
     def seed_adam_state(self, checkpoint: str | Path, config: ModelConfig) -> int:
-        """``stages.optim_state.seed_adam_state`` with each moment read as this rank's TP
+        """``stages.engines.optim_state.seed_adam_state`` with each moment read as this rank's TP
         slices (safetensors ``get_slice``), sliced like the weights; returns the Adam step."""
         return seed_sliced_moments(self.optimizer, dict(self.named_params()), checkpoint, config,
                                    self.groups.tp_rank, self.groups.tp)
@@ -177,24 +177,6 @@ class TPStageEngine(DeepSpeedModule):
             yield name, (full.cpu() if dist.get_rank() == 0 else None)
 
 
-def seed_sliced_moments(optimizer: Any, params: dict[str, torch.nn.Parameter], checkpoint: str | Path,
-                        config: ModelConfig, tp_rank: int, tp: int) -> int:
-    """Create Adam state at the step of ``checkpoint/optimizer/`` and set the moments of
-    ``params`` (HF name → this rank's parameter) from TP rank ``tp_rank``'s slices of them."""
-    meta = read_optimizer_state(checkpoint)
-    if meta is None:
-        raise CheckpointError(f"{checkpoint}: no {OPTIMIZER_DIR}/ to seed Adam from")
-    step = int(meta["step"])
-    optim_state.create_adam_state(optimizer, step)
-    for kind in MOMENT_KINDS:
-        moments = Path(checkpoint) / OPTIMIZER_DIR / kind
-        _, slices = read_shards(moments, tp_rank, tp, config=config, names=list(params))
-        for name, value in slices.items():
-            optim_state.set_full(optimizer, params[name], value, kind)
-        del slices
-    return step
-
-
 def fresh_slices(config: ModelConfig, seed: int, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """This rank's slices of growth.model's fresh init (the values one rank would draw).
 
@@ -204,16 +186,11 @@ def fresh_slices(config: ModelConfig, seed: int, groups: ParallelGroups) -> dict
 
 
 def build_tp(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg, stage: StageCfg,
-             init: str | Path | None = None) -> Any:
-    """The TP engine of a stage: :class:`TPStageEngine` (groups from ``ds.tensor_parallel``), or
-    ``stages.tensor_parallel.pipe.TPPipeStageEngine`` with ``deepspeed.pipeline``. Start weights: this rank's
+             init: str | Path | None = None) -> tuple[TPStageEngine, dict[str, torch.Tensor]]:
+    """The TP × ZeRO engine of a stage (groups from ``ds.tensor_parallel``) and its fp32 start
+    slices (``stages.engines.build`` sets the bf16 masters from them). Start weights: this rank's
     slices of the canonical checkpoint ``init`` (safetensors ``get_slice``, never a full
-    tensor), else of ``weights`` when given, else of a fresh init (``stage.seed``). In bf16
-    the fp32 master weights are set from the fp32 slices (not from the bf16 cast)."""
-    if ds.pipeline:  # TP inside DeepSpeed's pipeline (ZeRO-0/1 over the data-parallel group)
-        from stages.tensor_parallel.pipe import build_tp_pipe
-
-        return build_tp_pipe(config, weights, ds, stage, init)
+    tensor), else of ``weights`` when given, else of a fresh init (``stage.seed``)."""
     groups = ParallelGroups(ds.tensor_parallel)
     if init is not None:
         _, state = read_shards(init, groups.tp_rank, groups.tp)
@@ -225,7 +202,4 @@ def build_tp(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpee
     model = tp_model(config, state, groups.tp_group, groups.tp, groups.tp_rank, ds.sequence_parallel)
     if model.sp:
         all_reduce_norm_grads(model, groups.tp_group)
-    eng = TPStageEngine(model, groups, ds, stage)
-    if ds.precision == Precision.bf16:
-        optim_state.set_master_weights(eng.optimizer, eng.named_params(), state)
-    return eng
+    return TPStageEngine(model, groups, ds, stage), state

@@ -11,7 +11,7 @@ worker starts the nodes meet at a small TCP store that node 0 hosts on ``master_
                     into STAGE_DIR/init, distributed over all nodes' ranks when the
                     stage grows) and publishes the snapshot the workers read
     every node      runs ``torchrun --nnodes N --rdzv-backend c10d
-                    --rdzv-endpoint HOST:P+1`` for its nproc local ranks (stages.launch)
+                    --rdzv-endpoint HOST:P+1`` for its nproc local ranks (stages.launch.local)
 
 The run dir must be the same path on a shared filesystem on every node. Global rank 0
 (whichever node it lands on) writes summary.json, train_log.jsonl, TensorBoard, final/;
@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,11 +33,10 @@ from typing import TYPE_CHECKING, Any
 from flmcore.errors import FlmError
 
 if TYPE_CHECKING:
-    from stages.config import TrainConfig
+    from stages.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
-LAUNCHERS = ("local", "slurm", "print")
 NODE_FIELDS = ("node_rank", "local_addr")  # may differ between nodes; everything else must match
 READY_WAIT = timedelta(days=7)  # node 0's preparation (data, growth) may take long; its death is seen at once
 ACK_WAIT = timedelta(seconds=30)  # node 0 keeps its store up this long for the others to read a refusal
@@ -48,50 +46,10 @@ class MultiNodeError(FlmError):
     """The nodes of a stage did not meet, or did not agree; the one line says which and what to do."""
 
 
-def check_scale(cfg: TrainConfig) -> None:
-    """The scale-out fields' rules (called by stages.config.validate)."""
-    from stages.config import StageConfigError
-
-    for name in ("node_rank", "max_restarts"):
-        if getattr(cfg, name) < 0:
-            raise StageConfigError(f"field '{name}' must be >= 0, got {getattr(cfg, name)}")
-    for name in ("rdzv_timeout", "collective_timeout", "keep_checkpoints"):
-        if getattr(cfg, name) <= 0:
-            raise StageConfigError(f"field '{name}' must be positive, got {getattr(cfg, name)}")
-    if cfg.stage.growth.workers < 1:
-        raise StageConfigError(f"field 'stage.growth.workers' must be positive, got {cfg.stage.growth.workers}")
-    if cfg.node_rank >= cfg.nnodes:
-        raise StageConfigError(f"field 'node_rank' ({cfg.node_rank}) must be below nnodes ({cfg.nnodes})")
-    if cfg.launcher not in LAUNCHERS:
-        raise StageConfigError(f"field 'launcher' must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
-    check_nonfinite(cfg)
-
-
-def check_nonfinite(cfg: TrainConfig) -> None:
-    """``on_nonfinite``: skip needs an engine that sees the step's loss before its update."""
-    from stages.config import NonFinite, StageConfigError
-
-    try:
-        mode = NonFinite(cfg.on_nonfinite)
-    except ValueError:
-        raise StageConfigError(f"field 'on_nonfinite' must be one of {', '.join(m.value for m in NonFinite)}, "
-                               f"got {cfg.on_nonfinite!r}") from None
-    if cfg.max_skips_in_a_row <= 0:
-        raise StageConfigError(f"field 'max_skips_in_a_row' must be positive, got {cfg.max_skips_in_a_row}")
-    if mode != NonFinite.skip:
-        return
-    ds = cfg.deepspeed
-    if ds.pipeline or ds.tensor_parallel > 1:
-        layout = "deepspeed.pipeline=true" if ds.pipeline else f"deepspeed.tensor_parallel={ds.tensor_parallel}"
-        raise StageConfigError(f"field 'on_nonfinite' is skip with {layout}: only the ZeRO engine checks the "
-                               f"loss before the optimizer step (the pipeline steps inside train_batch); "
-                               f"use on_nonfinite=stop")
-
-
 def check_launchable(cfg: TrainConfig) -> None:
     """A multi-node launch needs master_port and master_addr (checked when one starts,
     not in validate: a composed 112-node config without them is fine for a dry run)."""
-    from stages.config import MAX_PORT
+    from stages.schema import MAX_PORT
 
     if cfg.master_port == 0 or cfg.master_port + 1 > MAX_PORT:
         raise MultiNodeError(f"nnodes={cfg.nnodes} needs master_port: the same free TCP port on node 0 "
@@ -103,7 +61,7 @@ def check_launchable(cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------- the config every node composed
 def node_view(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config without the fields that differ between nodes (node_rank, local_addr)."""
-    from stages.config import to_plain
+    from stages.schema import to_plain
 
     plain = to_plain(cfg)
     for name in NODE_FIELDS:
@@ -116,17 +74,11 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> tuple[str, Any, Any]:
-    from stages.resume import flatten
+    from stages.launch.resume import flatten
 
     a, b = flatten(mine), flatten(theirs)
     key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
     return key, a.get(key), b.get(key)
-
-
-def rdzv_id(cfg: TrainConfig) -> str:
-    """The same on every node, another for every stage and run dir (torchrun's --rdzv-id)."""
-    where = f"{Path(cfg.run_dir).expanduser().resolve()}/{cfg.stage.name}"
-    return "flm-" + hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------- the meeting point
@@ -250,7 +202,7 @@ def _first_line(err: BaseException) -> str:
 def run_multinode(cfg: TrainConfig) -> dict[str, Any]:
     """This node's part of a multi-node stage; returns the stage's summary."""
     from growth.runs import StageDir
-    from stages.launch import launch_workers
+    from stages.launch.local import launch_workers
 
     check_launchable(cfg)
     coord = Coordinator(cfg)
@@ -264,7 +216,7 @@ def run_multinode(cfg: TrainConfig) -> dict[str, Any]:
     if message.get("finished"):
         return layout.read_summary() or {}
     if "grow" in message:
-        from stages.dist_grow import run_grow_ranks
+        from stages.launch.dist_grow import run_grow_ranks
 
         run_grow_ranks(cfg, message["grow"], layout)
         message = coord.wait_for("train")
@@ -275,8 +227,9 @@ def run_multinode(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run_node0(cfg: TrainConfig, coord: Coordinator) -> dict[str, Any]:
-    from stages.lock import StageLock
-    from stages.orchestrate import plan_stage, train_planned
+    from stages.launch.lock import StageLock
+    from stages.launch.plan import plan_stage
+    from stages.launch.prepare import train_planned
 
     try:
         plan = plan_stage(cfg)
@@ -290,9 +243,9 @@ def _run_node0(cfg: TrainConfig, coord: Coordinator) -> dict[str, Any]:
     try:
         with StageLock(plan.layout.lock):
             if plan.grow:
-                from stages.dist_grow import grow_on_all_nodes
+                from stages.launch.dist_grow import grow_on_all_nodes
 
-                grow_on_all_nodes(plan, coord)
+                grow_on_all_nodes(plan, coord.publish)
             return train_planned(plan, on_ready=lambda snapshot: coord.publish(
                 "train" if plan.grow else "ready", {"snapshot": str(snapshot)}))
     except FlmError as err:
@@ -300,6 +253,3 @@ def _run_node0(cfg: TrainConfig, coord: Coordinator) -> dict[str, Any]:
         raise
 
 
-def single_node(cfg: TrainConfig) -> TrainConfig:
-    """The same config as one node (what a multi-node run is compared against)."""
-    return replace(cfg, nnodes=1, node_rank=0)

@@ -3,7 +3,7 @@
 ``launcher=slurm`` writes ``RUN_DIR/<stage>/launch.sbatch`` — one task per node; each
 task runs this same ``train-stage`` command with ``launcher=local``, its ``node_rank``
 from ``SLURM_NODEID`` and ``MASTER_ADDR`` = the job's first node, and each node's
-train-stage starts its local ranks with torchrun (``stages.multinode``) — and prints the
+train-stage starts its local ranks with torchrun (``stages.launch.multinode``) — and prints the
 ``sbatch`` line. Inside a schedule (``-m schedule=…``) every job also writes
 ``RUN_DIR/launch.sbatch``, one script that runs the schedule's stages in order.
 ``launcher=print`` prints the per-node commands instead. Nothing is planned or trained
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from stages.config import TrainConfig
+    from stages.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,12 @@ SLURM_NODE_RANK = "${oc.env:SLURM_NODEID}"  # resolved by each task's own train-
 
 
 def run_elsewhere(cfg: TrainConfig) -> dict[str, Any]:
-    """``launcher=slurm|print``, or a local multi-node stage (stages.multinode)."""
+    """``launcher=slurm|print``, or a local multi-node stage (stages.launch.multinode)."""
     if cfg.launcher == "slurm":
         return write_slurm(cfg)
     if cfg.launcher == "print":
         return print_commands(cfg)
-    from stages.multinode import run_multinode
+    from stages.launch.multinode import run_multinode
 
     return run_multinode(cfg)
 

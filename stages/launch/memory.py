@@ -1,7 +1,7 @@
 """Per-GPU memory of a stage's layout: model states plus activations, against a GPU's size.
 
 Pure arithmetic on a :class:`~growth.config.ModelConfig` and a
-:class:`~stages.tensor_parallel.layout.Layout`; nothing is built. All counts are bytes.
+:class:`~stages.layout.Layout`; nothing is built. All counts are bytes.
 
 **Model states** (weights, gradients, Adam) come from DeepSpeed's own estimators for the
 parameters one GPU holds (the fullest pipeline stage, its matrices and vocab rows split
@@ -30,7 +30,7 @@ has no dropout, RoPE and a SwiGLU of width f.) The formula is checked against th
 autograd actually saves (tests/test_dry_run.py). bf16 runs use flash attention (PyTorch's
 SDPA picks the flash kernel for 16-bit CUDA tensors); fp32 is counted without it.
 
-- With activation checkpointing (per decoder layer, as stages.engine / stages.pipeline do)
+- With activation checkpointing (per decoder layer, as stages.engines.common / stages.engines.pipeline do)
   a layer keeps only its input, ``e·h`` per token (``e·h/t`` with sequence parallelism), and
   while one layer is recomputed in the backward its full activations exist once.
 - A pipeline stage also keeps its output, ``e·h`` per token, per micro-batch in flight.
@@ -53,7 +53,7 @@ from __future__ import annotations
 from typing import Any
 
 from growth.config import ModelConfig
-from stages.tensor_parallel.layout import Layout
+from stages.layout import Layout
 
 GIB = 1024**3
 MARGIN = 0.10  # of gpu_memory_gib, held back (CUDA context, NCCL/DeepSpeed buffers, fragmentation)
@@ -72,7 +72,7 @@ def fullest_stage_params(config: ModelConfig, pp: int, tp: int = 1) -> int:
     """Parameters on the fullest GPU: ceil(L / pp) layers plus the embedding or the final
     norm + lm_head (whichever is larger; both when pp = 1), vocab rows ÷ tp.
 
-    Note: stages.pipeline partitions with ``partition_method="type:DecoderLayerPipe"``
+    Note: stages.engines.pipeline partitions with ``partition_method="type:DecoderLayerPipe"``
     (decoder layers only count), so the ends ride on the first / last stage."""
     vocab = config.vocab_size * config.hidden_size // tp
     if pp == 1:
@@ -113,7 +113,7 @@ def layer_activation_bytes_per_token(config: ModelConfig, tp: int, precision: st
                                      flash: bool | None = None, sp: bool = False) -> float:
     """Bytes one decoder layer saves for backward per token, without recomputation.
 
-    ``sp`` (sequence parallelism, stages.tensor_parallel.layers): the two RMSNorms run on
+    ``sp`` (sequence parallelism, stages.engines.tensor_parallel.layers): the two RMSNorms run on
     this rank's 1/tp of the tokens, so what they save is split too; the projections' inputs
     are the all-gathered sequence (saved whole by the column-parallel linears)."""
     e = ELEMENT_BYTES[precision]

@@ -47,7 +47,7 @@ def diff_for_resume(saved: Any, new: Any) -> list[str]:
     """``saved`` and ``new`` are ResolvedStages; returns the allowed changes as
     ``"field: old → new"`` lines, or raises :class:`ResumeMismatchError` naming the first
     field that may not change."""
-    from stages.config import to_plain
+    from stages.schema import to_plain
 
     def fields(resolved: Any) -> dict[str, Any]:
         extras = {k: getattr(resolved, k) for k in resolved.RESOLVED_KEYS}

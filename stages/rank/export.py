@@ -23,7 +23,7 @@ import torch
 
 from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointReader, CheckpointWriter, staging_dir
 from growth.config import ModelConfig
-from stages import optim_state
+from stages.engines import optim_state
 
 
 def staging_path(out: Path) -> Path:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from growth.config import ModelConfig
-from stages.config import StageConfigError
+from stages.schema import StageConfigError
 
 
 class LayoutError(StageConfigError):
@@ -67,26 +67,6 @@ def layout_of(cfg: dict[str, Any]) -> Layout:
                   seq_len=stage["seq_len"], activation_checkpointing=bool(ds["activation_checkpointing"]))
 
 
-def check_layout_fields(cfg: dict[str, Any]) -> None:
-    """TP × PP × DP = nproc × nnodes and a positive memory budget (config fields only)."""
-    ds = cfg["deepspeed"]
-    tp, world = ds["tensor_parallel"], cfg["nproc"] * cfg["nnodes"]
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise LayoutError(f"field 'deepspeed.tensor_parallel' must be a positive integer, got {tp!r}")
-    pp = ds["pipeline_stages"] if ds["pipeline"] else 1
-    if world % (tp * pp):
-        what = f"tensor_parallel {tp} × pipeline_stages {pp}" if ds["pipeline"] else f"tensor_parallel {tp}"
-        raise LayoutError(f"field 'deepspeed.tensor_parallel': {what} = {tp * pp} does not divide the "
-                          f"{world} ranks (nproc × nnodes), so TP × PP × DP ≠ world size; pick degrees "
-                          f"whose product divides {world}")
-    if ds["sequence_parallel"] and tp > 1 and cfg["stage"]["seq_len"] % tp:
-        raise LayoutError(f"field 'deepspeed.sequence_parallel': stage.seq_len {cfg['stage']['seq_len']} does not "
-                          f"divide by tensor_parallel {tp} (each TP rank holds 1/{tp} of the sequence); pick a "
-                          f"seq_len that is a multiple of {tp}")
-    if not cfg["gpu_memory_gib"] > 0:
-        raise LayoutError(f"field 'gpu_memory_gib' must be positive, got {cfg['gpu_memory_gib']}")
-
-
 def check_model_split(config: ModelConfig, tp: int, what: str = "stage.model") -> None:
     """TP divides heads, kv heads, FFN units and vocab rows of ``config`` (one-line error)."""
     if tp == 1:
@@ -106,7 +86,7 @@ def check_model_split(config: ModelConfig, tp: int, what: str = "stage.model") -
 def check_stage_layout(cfg: dict[str, Any], target: ModelConfig) -> None:
     """The orchestrator's layout check, before any worker starts: TP splits the stage's model.
     A training run with TP > 1 uses one of the TP engines: ZeRO-0/1/2/3 without a pipeline
-    (stages.tensor_parallel.engine; ZeRO-3 partitions over the data-parallel group only),
-    ZeRO-0/1 inside DeepSpeed's pipeline (stages.tensor_parallel.pipe; the pipeline refuses
-    ZeRO-2/3 itself, stages.config.check_deepspeed)."""
+    (stages.engines.tensor_parallel.zero; ZeRO-3 partitions over the data-parallel group only),
+    ZeRO-0/1 inside DeepSpeed's pipeline (stages.engines.tensor_parallel.pipeline; the pipeline refuses
+    ZeRO-2/3 itself, stages.validate.check_deepspeed)."""
     check_model_split(target, cfg["deepspeed"]["tensor_parallel"])

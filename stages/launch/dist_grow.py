@@ -1,13 +1,13 @@
 """The parent → child growth of a multi-node stage, on every rank of every node.
 
-Node 0 (the coordinator, ``stages.multinode``) decides the job once: the
+Node 0 (the coordinator, ``stages.launch.multinode``) decides the job once: the
 ``growth.executor.ApplyRequest`` with ``positions: distance`` already resolved to explicit
 layer indices (the distance rule reads every layer matrix of the parent; resolved here
 once, the ranks only read the tensors they grow). It publishes the job; every node then
-runs ``torchrun --nnodes N --nproc-per-node nproc -m stages.dist_grow JOB.json`` with a
+runs ``torchrun --nnodes N --nproc-per-node nproc -m stages.launch.dist_grow JOB.json`` with a
 rendezvous on ``master_port + 2``; each rank writes its own shards and global rank 0
 finalises STAGE_DIR/init (``growth.parallel``, the executor's torchrun mode). Afterwards
-``stages.orchestrate.grow_into`` finds the complete init/ grown from this parent and
+``stages.launch.prepare.grow_into`` finds the complete init/ grown from this parent and
 reuses it.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,9 +25,8 @@ from flmcore.errors import FlmError
 
 if TYPE_CHECKING:
     from growth.runs import StageDir
-    from stages.config import TrainConfig
-    from stages.multinode import Coordinator
-    from stages.orchestrate import StagePlan
+    from stages.launch.plan import StagePlan
+    from stages.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +38,20 @@ class DistGrowError(FlmError):
     """The distributed growth failed; the message names the stage and the log."""
 
 
-def resolve_positions(plan: StagePlan) -> dict[str, Any]:
-    """The growth spec as a dict, ``distance`` positions replaced by the indices they pick.
-
-    ``plan_stage`` measured them while checking the shapes (``plan.new_layers``), so no growth
-    process reads a layer for the positions. Note: the grown checkpoint's history then records
-    the explicit indices (the distances are logged here), not ``distance``; the tensors are the same.
-    """
-    spec = plan.spec
-    assert spec is not None and plan.source is not None
-    out = spec.to_dict()
-    if spec.positions != "distance":
-        return out
-    assert plan.new_layers is not None, "plan_stage measures distance positions"
-    out["positions"] = list(plan.new_layers)
-    log.info("[%s] positions=distance resolved once: layer distances %s, new layers at %s", plan.name,
-             [round(d, 6) for d in plan.distances or []], out["positions"])
-    return out
-
-
-def grow_on_all_nodes(plan: StagePlan, coord: Coordinator) -> None:
-    """Node 0: publish the growth job, run this node's ranks of it (the others run theirs)."""
-    from stages.orchestrate import grow_request, init_is_current
+def grow_on_all_nodes(plan: StagePlan, publish: Callable[[str, dict[str, Any]], None]) -> None:
+    """Node 0: publish the growth job (``Coordinator.publish``), run this node's ranks of it
+    (the others run theirs)."""
+    from stages.launch.plan import grow_request, init_is_current
 
     if init_is_current(plan)[1]:
         return
     job = asdict(grow_request(plan))
-    coord.publish("ready", {"grow": job})
+    publish("ready", {"grow": job})
     run_grow_ranks(plan.cfg, job, plan.layout)
 
 
 def grow_command(cfg: TrainConfig, job_path: Path) -> list[str]:
-    from stages.multinode import rdzv_id
+    from stages.launch.local import rdzv_id
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cfg.nnodes),
            "--nproc-per-node", str(cfg.nproc), "--rdzv-backend", "c10d",
@@ -77,14 +59,14 @@ def grow_command(cfg: TrainConfig, job_path: Path) -> list[str]:
            "--rdzv-id", rdzv_id(cfg) + "-grow", "--rdzv-conf", f"join_timeout={cfg.rdzv_timeout}"]
     if cfg.local_addr:
         cmd += ["--local-addr", cfg.local_addr]
-    return cmd + ["-m", "stages.dist_grow", str(job_path)]
+    return cmd + ["-m", "stages.launch.dist_grow", str(job_path)]
 
 
 def run_grow_ranks(cfg: TrainConfig, job: dict[str, Any], layout: StageDir) -> None:
     """This node's growth ranks (torchrun), output appended to this node's launch log."""
     import subprocess
 
-    from stages.launch import node_log, worker_env
+    from stages.launch.local import node_log, worker_env
 
     job_path = layout.root / f".grow_job.node{cfg.node_rank}.json"
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -109,7 +91,7 @@ def run_grow_ranks(cfg: TrainConfig, job: dict[str, Any], layout: StageDir) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One growth rank: ``torchrun … -m stages.dist_grow JOB.json``."""
+    """One growth rank: ``torchrun … -m stages.launch.dist_grow JOB.json``."""
     import os
 
     import torch.distributed as dist

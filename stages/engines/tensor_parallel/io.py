@@ -23,9 +23,18 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from growth.checkpoint import CheckpointReader, save_checkpoint, torch_dtype
+from growth.checkpoint import (
+    MOMENT_KINDS,
+    OPTIMIZER_DIR,
+    CheckpointError,
+    CheckpointReader,
+    read_optimizer_state,
+    save_checkpoint,
+    torch_dtype,
+)
 from growth.config import ModelConfig
-from stages.tensor_parallel.layers import TPForCausalLM, shard_dim, shard_range
+from stages.engines import optim_state
+from stages.engines.tensor_parallel.layers import TPForCausalLM, shard_dim, shard_range
 
 
 class ShardReader:
@@ -130,3 +139,21 @@ def save_gathered(model: TPForCausalLM, out: str | Path, dtype: str | None = Non
         return None
     pairs = ((name, t) for name, t in stream if t is not None)
     return save_checkpoint(out, model.config, pairs, history=history, dtype=torch_dtype(dtype))
+
+
+def seed_sliced_moments(optimizer: Any, params: dict[str, torch.nn.Parameter], checkpoint: str | Path,
+                        config: ModelConfig, tp_rank: int, tp: int) -> int:
+    """Create Adam state at the step of ``checkpoint/optimizer/`` and set the moments of
+    ``params`` (HF name → this rank's parameter) from TP rank ``tp_rank``'s slices of them."""
+    meta = read_optimizer_state(checkpoint)
+    if meta is None:
+        raise CheckpointError(f"{checkpoint}: no {OPTIMIZER_DIR}/ to seed Adam from")
+    step = int(meta["step"])
+    optim_state.create_adam_state(optimizer, step)
+    for kind in MOMENT_KINDS:
+        moments = Path(checkpoint) / OPTIMIZER_DIR / kind
+        _, slices = read_shards(moments, tp_rank, tp, config=config, names=list(params))
+        for name, value in slices.items():
+            optim_state.set_full(optimizer, params[name], value, kind)
+        del slices
+    return step

@@ -1,10 +1,10 @@
-"""Typed configs of a training stage (registered in Hydra's ConfigStore), and their one check.
+"""Typed configs of a training stage (registered in Hydra's ConfigStore).
 
 The orchestrator (``stages.train``, the Hydra app) composes these from ``conf/``, turns the
 result into the dataclasses with :func:`to_config` (``OmegaConf.to_object``), checks them
-with :func:`validate` (every range and cross-field rule, once) and writes a
-:class:`ResolvedStage` to ``RUN_DIR/<stage>/stage_config.json``; each worker rank reads it
-back with :meth:`ResolvedStage.load` into the same dataclasses. A typo in an override
+with ``stages.validate.validate`` (every range and cross-field rule, once) and writes a
+``stages.resolved.ResolvedStage`` to ``RUN_DIR/<stage>/stage_config.json``; each worker rank
+reads it back into the same dataclasses. A typo in an override
 fails in the orchestrator before any worker starts: ``conf/train.yaml`` extends the
 ``train_schema`` node stored by :func:`register_configs`, and a key added with ``+`` (which
 bypasses the schema) is refused by :func:`to_config`.
@@ -19,11 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from flmcore.errors import FlmError
@@ -68,11 +65,20 @@ class AfterGrowth(Choice):
 
 
 class NonFinite(Choice):
-    """What a NaN/inf training loss does (stages.elastic): ``stop`` the stage naming the step,
+    """What a NaN/inf training loss does (stages.rank.elastic): ``stop`` the stage naming the step,
     or ``skip`` that step's update (weights and Adam state as before it) and go on."""
 
     stop = "stop"
     skip = "skip"
+
+
+class Launcher(Choice):
+    """Where the ranks start (stages.launch): ``local`` starts them here (one node, or this node
+    of several), ``slurm`` writes launch.sbatch, ``print`` prints the per-node commands."""
+
+    local = "local"
+    slurm = "slurm"
+    print = "print"
 
 
 class Precision(Choice):
@@ -141,7 +147,7 @@ class DeepSpeedCfg:
     precision: Precision = Precision.fp32
     gradient_clipping: float = 1.0  # global gradient-norm clip (0 = off)
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
-    # --- tensor parallelism (issue 13; stages.tensor_parallel, stages.dry_run) ---
+    # --- tensor parallelism (issue 13; stages.engines.tensor_parallel, stages.launch.dry_run) ---
     tensor_parallel: int = 1  # Megatron-style TP degree; data parallel = ranks / (TP × pipeline)
     sequence_parallel: bool = False  # with TP > 1: norms/residuals split along the sequence (seq_len % TP == 0)
 
@@ -165,10 +171,10 @@ class TrainConfig:
     resume: bool = False  # resume a crashed stage from its latest DeepSpeed checkpoint
     dry_run: bool = False  # print plans and memory estimates, train nothing
     master_port: int = 0  # 0 = pick a free port
-    nnodes: int = 1  # nodes of nproc ranks each; > 1: one train-stage per node (stages.multinode)
-    worker_module: str = "stages.worker"  # what torchrun runs per rank (tests swap in their own)
+    nnodes: int = 1  # nodes of nproc ranks each; > 1: one train-stage per node (stages.launch.multinode)
+    worker_module: str = "stages.rank.worker"  # what torchrun runs per rank (tests swap in their own)
     gpu_memory_gib: float = 80.0  # per-GPU memory the dry run checks the layout against (A800/H100 80 GB)
-    # scale-out settings (stages.multinode, stages.elastic, stages.launchers; docs/scale_out.md)
+    # scale-out settings (stages.launch.multinode, stages.rank.elastic, stages.launch.slurm; docs/scale_out.md)
     node_rank: int = 0  # this node's rank when nnodes > 1 (node 0 coordinates)
     master_addr: str = "127.0.0.1"  # node 0's address (the coordinator and the rendezvous)
     local_addr: str | None = None  # this node's address for the rendezvous (None = its hostname)
@@ -176,7 +182,7 @@ class TrainConfig:
     collective_timeout: int = 1800  # seconds a collective may hang before the ranks fail
     max_restarts: int = 0  # torchrun restarts of the worker group; each resumes from ds_ckpt/
     keep_checkpoints: int = 2  # DeepSpeed checkpoints kept in ds_ckpt/ (older ones are deleted)
-    launcher: str = "local"  # local (start the ranks) | slurm (write launch.sbatch) | print (commands)
+    launcher: Launcher = Launcher.local  # local (start the ranks) | slurm (write launch.sbatch) | print (commands)
     # stop: a diverged run should not train on; skip: a rare bad batch costs one step, not the stage
     on_nonfinite: NonFinite = NonFinite.stop
     max_skips_in_a_row: int = 10  # on_nonfinite=skip: more skipped steps in a row stop the stage (it diverged)
@@ -208,7 +214,7 @@ def to_config(cfg: Any) -> TrainConfig:
     unknown = _unknown_keys(cfg, TrainConfig, "")
     if unknown:
         raise StageConfigError(f"unknown config key '{unknown[0]}' (not in the stage schema, "
-                               f"stages/config.py); check its spelling")
+                               f"stages/schema.py); check its spelling")
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
@@ -260,90 +266,6 @@ def _enum_value(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- the one check
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Every range and cross-field rule of a stage config, once; returns ``cfg``.
-
-    Raises :class:`StageConfigError` naming the first bad field. Files, checkpoints and
-    growth shapes are checked by the orchestrator afterwards (they need the disk).
-    """
-    stage, ds = cfg.stage, cfg.deepspeed
-    for name, value in {"stage.lr": stage.lr, "stage.eps": stage.eps, "stage.weight_decay": stage.weight_decay,
-                        "stage.min_lr_ratio": stage.min_lr_ratio, "stage.rewarm_peak_ratio": stage.rewarm_peak_ratio,
-                        "deepspeed.gradient_clipping": ds.gradient_clipping,
-                        "stage.growth.noise": stage.growth.noise, "data.eval_fraction": cfg.data.eval_fraction,
-                        **{f"stage.betas[{i}]": b for i, b in enumerate(stage.betas)}}.items():
-        if not math.isfinite(value):
-            raise StageConfigError(f"field '{name}' must be a finite number, got {value}")
-    positive = {"stage.steps": stage.steps, "stage.micro_batch_size": stage.micro_batch_size,
-                "stage.grad_accum": stage.grad_accum, "stage.seq_len": stage.seq_len,
-                "stage.lr": stage.lr, "stage.eval_batches": stage.eval_batches,
-                "nproc": cfg.nproc, "nnodes": cfg.nnodes, "stage.eps": stage.eps}
-    for name, value in positive.items():
-        if value <= 0:
-            raise StageConfigError(f"field '{name}' must be positive, got {value}")
-    non_negative = {"stage.warmup_steps": stage.warmup_steps, "stage.rewarm_steps": stage.rewarm_steps,
-                    "stage.ramp_steps": stage.ramp_steps, "stage.weight_decay": stage.weight_decay,
-                    "stage.eval_every": stage.eval_every, "stage.save_every": stage.save_every,
-                    "stage.log_every": stage.log_every, "stage.seed": stage.seed,
-                    "deepspeed.gradient_clipping": ds.gradient_clipping, "master_port": cfg.master_port}
-    for name, value in non_negative.items():
-        if value < 0:
-            raise StageConfigError(f"field '{name}' must be >= 0, got {value}")
-    if cfg.master_port > MAX_PORT:
-        raise StageConfigError(f"field 'master_port' must be a TCP port (1..{MAX_PORT}, or 0 for a free one), "
-                               f"got {cfg.master_port}")
-    if not 0.0 <= stage.min_lr_ratio <= 1.0:
-        raise StageConfigError(f"field 'stage.min_lr_ratio' must be in [0, 1], got {stage.min_lr_ratio}")
-    check_rewarm(stage)
-    if len(stage.betas) != 2 or not all(0.0 <= b < 1.0 for b in stage.betas):
-        raise StageConfigError(f"field 'stage.betas' must be two numbers in [0, 1), got {list(stage.betas)}")
-    if stage.parent is not None and stage.init_from is not None:
-        raise StageConfigError("fields 'stage.parent' and 'stage.init_from' are both set; a stage "
-                               "starts from one of them (or neither, for a fresh init)")
-    if stage.parent == stage.name:
-        raise StageConfigError(f"field 'stage.parent' names the stage itself ({stage.name!r})")
-    check_deepspeed(ds, cfg.world)
-    # --- tensor parallelism (issue 13): TP × PP × DP = ranks; model shapes: stages.tensor_parallel ---
-    from stages.tensor_parallel.layout import check_layout_fields
-
-    check_layout_fields(dataclasses.asdict(cfg))
-    from stages.multinode import check_scale
-
-    check_scale(cfg)
-    return cfg
-
-
-def check_rewarm(stage: StageCfg) -> None:
-    if not 0.0 < stage.rewarm_peak_ratio <= 1.0:
-        raise StageConfigError(f"field 'stage.rewarm_peak_ratio' must be in (0, 1], got {stage.rewarm_peak_ratio}")
-
-
-def check_deepspeed(ds: DeepSpeedCfg, world: int | None) -> None:
-    """The layout rules (also what ``stages.engine.ds_config`` relies on); ``world`` = ranks."""
-    try:
-        Precision(ds.precision)
-    except ValueError:
-        raise StageConfigError(f"field 'deepspeed.precision' must be one of "
-                               f"{', '.join(p.value for p in Precision)} (fp16 is unsupported), "
-                               f"got {ds.precision!r}") from None
-    if not 0 <= ds.zero_stage <= 3:
-        raise StageConfigError(f"field 'deepspeed.zero_stage' must be 0..3, got {ds.zero_stage}")
-    if not ds.pipeline:
-        return
-    if ds.zero_stage > 1:
-        raise StageConfigError(f"field 'deepspeed.zero_stage' is {ds.zero_stage} with deepspeed.pipeline=true; "
-                               f"DeepSpeed's pipeline allows ZeRO 0 or 1 only (ZeRO-2 and ZeRO-3 are "
-                               f"incompatible with pipeline parallelism)")
-    if ds.pipeline_stages < 1 or (world is not None and world % ds.pipeline_stages):
-        raise StageConfigError(f"field 'deepspeed.pipeline_stages' ({ds.pipeline_stages}) must divide the "
-                               f"number of ranks, nproc × nnodes = {world}")
-
-
-def ramp_unfinished(stage: StageCfg, c_start: float) -> bool:
-    """The MSG ramp ends with c < 1 (the stage exports its masks unfolded)."""
-    from stages.lr import mask_c
-
-    return mask_c(stage.steps, stage.ramp_steps, c_start) < 1.0
 
 
 # ---------------------------------------------------------------------- shared with the dry run
@@ -370,61 +292,3 @@ def compose_stage(name: str) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------- what the workers read
-@dataclass
-class ResolvedStage:
-    """``stage_config.json``: the checked TrainConfig plus what the orchestrator resolved.
-
-    On disk the TrainConfig's fields sit at the top level (``stage``, ``deepspeed``, …;
-    its ``data`` section as ``data_config``) next to the resolved ones below and
-    ``format_version``; ``data`` is what the corpus preparation returned.
-    """
-
-    config: TrainConfig
-    stage_dir: str  # absolute RUN_DIR/<stage.name>
-    init_checkpoint: str | None = None  # canonical checkpoint to start from; None = fresh init with stage.seed
-    model_config: dict[str, Any] = field(default_factory=dict)  # HF dict of the stage's model
-    parent_eval_loss_end: float | None = None  # the parent's summary, for the exactness check
-    parent_lr: float | None = None  # the parent's peak LR (lr_after_growth: rewarm)
-    parent_fingerprint: str | None = None  # content fingerprint of the checkpoint init/ was grown from
-    data: dict[str, Any] = field(default_factory=dict)  # what stages.data.prepare_stage_data returned
-    resume_changes: list[str] = field(default_factory=list)  # "field: old → new" accepted by resume=true
-
-    RESOLVED_KEYS = ("stage_dir", "init_checkpoint", "model_config", "parent_eval_loss_end", "parent_lr",
-                     "parent_fingerprint", "data", "resume_changes")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = to_plain(self.config)
-        out["data_config"] = out.pop("data")
-        out.update({k: getattr(self, k) for k in self.RESOLVED_KEYS})
-        out["format_version"] = RESOLVED_FORMAT_VERSION
-        return out
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "stage_config.json") -> ResolvedStage:
-        data = dict(data)
-        version = data.pop("format_version", None)
-        if version != RESOLVED_FORMAT_VERSION:
-            raise StageConfigError(f"{source}: format_version {version!r}, this trainer reads "
-                                   f"{RESOLVED_FORMAT_VERSION}; rerun train-stage to rewrite it")
-        extra = {k: data.pop(k) for k in cls.RESOLVED_KEYS if k in data}
-        if "stage_dir" not in extra:
-            raise StageConfigError(f"{source}: no 'stage_dir'")
-        if "data_config" in data:
-            data["data"] = data.pop("data_config")
-        return cls(config=validate(from_dict(data)), **extra)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ResolvedStage:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise StageConfigError(f"{path}: cannot read the stage config ({err})") from None
-        return cls.from_dict(data, str(path))

@@ -56,7 +56,7 @@ from growth.model import (
     causal_lm_loss,
     embedding,
 )
-from stages.tensor_parallel.layout import check_model_split
+from stages.layout import check_model_split
 
 # HF name suffix → dimension split across TP ranks (absent: replicated), from the parameter
 # table: the axis that spans query/key-value heads, SwiGLU units or the vocabulary is split

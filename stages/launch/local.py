@@ -1,6 +1,6 @@
 """Start the ranks of one stage: ``torchrun … -m <worker_module> SNAPSHOT.json``.
 
-(torchrun as ``stages.torchrun``: the same launcher without its multi-line failure report.)
+(torchrun as ``stages.launch.torchrun``: the same launcher without its multi-line failure report.)
 
 The workers' output (tqdm bars included) is passed through byte for byte to this
 process's stdout and appended to ``STAGE_DIR/train.log``. torchrun runs in its own
@@ -10,9 +10,9 @@ rank outlives the stage that started it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,23 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flmcore.errors import FlmError
+from flmcore.io import die_with_parent, free_port
 from growth.runs import StageDir
 
 if TYPE_CHECKING:
-    from stages.config import TrainConfig
+    from stages.schema import TrainConfig
 
 
-ERROR_MARK = "train-stage worker: error:"  # the one line stages.worker prints for a user error
+ERROR_MARK = "train-stage worker: error:"  # the one line stages.rank.worker prints for a user error
 
 
 class LaunchError(FlmError):
     """The workers exited non-zero; the message names the stage and the log."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun_args(cfg: TrainConfig, port: int) -> list[str]:
@@ -48,7 +43,7 @@ def torchrun_args(cfg: TrainConfig, port: int) -> list[str]:
     agents' (``worker_env``): a store that outlives an attempt still holds the dead group's
     keys, and the restarted ranks try to reach their dead peers' old gloo addresses.
     """
-    from stages.multinode import rdzv_id
+    from stages.launch.local import rdzv_id
 
     endpoint = f"127.0.0.1:{port}" if cfg.nnodes == 1 else f"{cfg.master_addr}:{cfg.master_port + 1}"
     args = ["--nnodes", str(cfg.nnodes), "--nproc_per_node", str(cfg.nproc), "--rdzv-backend", "c10d",
@@ -61,7 +56,7 @@ def torchrun_args(cfg: TrainConfig, port: int) -> list[str]:
 
 
 def worker_command(cfg: TrainConfig, resolved_path: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "stages.torchrun", *torchrun_args(cfg, port),
+    return [sys.executable, "-m", "stages.launch.torchrun", *torchrun_args(cfg, port),
             "-m", cfg.worker_module, str(resolved_path)]
 
 
@@ -98,7 +93,7 @@ def launch_workers(cfg: TrainConfig, resolved_path: Path, layout: StageDir) -> N
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=worker_env(cfg), start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)  # torchrun gets SIGTERM if we die, even by SIGKILL
         previous = _raise_on_sigterm()
         try:
             assert proc.stdout is not None
@@ -127,17 +122,6 @@ def launch_workers(cfg: TrainConfig, resolved_path: Path, layout: StageDir) -> N
         raise LaunchError(f"stage {cfg.stage.name}: the workers failed: {cause} (full output: {log_path}){hint}")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: torchrun gets SIGTERM if this process dies, even by SIGKILL
-    (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op), and then stops its ranks."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _raise_on_sigterm():
     """SIGTERM → SystemExit(143) while the ranks run, so they are stopped on the way out."""
     if threading.current_thread() is not threading.main_thread():
@@ -160,3 +144,9 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def rdzv_id(cfg: TrainConfig) -> str:
+    """The same on every node, another for every stage and run dir (torchrun's --rdzv-id)."""
+    where = f"{Path(cfg.run_dir).expanduser().resolve()}/{cfg.stage.name}"
+    return "flm-" + hashlib.sha256(where.encode()).hexdigest()[:12]

@@ -13,7 +13,7 @@ DeepSpeed checkpoints store layer ``i`` in :func:`layer_file` ``(i)`` with the l
 key (``self_attn.q_proj.weight``), and ``named_parameters()`` prefixes it with ``i.``.
 
 Pipeline parallelism runs with ZeRO-0 or ZeRO-1 only (DeepSpeed refuses 2 and 3). The
-tensor-parallel ranks of the same specs (TP × PP × DP) are stages.tensor_parallel.pipe's
+tensor-parallel ranks of the same specs (TP × PP × DP) are stages.engines.tensor_parallel.pipeline's
 subclasses of these layers and of :class:`PipeStageEngine`.
 """
 
@@ -38,9 +38,10 @@ from growth.model import (
     rope_cos_sin,
     scale_logits,
 )
-from stages import ds_compat, optim_state
-from stages.config import DeepSpeedCfg, StageCfg
-from stages.engine import Batch, ds_config, make_optimizer
+from stages.engines import ds_compat, optim_state
+from stages.engines.common import DeepSpeedEngine, ds_config, make_optimizer
+from stages.engines.protocol import Batch
+from stages.schema import DeepSpeedCfg, StageCfg
 
 # ---------------------------------------------------------------------- adapter
 # Spec role → (local key → HF name template); "{i}" is the decoder layer index.
@@ -149,7 +150,7 @@ def build_pipeline_module(config: ModelConfig, num_stages: int | None, activatio
 
     ``layers`` (embedding, decoder layer, head classes, each built as ``cls(config,
     *layer_args)``), ``loss_fn`` and ``topology`` (DeepSpeed's ``ProcessTopology``; default:
-    pipe × data over ``num_stages``) let stages.tensor_parallel.pipe build its TP ranks."""
+    pipe × data over ``num_stages``) let stages.engines.tensor_parallel.pipeline build its TP ranks."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
     embed, decoder, head = layers
@@ -193,8 +194,8 @@ def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[st
 
 
 # ---------------------------------------------------------------------- engine
-class PipeStageEngine:
-    """The PipelineEngine behind the worker's engine interface (see stages.engine)."""
+class PipeStageEngine(DeepSpeedEngine):
+    """The PipelineEngine behind the worker's engine interface (see stages.engines.common)."""
 
     pipeline = True
 
@@ -203,7 +204,7 @@ class PipeStageEngine:
         import deepspeed
         import torch.distributed as dist
 
-        from stages.config import check_deepspeed
+        from stages.validate import check_deepspeed
 
         self.config = config  # carries the current MSG mask record (see set_growth_mask)
         check_deepspeed(ds, dist.get_world_size())

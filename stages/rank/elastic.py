@@ -16,7 +16,7 @@
   restarted group finds the stop record (``STAGE_DIR/.nonfinite``) and stops again
   instead of training into the same NaN.
 - ``on_nonfinite=skip`` instead drops that step's update on every rank (the ZeRO engine
-  sums the loss over the ranks before the optimizer step, ``stages.engine.StageEngine``):
+  sums the loss over the ranks before the optimizer step, ``stages.engines.zero.StageEngine``):
   weights and Adam state stay as they were, the step's batch is consumed, one warning
   names the step, and the summary counts the skipped steps. More than
   ``max_skips_in_a_row`` in a row stop the stage as above (the run diverged).
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SEAL_NAME = ".complete"
 NONFINITE_NAME = ".nonfinite"
-TAG_PREFIX = "step"
+TAG_PREFIX = "step"  # DeepSpeed checkpoint tags: step00000042 (tag_of)
 
 
 class NonFiniteLossError(FlmError):
@@ -104,6 +104,11 @@ def pick_tag(ds_dir: Path, warn: bool) -> str:
                                  f"start the stage over in a new run_dir")
 
 
+def tag_of(step: int) -> str:
+    """The DeepSpeed checkpoint tag of ``step`` (sorts in step order)."""
+    return f"{TAG_PREFIX}{step:08d}"
+
+
 def unseal(ds_dir: Path, tag: str) -> None:
     (ds_dir / tag / SEAL_NAME).unlink(missing_ok=True)
 
@@ -125,9 +130,7 @@ def check_finite(loss: Any, step: int, stage_dir: Path, rank: int, ds_dir: Path,
     if bool(flag.item()):
         return
     if rank == 0 and saved_step == step - 1:
-        from stages.trainer import DS_TAG
-
-        unseal(ds_dir, DS_TAG.format(saved_step))
+        unseal(ds_dir, tag_of(saved_step))
     good = [t.name for t in tags(ds_dir) if unsound_reason(t) is None]
     keep = f"the last good checkpoint is {ds_dir / good[-1]} (resume=true continues from it)" if good else \
         "no checkpoint was written before it"

@@ -14,16 +14,16 @@ builds its grid from that topology and every group used here is the grid's own:
 - the loss is the vocab-parallel cross-entropy on the last stage (every TP rank holds the
   same value), averaged over data-parallel replicas and broadcast along the pipe by DeepSpeed.
 
-Each spec is the TP version of stages.pipeline's (same math as stages.tensor_parallel.layers):
+Each spec is the TP version of stages.engines.pipeline's (same math as stages.engines.tensor_parallel.layers):
 :class:`TPEmbeddingPipe` (vocab rows ``1/tp``, all-reduced), :class:`TPDecoderLayerPipe`
 (column/row-parallel attention and MLP), :class:`TPHeadPipe` (vocab-parallel ``lm_head``; the
 full-vocab logits are never gathered). Activations between stages are replicated across TP;
 DeepSpeed sends each TP rank's ``1/tp`` piece and all-gathers it on the receiving stage
-(``pipeline.pipe_partitioned``, its default). The HF-name adapter of stages.pipeline is
+(``pipeline.pipe_partitioned``, its default). The HF-name adapter of stages.engines.pipeline is
 unchanged; DeepSpeed's own checkpoint files carry the TP rank (``layer_XX-model_YY-…``).
 
 With ``deepspeed.sequence_parallel`` the hidden states between (and inside) stages are split
-along the sequence (stages.tensor_parallel.layers), so DeepSpeed's partitioned send is turned
+along the sequence (stages.engines.tensor_parallel.layers), so DeepSpeed's partitioned send is turned
 off: each TP rank sends its own shard to the same TP rank of the next stage.
 """
 
@@ -38,9 +38,8 @@ from torch import nn
 
 from growth.config import ModelConfig
 from growth.model import DecoderLayer, RMSNorm, embedding, init_tensor, rope_cos_sin
-from stages import ds_compat, optim_state
-from stages.config import DeepSpeedCfg, Precision, StageCfg
-from stages.pipeline import (
+from stages.engines import ds_compat
+from stages.engines.pipeline import (
     DecoderLayerPipe,
     EmbeddingPipe,
     HeadPipe,
@@ -48,8 +47,8 @@ from stages.pipeline import (
     build_pipeline_module,
     set_pipe_growth_mask,
 )
-from stages.tensor_parallel.io import gather_shard, read_shards
-from stages.tensor_parallel.layers import (
+from stages.engines.tensor_parallel.io import gather_shard, read_shards
+from stages.engines.tensor_parallel.layers import (
     TPMLP,
     TPAttention,
     all_reduce_norm_grads,
@@ -62,7 +61,8 @@ from stages.tensor_parallel.layers import (
     vocab_parallel_cross_entropy,
     vocab_parallel_logits,
 )
-from stages.tensor_parallel.layout import LayoutError
+from stages.layout import LayoutError
+from stages.schema import DeepSpeedCfg, StageCfg
 
 
 # ---------------------------------------------------------------------- layers
@@ -134,7 +134,7 @@ def bind_tp_group(module: nn.Module, loss: VocabParallelLoss, group: Any) -> Non
 
 # ---------------------------------------------------------------------- engine
 class TPPipeStageEngine(PipeStageEngine):
-    """stages.pipeline's engine with TP ranks: a TP × PP × DP grid, ZeRO-0/1 over DP."""
+    """stages.engines.pipeline's engine with TP ranks: a TP × PP × DP grid, ZeRO-0/1 over DP."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor] | None, ds: DeepSpeedCfg,
                  stage: StageCfg, init: str | Path | None = None):
@@ -208,18 +208,16 @@ class TPPipeStageEngine(PipeStageEngine):
 
     def seed_adam_state(self, checkpoint: str | Path, config: ModelConfig) -> int:
         """Adam moments of this rank's stage, read as its TP slices; returns the Adam step."""
-        from stages.tensor_parallel.engine import seed_sliced_moments
+        from stages.engines.tensor_parallel.io import seed_sliced_moments
 
         return seed_sliced_moments(self.optimizer, dict(self.named_params()), checkpoint, config,
                                    self.tp_rank, self.tp)
 
 
 def build_tp_pipe(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg, stage: StageCfg,
-                  init: str | Path | None = None) -> TPPipeStageEngine:
-    """The TP pipeline engine of a stage (start weights as :meth:`TPPipeStageEngine.load_start_weights`);
-    in bf16 the fp32 masters are set from the fp32 slices."""
+                  init: str | Path | None = None) -> tuple[TPPipeStageEngine, dict[str, torch.Tensor]]:
+    """The TP pipeline engine of a stage (start weights as :meth:`TPPipeStageEngine.load_start_weights`)
+    and its fp32 start slices (``stages.engines.build`` sets the bf16 masters from them)."""
     eng = TPPipeStageEngine(config, weights, ds, stage, init)
-    if ds.precision == Precision.bf16:
-        optim_state.set_master_weights(eng.optimizer, eng.named_params(), eng.start_state)
-    eng.start_state = {}
-    return eng
+    state, eng.start_state = eng.start_state, {}
+    return eng, state

@@ -1,22 +1,9 @@
-"""One stage, orchestrated: check everything, prepare data and weights, launch the ranks.
+"""Plan a stage: every check that reads files, before anything is written (:func:`plan_stage`).
 
-:func:`run_stage` is what the Hydra app calls once per job (one stage of a schedule)::
-
-    to_config, validate      typed TrainConfig, every rule (stages.config)
-    plan_stage               every check that needs files, before anything is written:
-                             stage dir state, parent/init checkpoint, growth shapes,
-                             tokenizer vs vocab, worker module — a StageError otherwise
-    StageLock                the stage dir is ours for the whole attempt (stages.lock)
-    prepare_stage            the tokenized corpus (cached), the parent's final grown into
-                             STAGE_DIR/init (growth.executor, streaming), the ResolvedStage
-                             (STAGE_DIR/stage_config.json; on resume diffed against the saved one)
-    launch_workers           torchrun --nproc_per_node N -m stages.worker SNAPSHOT, output
-                             streamed to the terminal and STAGE_DIR/train.log
-    summary.json             written by the workers; returned
-
-Note: Hydra stays in this one process: the workers get a JSON snapshot, never Hydra
-arguments, so ``--local_rank`` and per-rank ``${now}`` cannot bite. The snapshot each
-attempt's workers read is a file of its own that nothing rewrites.
+The :class:`StagePlan` says where the stage starts from (parent's final, ``init_from``, a
+fresh init, or its own ``ds_ckpt/`` on resume), whether the start must be grown first and
+what the growth request is (``grow_request``: the local workers and the distributed growth
+of several nodes use the same one).
 """
 
 from __future__ import annotations
@@ -24,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,11 +20,10 @@ from growth.checkpoint import CheckpointError, CheckpointReader
 from growth.config import ConfigError, ModelConfig, resolve_config
 from growth.runs import FINAL_DIR, INIT_DIR, SUMMARY_NAME, StageDir, read_json  # noqa: F401  (re-exported)
 from operators import GrowthError, GrowthSpec
-from stages.config import ResolvedStage, TrainConfig, growth_spec, to_config, validate
-from stages.launch import launch_workers
-from stages.lock import StageLock
-from stages.resume import diff_for_resume
-from stages.tensor_parallel.layout import check_stage_layout  # issue 13
+from stages.launch.lock import StageLock
+from stages.layout import check_stage_layout  # issue 13
+from stages.resolved import ResolvedStage
+from stages.schema import TrainConfig, growth_spec
 
 if TYPE_CHECKING:
     from growth.executor import ApplyRequest
@@ -162,7 +146,7 @@ def _plan_source(plan: StagePlan, source: Path, what: str) -> None:
         except GrowthError as err:
             raise StageError(f"stage {plan.name}: {what} ({src_config.params:,} parameters) does not "
                              f"grow into stage.model {plan.cfg.stage.model!r}: {err}") from None
-    if get is not None:  # kept, so no process reads the layers for it again (stages.dist_grow)
+    if get is not None:  # kept, so no process reads the layers for it again (stages.launch.dist_grow)
         plan.new_layers = [i for i, entry in enumerate(grown.layer_map) if entry["new"]]
         plan.distances = grown.distances
     plan.grow = True
@@ -196,68 +180,12 @@ def _check_data(cfg: TrainConfig, target: ModelConfig) -> None:
 
 def data_dict(cfg: TrainConfig) -> dict[str, Any]:
     """``data`` as stages.data takes it (a plain dict)."""
-    from stages.config import to_plain
+    from stages.schema import to_plain
 
     return to_plain(cfg)["data"]
 
 
 # ---------------------------------------------------------------------- preparation
-def prepare_stage(plan: StagePlan) -> ResolvedStage:
-    """Data, the starting checkpoint and the resolved config (saved to STAGE_DIR/stage_config.json)."""
-    from stages.data import prepare_stage_data
-
-    cfg, layout = plan.cfg, plan.layout
-    data_dir = Path(cfg.data.cache_dir or plan.run_dir / "data").expanduser().resolve()
-    # data (stages.data): a grown stage's stream starts where its parent's summary says it ended
-    parent_summary = plan.parent.read_summary() if plan.parent is not None else None
-    data = prepare_stage_data(data_dict(cfg), data_dir, parent=parent_summary)
-    for split in ("train", "eval"):
-        if data["n_tokens"][split] < cfg.stage.seq_len + 1:
-            raise StageError(f"data: the {split} split has {data['n_tokens'][split]} tokens, fewer than "
-                             f"stage.seq_len + 1; add text or lower data.eval_fraction / stage.seq_len")
-    fingerprint = None
-    if plan.grow:
-        fingerprint = grow_into(plan)
-    init = plan.init_checkpoint
-    if init is not None:
-        with checked_reader(init, "starting checkpoint") as reader:
-            model_config = reader.config
-    else:
-        model_config = plan.target
-    parent_summary = plan.parent.read_summary() if plan.parent is not None else None
-    effective = dataclasses.replace(cfg, run_dir=str(plan.run_dir), resume=plan.resume)
-    resolved = ResolvedStage(
-        config=effective, stage_dir=str(layout.root), init_checkpoint=None if init is None else str(init),
-        model_config=model_config.to_hf_dict(),
-        parent_eval_loss_end=None if parent_summary is None else parent_summary["eval_loss_end"],
-        parent_lr=parent_peak_lr(plan), parent_fingerprint=fingerprint, data=data)
-    if layout.resolved.is_file() and plan.resume:
-        saved = ResolvedStage.load(layout.resolved)
-        resolved.resume_changes = saved.resume_changes + diff_for_resume(saved, resolved)
-    resolved.save(layout.resolved)
-    return resolved
-
-
-def grow_into(plan: StagePlan) -> str:
-    """Grow ``plan.source`` into STAGE_DIR/init with the streaming executor (resumable);
-    returns the source's fingerprint.
-
-    A complete init/ from an earlier attempt is reused when it was grown from this very
-    source (the fingerprint in its grow event); one grown from another version of the
-    source (the parent was retrained since) is grown again. A partial one (killed
-    mid-grow) is finished by the executor's own resume. Adam moments come along when the
-    source has them and ``stage.growth.optimizer_state`` is true.
-    """
-    from growth.parallel import apply_growth
-
-    fingerprint, current = init_is_current(plan)
-    if current:
-        return fingerprint
-    spec = plan.spec
-    log.info("[%s] growing %s → %s (%s/%s/%s/%s)", plan.name, plan.source, plan.layout.init, spec.hidden,
-             spec.ffn, spec.heads, spec.depth)
-    apply_growth(grow_request(plan), workers=plan.cfg.stage.growth.workers, progress=True)
-    return fingerprint
 
 
 def init_is_current(plan: StagePlan) -> tuple[str, bool]:
@@ -283,7 +211,7 @@ def grow_request(plan: StagePlan) -> ApplyRequest:
     """The executor's job for this stage's growth (local workers or every rank of every node);
     positions=distance as the indices plan_stage measured (no growth process reads a layer for it)."""
     from growth.executor import ApplyRequest
-    from stages.dist_grow import resolve_positions
+    from stages.launch.plan import resolve_positions
 
     return ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=resolve_positions(plan),
                         out=str(plan.layout.init), optimizer_state=plan.cfg.stage.growth.optimizer_state)
@@ -312,46 +240,22 @@ def parent_peak_lr(plan: StagePlan) -> float | None:
 
 
 # ---------------------------------------------------------------------- the job
-def run_stage(cfg: Any) -> dict[str, Any]:
-    """Check, prepare, train one stage; returns its summary (or dry-run report)."""
-    typed = validate(to_config(cfg))
-    if typed.dry_run:
-        from stages.config import to_plain
-        from stages.dry_run import dry_run_stage
-
-        return dry_run_stage(to_plain(typed))
-    if typed.launcher != "local" or typed.nnodes > 1:  # stages.launchers, stages.multinode
-        from stages.launchers import run_elsewhere
-
-        return run_elsewhere(typed)
-    plan = plan_stage(typed)
-    if plan.finished:
-        log.info("[%s] already finished in %s; skipped (resume=true)", plan.name, plan.stage_dir)
-        return plan.layout.read_summary() or {}
-    with StageLock(plan.layout.lock):
-        return train_planned(plan)
 
 
-def train_planned(plan: StagePlan, on_ready: Any = None) -> dict[str, Any]:
-    """``on_ready(snapshot)`` is called before the workers start (stages.multinode: tell the other nodes)."""
-    start = time.time()
-    resolved = prepare_stage(plan)
-    cfg = plan.cfg
-    how = "resuming from its DeepSpeed checkpoint" if plan.resume else (
-        f"from {plan.init_checkpoint}" if plan.init_checkpoint else f"fresh init (seed {cfg.stage.seed})")
-    log.info("[%s] %d ranks, %s, %s", plan.name, cfg.nproc, cfg.deepspeed.name, how)
-    snapshot = plan.layout.root / f".stage_config.{os.getpid()}.{int(start)}.json"
-    resolved.save(snapshot)  # this attempt's workers read this file; nothing rewrites it
-    os.chmod(snapshot, 0o444)
-    try:
-        if on_ready is not None:
-            on_ready(snapshot)
-        launch_workers(cfg, snapshot, plan.layout)
-    finally:
-        snapshot.unlink(missing_ok=True)
-    summary = plan.layout.read_summary()
-    if summary is None:
-        raise StageError(f"stage {plan.name}: the workers exited cleanly but wrote no {plan.layout.summary}")
-    log.info("[%s] done in %.0f s: eval loss %s → %s", plan.name, time.time() - start,
-             summary["eval_loss_start"], summary["eval_loss_end"])
-    return summary
+def resolve_positions(plan: StagePlan) -> dict[str, Any]:
+    """The growth spec as a dict, ``distance`` positions replaced by the indices they pick.
+
+    ``plan_stage`` measured them while checking the shapes (``plan.new_layers``), so no growth
+    process reads a layer for the positions. Note: the grown checkpoint's history then records
+    the explicit indices (the distances are logged here), not ``distance``; the tensors are the same.
+    """
+    spec = plan.spec
+    assert spec is not None and plan.source is not None
+    out = spec.to_dict()
+    if spec.positions != "distance":
+        return out
+    assert plan.new_layers is not None, "plan_stage measures distance positions"
+    out["positions"] = list(plan.new_layers)
+    log.info("[%s] positions=distance resolved once: layer distances %s, new layers at %s", plan.name,
+             [round(d, 6) for d in plan.distances or []], out["positions"])
+    return out

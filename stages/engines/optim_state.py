@@ -12,7 +12,7 @@ state (torch creates it lazily at the first step), so :func:`create_adam_state` 
 moments and the parent's step on every flat fp32 partition and relinks DeepSpeed's
 per-parameter views of them; then :func:`set_full` writes each full tensor, and every
 rank keeps its own slice. Works for ZeRO-0 (plain or bf16 optimizer), 1, 2 and 3. The
-DeepSpeed internals this needs are in ``stages.ds_compat``.
+DeepSpeed internals this needs are in ``stages.engines.ds_compat``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ from torch import nn
 
 from growth.checkpoint import OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointError, open_moments, read_optimizer_state
 from growth.config import ModelConfig
-from stages.ds_compat import base_optimizer, flat_partitions, fp32_twin, is_deepspeed_mapped, relink, update_lp_params
+from stages.engines.ds_compat import (
+    base_optimizer,
+    flat_partitions,
+    fp32_twin,
+    is_deepspeed_mapped,
+    relink,
+    update_lp_params,
+)
 
 
 def _state_targets(opt: Any) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
-"""The one training loop: a :class:`Trainer` drives an ``Engine`` (stages.engine) for one stage.
+"""The one training loop: a :class:`Trainer` drives an ``Engine`` (stages.engines.common) for one stage.
 
 Components are attributes (torchtitan style): ``engine`` (ZeRO or pipeline, behind the
-``stages.engine.Engine`` protocol), ``schedule`` (LR), ``data`` (batches), ``reporter``
+``stages.engines.protocol.Engine`` protocol), ``schedule`` (LR), ``data`` (batches), ``reporter``
 (TensorBoard, train_log.jsonl, the progress bar), ``layout`` (the stage dir). The methods
 are the steps of a stage::
 
@@ -11,7 +11,7 @@ are the steps of a stage::
     summary = trainer.finish()       # final eval, export final/, summary.json
 
 :meth:`run` is that loop, with :meth:`after_step` as the seam tests override (stop after
-step k, pause to be killed, …). The worker (``stages.worker``), the notebook (through
+step k, pause to be killed, …). The worker (``stages.rank.worker``), the notebook (through
 ``train-stage``) and ``benchmarks/gpu_stage.py`` all run this class.
 
 "Start from grown weights" (``init_checkpoint``) and "resume a crashed stage"
@@ -24,29 +24,30 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from flmcore.errors import FlmError
+from flmcore.io import write_json_atomic
 from growth.checkpoint import CheckpointReader, append_event, new_history
 from growth.config import ModelConfig
 from growth.model import init_state_dict
 from growth.runs import StageDir
-from stages import elastic, optim_state
-from stages.config import DeepSpeedCfg, NonFinite, Precision, ResolvedStage, StageCfg, ramp_unfinished
-from stages.engine import Batch, Engine, build_plain
-from stages.export import export_final
-from stages.lr import mask_c, stage_schedule
+from stages.engines import optim_state
+from stages.engines.build import build_engine
+from stages.engines.protocol import Batch
+from stages.lr import mask_c, ramp_unfinished, stage_schedule
+from stages.rank import elastic
+from stages.rank.export import export_final
+from stages.resolved import ResolvedStage
+from stages.schema import NonFinite, Precision, StageCfg
 
 log = logging.getLogger(__name__)
 
-DS_TAG = "step{:08d}"
 EXACT_TOLERANCE = 1e-4  # |eval_loss_start − parent's eval_loss_end| an exact growth may show
 
 
@@ -78,24 +79,6 @@ def start_weights(resolved: ResolvedStage, config: ModelConfig) -> dict[str, tor
         return init_state_dict(config, resolved.config.stage.seed)
     with CheckpointReader(resolved.init_checkpoint) as reader:
         return reader.state_dict(torch.float32)
-
-
-def build_engine(config: ModelConfig, weights: dict[str, torch.Tensor], ds: DeepSpeedCfg,
-                 stage: StageCfg, init: str | None = None) -> Engine:
-    """The engine of this layout, weights loaded before ``deepspeed.initialize``."""
-    if ds.tensor_parallel > 1:  # issue 13: each rank reads its TP slices of ``init`` (TP × DP, or TP × PP × DP)
-        from stages.tensor_parallel.engine import build_tp
-
-        return build_tp(config, weights, ds, stage, init)
-    if ds.pipeline:
-        from stages.pipeline import PipeStageEngine
-
-        eng: Engine = PipeStageEngine(config, weights, stage.seed, ds, stage)
-    else:
-        eng = build_plain(config, weights, ds, stage)
-    if ds.precision == Precision.bf16:  # fp32 masters from the fp32 checkpoint, not from bf16
-        optim_state.set_master_weights(eng.optimizer, eng.named_params(), weights)
-    return eng
 
 
 # ---------------------------------------------------------------------- data
@@ -175,12 +158,6 @@ class Reporter:
             self.tb.close()
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------- the loop
 class Trainer:
     """One stage on this rank (every rank builds one; collectives keep them in step)."""
@@ -224,9 +201,7 @@ class Trainer:
         if self.resuming:
             self.restore()
         elif optim_state.has_optimizer_state(self.init):
-            seed = getattr(self.engine, "seed_adam_state", None)  # the TP engine reads moment slices
-            self.seeded_step = seed(self.init, config) if seed else optim_state.seed_adam_state(
-                self.engine.optimizer, self.engine.named_params(), self.init, config)
+            self.seeded_step = self.engine.seed_adam_state(self.init, config)
         self.set_mask(self.step)
         if self.eval_loss_start is None:
             self.eval_loss_start = self.engine.eval_loss(self.data.eval)
@@ -237,7 +212,7 @@ class Trainer:
     def restore(self) -> None:
         """Weights, Adam state and step from the latest ``ds_ckpt/`` checkpoint."""
         tag = elastic.pick_tag(self.layout.ds_ckpt, warn=self.rank == 0)  # the newest sound one
-        path, client = self.engine.engine.load_checkpoint(str(self.layout.ds_ckpt), tag=tag)
+        path, client = self.engine.load_checkpoint(self.layout.ds_ckpt, tag)
         if path is None:
             raise WorkerError(f"{self.layout.ds_ckpt}: could not load the latest DeepSpeed checkpoint")
         self.step = int(client["step"])
@@ -291,11 +266,9 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step; logs every ``stage.log_every`` steps (the loss reaches the
         host only then), evaluates and saves when due. Returns the loss (a device tensor)."""
-        from stages.engine import set_lr
-
         c = self.set_mask(self.step)
         lr = self.schedule.lr(self.step)
-        set_lr(self.engine.optimizer, lr)
+        self.engine.set_lr(lr)
         batches = self.data.batches(self.step)
         t0 = time.perf_counter()
         loss = self.engine.train_step(batches)
@@ -339,10 +312,10 @@ class Trainer:
                   "wall_seconds": self.wall_before + time.perf_counter() - self.begin,
                   "data_tokens_start": self.data.tokens_start,  # data (stages.data)
                   "skipped_steps": self.skips.steps}
-        self.engine.engine.save_checkpoint(str(ds_dir), tag=DS_TAG.format(self.step), client_state=client)
+        self.engine.save_checkpoint(ds_dir, elastic.tag_of(self.step), client)
         dist.barrier()
         if self.rank == 0:  # sealed once every rank saved; keeps the newest cfg.keep_checkpoints
-            elastic.seal(ds_dir, DS_TAG.format(self.step), self.cfg.keep_checkpoints)
+            elastic.seal(ds_dir, elastic.tag_of(self.step), self.cfg.keep_checkpoints)
         dist.barrier()
         self.saved_step = self.step
 

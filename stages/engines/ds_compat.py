@@ -19,7 +19,7 @@ attribute / call                               class (module)                   
 =============================================  ===========================================  ==========
 
 Why each is needed: a fresh engine has no Adam state (torch creates it lazily at the first
-step), so seeding it from a grown checkpoint (``stages.optim_state``) writes the moments
+step), so seeding it from a grown checkpoint (``stages.engines.optim_state``) writes the moments
 onto the wrapper's flat fp32 partitions and relinks DeepSpeed's per-parameter views of
 them; the public ``safe_get/set_full_*`` helpers then work per parameter. On CPU,
 ``deepspeed.init_distributed`` compiles a shared-memory all-reduce op (30–40 s, 1.6 GB)
@@ -70,7 +70,7 @@ def check_version(installed: str | None = None) -> None:
         installed = deepspeed.__version__
     low, high = SUPPORTED
     if not low <= version_tuple(installed) < high:
-        raise DeepSpeedVersionError(f"deepspeed {installed} is not supported: stages/ds_compat.py is verified "
+        raise DeepSpeedVersionError(f"deepspeed {installed} is not supported: stages/engines/ds_compat.py is verified "
                                     f"with {SUPPORTED_TEXT}; pip install '{SUPPORTED_TEXT}'")
 
 

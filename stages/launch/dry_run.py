@@ -10,7 +10,7 @@ For each stage it prints
   model states per GPU (DeepSpeed's estimators, for the fullest pipeline stage split over
   TP) plus activations (1F1B micro-batches in flight, activation checkpointing, TP, SwiGLU
   width, flash attention) less a stated margin, the pipeline bubble and the tokens per step;
-  every term is stated in :mod:`stages.tensor_parallel.memory`.
+  every term is stated in :mod:`stages.launch.memory`.
 
 Each stage writes ``RUN_DIR/<stage>/dry_run.json`` (:data:`DRY_RUN_NAME`): ``layout``
 (tp, pp, dp, zero_stage, micro_batch_size, grad_accum, seq_len, activation_checkpointing),
@@ -36,9 +36,9 @@ from typing import Any
 from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig, resolve_config
 from operators import GrowthSpec
-from stages.config import growth_spec
-from stages.tensor_parallel.layout import check_model_split, layout_of
-from stages.tensor_parallel.memory import MARGIN, dry_run_record, fit
+from stages.launch.memory import MARGIN, dry_run_record, fit
+from stages.layout import check_model_split, layout_of
+from stages.schema import growth_spec
 
 GB = 1024**3
 DRY_RUN_NAME = "dry_run.json"  # RUN_DIR/<stage>/dry_run.json: layout, memory, fits, bubble
@@ -58,9 +58,9 @@ def fmt_bytes(n: float) -> str:
 
 # ---------------------------------------------------------------------- the parent's model
 def compose_stage(name: str) -> dict[str, Any]:
-    """The resolved TrainConfig of stage ``name`` as a plain dict (stages.config.compose_stage)."""
-    from stages.config import compose_stage as compose_typed
-    from stages.config import to_plain
+    """The resolved TrainConfig of stage ``name`` as a plain dict (stages.schema.compose_stage)."""
+    from stages.schema import compose_stage as compose_typed
+    from stages.schema import to_plain
 
     return to_plain(compose_typed(name))
 
@@ -111,7 +111,7 @@ def plan_report(src: ModelConfig, target: ModelConfig, spec: GrowthSpec, precisi
 # ---------------------------------------------------------------------- memory
 def memory_report(config: ModelConfig, cfg: dict[str, Any]) -> dict[str, Any]:
     """Per-GPU model states (DeepSpeed's estimators), activations and the fits verdict for
-    this stage's TP × PP × DP layout (stages.tensor_parallel.memory states every term)."""
+    this stage's TP × PP × DP layout (stages.launch.memory states every term)."""
     layout = layout_of(cfg)
     check_model_split(config, layout.tp)
     verdict = fit(config, layout, cfg["deepspeed"]["precision"], cfg["gpu_memory_gib"],

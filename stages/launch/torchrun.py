@@ -1,8 +1,8 @@
-"""``torchrun`` without its failure report: ``python -m stages.torchrun <torchrun args>``.
+"""``torchrun`` without its failure report: ``python -m stages.launch.torchrun <torchrun args>``.
 
 torch.distributed.run's ``main`` prints a traceback and a "Root Cause" table of every
 failed rank when a rank exits non-zero — 25 to 130 lines on top of the rank's own one-line
-error (``stages.worker``). This runs the same launcher (``torch.distributed.run.run``) and,
+error (``stages.rank.worker``). This runs the same launcher (``torch.distributed.run.run``) and,
 when ranks fail, exits with the first failed rank's exit code and nothing else; the ranks'
 own output (one line for a user error, a full traceback for a bug) is untouched.
 """
