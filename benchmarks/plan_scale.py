@@ -167,29 +167,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child_plan(*args.child)))
-        return {}
+def measure_growths(args: argparse.Namespace, cfgs: list[dict[str, Any]], per_worker: float, aggregate: float,
+                    worker_counts: list[int], shard_limit: int):
+    """Each growth of the schedule: plan time and RAM (a fresh process), bytes moved, projected
+    apply time → (records, the models each stage ends with, the three tables' rows)."""
     import torch
 
-    from growth.checkpoint import parse_size
     from growth.config import resolve_config
     from growth.executor import peak_memory_estimate, shard_tasks
     from operators import make_plan
-    from stages.launch.dry_run import memory_report
     from stages.schema import growth_spec
 
-    info = machine_info()
-    print_machine(info)
-    per_worker, aggregate = parse_rate(args.bandwidth), parse_rate(args.aggregate)
-    worker_counts = [int(w) for w in args.workers.split(",")]
-    shard_limit = parse_size(args.max_shard_size)
-    schedule = "tiny" if args.smoke else "teleflm"
-    cfgs = compose_stages(SCHEDULES[schedule])
     bf16 = torch.bfloat16
-
     growths, plan_rows, io_rows, time_rows = [], [], [], []
     model = resolve_config(cfgs[0]["stage"]["model"])
     models = [model]
@@ -249,19 +238,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = plan.config.replace(growth_mask=None)  # the stage ends at c = 1, masks folded
         models.append(model)
 
-    print_table(["growth", "hidden/ffn/heads/depth", "tensors", "plan time", "plan RAM", "child peak RSS",
-                 "grow plan CLI", "CLI peak RSS"], plan_rows,
-                title="plan (operators.make_plan + tensor_ops, fresh process each; `grow plan --json` for the CLI)")
-    print("  plan RAM = peak RSS during the plan above the RSS before it (imports excluded); "
-          "child peak RSS includes python + torch")
-    print_table(["growth", "params", "read w (bf16)", "write w (bf16)", "read m (fp32)", "write m (fp32)",
-                 "total I/O", "shards (w + m)", "apply RAM/worker"], io_rows,
-                title="bytes grow apply moves (weights bf16, Adam exp_avg + exp_avg_sq fp32)")
-    print_table(["growth"] + [f"{w} worker{'s' if w > 1 else ''}" for w in worker_counts], time_rows,
-                title=f"projected grow apply time: I/O-bound at {args.bandwidth} per worker, "
-                      f"capped at {args.aggregate} aggregate")
+    return growths, models, (plan_rows, io_rows, time_rows)
 
+
+def memory_table(cfgs: list[dict[str, Any]], models: list[Any]) -> list[dict[str, Any]]:
+    """DeepSpeed's per-GPU model states of each stage's layouts, printed and returned."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from stages.launch.dry_run import memory_report
 
     mem_rows, stage_mem = [], []
     for cfg, config in zip(cfgs, models, strict=True):
@@ -288,11 +272,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "its states", "< 80 GB"], mem_rows,
                 title="DeepSpeed per-GPU model states (weights + grads + Adam, no offload, activations excluded)")
     print("  ZeRO-0/1/2: estimate_zero2_model_states_mem_needs(params per GPU, num_gpus_per_node=DP, num_nodes=1,"
-          " cpu_offload=False)\n  — with a pipeline, params per GPU = params / pipeline degree (stages.launch.dry_run), "
-          "and for the\n  fullest stage (layers split contiguously to balance parameters, embedding first, "
-          "norm + lm_head last)\n  ZeRO-3: estimate_zero3_model_states_mem_needs(params, largest tensor, "
-          "nproc, nnodes, cpu_offload=False)")
+          " cpu_offload=False)\n  — with a pipeline, params per GPU = params / pipeline degree "
+          "(stages.launch.dry_run), and for the\n  fullest stage (layers split contiguously to balance "
+          "parameters, embedding first, norm + lm_head last)\n  ZeRO-3: "
+          "estimate_zero3_model_states_mem_needs(params, largest tensor, nproc, nnodes, cpu_offload=False)")
+    return stage_mem
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child_plan(*args.child)))
+        return {}
+    from growth.checkpoint import parse_size
+
+    info = machine_info()
+    print_machine(info)
+    per_worker, aggregate = parse_rate(args.bandwidth), parse_rate(args.aggregate)
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    shard_limit = parse_size(args.max_shard_size)
+    schedule = "tiny" if args.smoke else "teleflm"
+    cfgs = compose_stages(SCHEDULES[schedule])
+    growths, models, (plan_rows, io_rows, time_rows) = measure_growths(args, cfgs, per_worker, aggregate,
+                                                                       worker_counts, shard_limit)
+    print_table(["growth", "hidden/ffn/heads/depth", "tensors", "plan time", "plan RAM", "child peak RSS",
+                 "grow plan CLI", "CLI peak RSS"], plan_rows,
+                title="plan (operators.make_plan + tensor_ops, fresh process each; `grow plan --json` for the CLI)")
+    print("  plan RAM = peak RSS during the plan above the RSS before it (imports excluded); "
+          "child peak RSS includes python + torch")
+    print_table(["growth", "params", "read w (bf16)", "write w (bf16)", "read m (fp32)", "write m (fp32)",
+                 "total I/O", "shards (w + m)", "apply RAM/worker"], io_rows,
+                title="bytes grow apply moves (weights bf16, Adam exp_avg + exp_avg_sq fp32)")
+    print_table(["growth"] + [f"{w} worker{'s' if w > 1 else ''}" for w in worker_counts], time_rows,
+                title=f"projected grow apply time: I/O-bound at {args.bandwidth} per worker, "
+                      f"capped at {args.aggregate} aggregate")
+
+    stage_mem = memory_table(cfgs, models)
     result = {"benchmark": "plan_scale", "schedule": schedule, "growths": growths, "memory": stage_mem,
               "bandwidth_per_worker": per_worker, "aggregate_bandwidth": aggregate,
               "workers": worker_counts, "smoke": args.smoke, "machine": info}

@@ -166,3 +166,19 @@ def pipe_owner_rank(engine: Any, module: Any, spec_index: int, **coords: int) ->
     """Global rank of data-parallel replica 0 of the pipeline stage holding spec ``spec_index``
     (other topology axes: ``coords``, e.g. ``model=0``, else this rank's own)."""
     return engine.grid.stage_to_global(module.stage_owner(spec_index), data=0, **coords)
+
+
+# ---------------------------------------------------------------------- memory estimates (the dry run)
+def estimate_zero2_model_states_mem_needs(*args: Any, **kwargs: Any) -> Any:
+    """DeepSpeed's ZeRO-0/1/2 model-state estimator (public; imported here so the dry run in
+    ``stages.launch`` does not import deepspeed itself)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as estimate
+
+    return estimate(*args, **kwargs)
+
+
+def estimate_zero3_model_states_mem_needs(*args: Any, **kwargs: Any) -> Any:
+    """DeepSpeed's ZeRO-3 model-state estimator (public)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as estimate
+
+    return estimate(*args, **kwargs)

@@ -82,8 +82,7 @@ def fullest_stage_params(config: ModelConfig, pp: int, tp: int = 1) -> int:
 
 def model_states(config: ModelConfig, layout: Layout) -> dict[str, Any]:
     """DeepSpeed's model-state estimate per GPU, plus ZeRO-0/1's unpartitioned 16-bit grads."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from stages.engines.ds_compat import estimate_zero2_model_states_mem_needs, estimate_zero3_model_states_mem_needs
 
     out: dict[str, Any] = {}
     if layout.zero_stage == 3:
