@@ -40,7 +40,7 @@ from typing import Any
 
 from _common import REPO, emit_json, fmt_bytes, fmt_seconds, machine_info, print_machine, print_table
 
-from flmcore.io import free_port
+from flmcore.process import free_port
 
 # ~1.3B Tele-FLM: 20 × 50.6M per layer + 2 × 80384 × 2048 embeddings = 1.34B parameters
 MODEL_1B = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=20, num_attention_heads=16,

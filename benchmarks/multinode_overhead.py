@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flmcore.io import free_port
+from flmcore.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

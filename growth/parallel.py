@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from flmcore.io import die_with_parent
+from flmcore.process import die_with_parent
 from growth.checkpoint import CheckpointError
 from growth.config import ConfigError
 from growth.executor import ApplyJob, ApplyRequest, finalize, open_staging, prepare, write_shards

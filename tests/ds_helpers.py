@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flmcore.io import free_port
+from flmcore.process import free_port
 from growth.config import get_flavor
 from growth.runs import StageDir
 from stages.resolved import ResolvedStage

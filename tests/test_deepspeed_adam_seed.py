@@ -26,7 +26,7 @@ from ds_helpers import (
 
 from growth.checkpoint import OPTIMIZER_DIR, OPTIMIZER_STATE_NAME, CheckpointReader, load_model
 from growth.runs import StageDir
-from stages.data import TokenBatches
+from stages.data import TrainStream
 from stages.engines.common import make_optimizer, set_lr
 from stages.schema import StageCfg
 
@@ -40,8 +40,8 @@ def one_more_step(parent_final, dp_world: int, seeded: bool):
     """Weights and moments after one AdamW step from the parent's export, in-process."""
     stage = dataclasses.replace(StageCfg(), **{**TINY_STAGE, **CHILD})
     model = load_model(parent_final)
-    train = TokenBatches(data_info(), "train", stage.seq_len, stage.micro_batch_size, stage.seed)
-    rows = [train.batch(0, 0, r, dp_world) for r in range(dp_world)]
+    rows = [TrainStream(data_info(), stage.seq_len, stage.micro_batch_size, 1, dp_world, r).batch(0, 0)
+            for r in range(dp_world)]
     x, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     model.loss(x, y).backward()  # mean over all ranks' rows = DeepSpeed's averaged gradient
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

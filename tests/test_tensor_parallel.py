@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flmcore.io import free_port
+from flmcore.process import free_port
 from growth.checkpoint import CheckpointReader, load_model
 from growth.config import ModelConfig
 from growth.init import init_checkpoint

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from flmcore.io import write_json_atomic
 from growth.checkpoint.format import (
     DEFAULT_MAX_SHARD_SIZE,
     HISTORY_NAME,
@@ -161,10 +162,7 @@ def plan_entries(entries: Sequence[Entry], max_shard_size: int, root: str = "") 
 
 
 def write_json(path: Path, data: Any, sort_keys: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, sort_keys=sort_keys)  # flmcore.io: the one atomic writer
 
 
 # ---------------------------------------------------------------------- the writer

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from flmcore.io import write_json_atomic
 from stages.data import indexed
 from stages.data.errors import DataError
 from stages.data.sources import Unit, iter_unit, list_inputs, plan_units, precheck
@@ -282,8 +283,5 @@ def _publish(prefix: Path, parts: Path, units: list[Unit], tok: Any, shard_size:
         "pad_id": None if tok.pad_id is None else int(tok.pad_id),
         "dtype": indexed.optimal_dtype(tok.vocab_size).name,
     }
-    path = manifest_path(prefix)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(manifest_path(prefix), manifest)
     return manifest

@@ -19,18 +19,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flmcore.errors import FlmError
-
-if TYPE_CHECKING:
-    from growth.runs import StageDir
-    from stages.launch.plan import StagePlan
-    from stages.schema import TrainConfig
+from flmcore.process import report_error, run_child
+from growth.executor import ApplyRequest
+from growth.parallel import apply_growth
+from growth.runs import StageDir
+from stages.launch.local import node_log, rdzv_id, worker_env
+from stages.launch.plan import StagePlan, grow_request, init_is_current
+from stages.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
-JOB_NAME = ".grow_job.json"
 GROW_PORT_OFFSET = 2  # master_port + 2: the growth ranks' rendezvous
 
 
@@ -41,7 +42,6 @@ class DistGrowError(FlmError):
 def grow_on_all_nodes(plan: StagePlan, publish: Callable[[str, dict[str, Any]], None]) -> None:
     """Node 0: publish the growth job (``Coordinator.publish``), run this node's ranks of it
     (the others run theirs)."""
-    from stages.launch.plan import grow_request, init_is_current
 
     if init_is_current(plan)[1]:
         return
@@ -51,7 +51,6 @@ def grow_on_all_nodes(plan: StagePlan, publish: Callable[[str, dict[str, Any]], 
 
 
 def grow_command(cfg: TrainConfig, job_path: Path) -> list[str]:
-    from stages.launch.local import rdzv_id
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cfg.nnodes),
            "--nproc-per-node", str(cfg.nproc), "--rdzv-backend", "c10d",
@@ -64,9 +63,7 @@ def grow_command(cfg: TrainConfig, job_path: Path) -> list[str]:
 
 def run_grow_ranks(cfg: TrainConfig, job: dict[str, Any], layout: StageDir) -> None:
     """This node's growth ranks (torchrun), output appended to this node's launch log."""
-    import subprocess
 
-    from stages.launch.local import node_log, worker_env
 
     job_path = layout.root / f".grow_job.node{cfg.node_rank}.json"
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -76,16 +73,11 @@ def run_grow_ranks(cfg: TrainConfig, job: dict[str, Any], layout: StageDir) -> N
     log.info("[%s] growing %s → %s on %d nodes × %d ranks", cfg.stage.name, job["src"], job["out"],
              cfg.nnodes, cfg.nproc)
     try:
-        with open(log_path, "ab") as fh:
-            fh.write(f"\n$ {' '.join(cmd)}\n".encode())
-            fh.flush()
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=worker_env(cfg),
-                                stdin=subprocess.DEVNULL).returncode
+        rc, error = run_child(cmd, worker_env(cfg), log_path, echo=False)
     finally:
         job_path.unlink(missing_ok=True)
     if rc != 0:
-        lines = [ln for ln in Path(log_path).read_text(errors="replace").splitlines() if "grow error:" in ln]
-        cause = lines[-1].split("grow error:", 1)[1].strip() if lines else f"torchrun exit code {rc}"
+        cause = error or f"torchrun exit code {rc}"
         raise DistGrowError(f"stage {cfg.stage.name}: the distributed growth into {job['out']} failed: {cause} "
                             f"(full output: {log_path}); a rerun resumes it")
 
@@ -96,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from growth.executor import ApplyRequest
-    from growth.parallel import apply_growth
 
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
@@ -107,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_growth(request, progress=int(os.environ.get("RANK", "0")) == 0)
     except (FlmError, OSError) as err:
         if dist.get_rank() == 0:
-            print(f"grow error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+            report_error(err)
         return 2
     finally:
         dist.destroy_process_group()

@@ -26,19 +26,19 @@ of earlier growths carry over), so a whole schedule is checked before anything t
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from flmcore.io import write_json_atomic
 from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig, resolve_config
-from operators import GrowthSpec
+from operators import GrowthSpec, make_plan
 from stages.launch.memory import MARGIN, dry_run_record, fit
 from stages.layout import check_model_split, layout_of
-from stages.schema import growth_spec
+from stages.schema import compose_stage as compose_typed
+from stages.schema import growth_spec, to_plain
 
 GB = 1024**3
 DRY_RUN_NAME = "dry_run.json"  # RUN_DIR/<stage>/dry_run.json: layout, memory, fits, bubble
@@ -59,8 +59,6 @@ def fmt_bytes(n: float) -> str:
 # ---------------------------------------------------------------------- the parent's model
 def compose_stage(name: str) -> dict[str, Any]:
     """The resolved TrainConfig of stage ``name`` as a plain dict (stages.schema.compose_stage)."""
-    from stages.schema import compose_stage as compose_typed
-    from stages.schema import to_plain
 
     return to_plain(compose_typed(name))
 
@@ -68,7 +66,6 @@ def compose_stage(name: str) -> dict[str, Any]:
 def final_config(stage: dict[str, Any], run_dir: Path, depth: int = 0) -> ModelConfig:
     """The model a stage ends with: its final checkpoint's config if trained, else its
     flavor grown from its parent's final model (masks folded: a stage ends at c = 1)."""
-    from operators import make_plan
 
     final = run_dir / stage["name"] / "final"
     if final.is_dir():
@@ -87,7 +84,6 @@ def final_config(stage: dict[str, Any], run_dir: Path, depth: int = 0) -> ModelC
 # ---------------------------------------------------------------------- growth plan
 def plan_report(src: ModelConfig, target: ModelConfig, spec: GrowthSpec, precision: str,
                 optimizer_state: bool) -> dict[str, Any]:
-    from operators import make_plan
 
     plan = make_plan(src, target, spec)
     ops = plan.tensor_ops()
@@ -129,12 +125,7 @@ def memory_report(config: ModelConfig, cfg: dict[str, Any]) -> dict[str, Any]:
 
 def write_record(stage_dir: Path, record: dict[str, Any]) -> Path:
     """RUN_DIR/<stage>/dry_run.json, written whole or not at all."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    path = stage_dir / DRY_RUN_NAME
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(stage_dir / DRY_RUN_NAME, record)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

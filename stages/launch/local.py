@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flmcore.errors import FlmError
-from flmcore.io import die_with_parent, free_port
+from flmcore.process import free_port, run_child
 from growth.runs import StageDir
-
-if TYPE_CHECKING:
-    from stages.schema import TrainConfig
-
-
-ERROR_MARK = "train-stage worker: error:"  # the one line stages.rank.worker prints for a user error
+from stages.schema import TrainConfig
 
 
 class LaunchError(FlmError):
@@ -43,7 +34,6 @@ def torchrun_args(cfg: TrainConfig, port: int) -> list[str]:
     agents' (``worker_env``): a store that outlives an attempt still holds the dead group's
     keys, and the restarted ranks try to reach their dead peers' old gloo addresses.
     """
-    from stages.launch.local import rdzv_id
 
     endpoint = f"127.0.0.1:{port}" if cfg.nnodes == 1 else f"{cfg.master_addr}:{cfg.master_port + 1}"
     args = ["--nnodes", str(cfg.nnodes), "--nproc_per_node", str(cfg.nproc), "--rdzv-backend", "c10d",
@@ -86,64 +76,15 @@ def node_log(cfg: TrainConfig, layout: StageDir) -> Path:
 def launch_workers(cfg: TrainConfig, resolved_path: Path, layout: StageDir) -> None:
     """Run the ranks, tee their output to the terminal and STAGE_DIR/train.log."""
     port = cfg.master_port or free_port()
-    cmd = worker_command(cfg, resolved_path, port)
     log_path = node_log(cfg, layout)
-    errors: list[str] = []
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=worker_env(cfg), start_new_session=True,
-                                preexec_fn=die_with_parent)  # torchrun gets SIGTERM if we die, even by SIGKILL
-        previous = _raise_on_sigterm()
-        try:
-            assert proc.stdout is not None
-            out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                log.write(chunk)
-                errors += [ln for ln in chunk.decode(errors="replace").splitlines() if ERROR_MARK in ln]
-                if out is not None:
-                    out.write(chunk)
-                    out.flush()
-                else:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-            rc = proc.wait()
-        except BaseException:  # Ctrl-C or SIGTERM of this process: stop the ranks too
-            _stop(proc)
-            raise
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+    rc, error = run_child(worker_command(cfg, resolved_path, port), worker_env(cfg), log_path)
     if rc != 0:
-        cause = errors[-1].split(ERROR_MARK, 1)[1].strip() if errors else f"torchrun exit code {rc}"
+        cause = error or f"torchrun exit code {rc}"
         if cfg.max_restarts:
             cause += f"; it failed {cfg.max_restarts + 1} times (max_restarts={cfg.max_restarts})"
         hint = ("; resume=true continues from the last DeepSpeed checkpoint" if layout.has_ds_checkpoint
                 else "; no checkpoint was written, so a rerun starts the stage over")
         raise LaunchError(f"stage {cfg.stage.name}: the workers failed: {cause} (full output: {log_path}){hint}")
-
-
-def _raise_on_sigterm():
-    """SIGTERM → SystemExit(143) while the ranks run, so they are stopped on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # torchrun's own session: it and its ranks
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def rdzv_id(cfg: TrainConfig) -> str:

@@ -28,12 +28,17 @@ import logging
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flmcore.errors import FlmError
-
-if TYPE_CHECKING:
-    from stages.schema import TrainConfig
+from growth.runs import StageDir
+from stages.launch.dist_grow import grow_on_all_nodes, run_grow_ranks
+from stages.launch.local import launch_workers
+from stages.launch.lock import StageLock
+from stages.launch.plan import plan_stage
+from stages.launch.prepare import train_planned
+from stages.launch.resume import flatten
+from stages.schema import MAX_PORT, TrainConfig, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,6 @@ class MultiNodeError(FlmError):
 def check_launchable(cfg: TrainConfig) -> None:
     """A multi-node launch needs master_port and master_addr (checked when one starts,
     not in validate: a composed 112-node config without them is fine for a dry run)."""
-    from stages.schema import MAX_PORT
 
     if cfg.master_port == 0 or cfg.master_port + 1 > MAX_PORT:
         raise MultiNodeError(f"nnodes={cfg.nnodes} needs master_port: the same free TCP port on node 0 "
@@ -61,7 +65,6 @@ def check_launchable(cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------- the config every node composed
 def node_view(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config without the fields that differ between nodes (node_rank, local_addr)."""
-    from stages.schema import to_plain
 
     plain = to_plain(cfg)
     for name in NODE_FIELDS:
@@ -74,7 +77,6 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> tuple[str, Any, Any]:
-    from stages.launch.resume import flatten
 
     a, b = flatten(mine), flatten(theirs)
     key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
@@ -201,8 +203,6 @@ def _first_line(err: BaseException) -> str:
 # ---------------------------------------------------------------------- the stage on one node
 def run_multinode(cfg: TrainConfig) -> dict[str, Any]:
     """This node's part of a multi-node stage; returns the stage's summary."""
-    from growth.runs import StageDir
-    from stages.launch.local import launch_workers
 
     check_launchable(cfg)
     coord = Coordinator(cfg)
@@ -216,7 +216,6 @@ def run_multinode(cfg: TrainConfig) -> dict[str, Any]:
     if message.get("finished"):
         return layout.read_summary() or {}
     if "grow" in message:
-        from stages.launch.dist_grow import run_grow_ranks
 
         run_grow_ranks(cfg, message["grow"], layout)
         message = coord.wait_for("train")
@@ -227,9 +226,6 @@ def run_multinode(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run_node0(cfg: TrainConfig, coord: Coordinator) -> dict[str, Any]:
-    from stages.launch.lock import StageLock
-    from stages.launch.plan import plan_stage
-    from stages.launch.prepare import train_planned
 
     try:
         plan = plan_stage(cfg)
@@ -243,7 +239,6 @@ def _run_node0(cfg: TrainConfig, coord: Coordinator) -> dict[str, Any]:
     try:
         with StageLock(plan.layout.lock):
             if plan.grow:
-                from stages.launch.dist_grow import grow_on_all_nodes
 
                 grow_on_all_nodes(plan, coord.publish)
             return train_planned(plan, on_ready=lambda snapshot: coord.publish(

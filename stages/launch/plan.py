@@ -13,20 +13,20 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flmcore.errors import FlmError
 from growth.checkpoint import CheckpointError, CheckpointReader
 from growth.config import ConfigError, ModelConfig, resolve_config
+from growth.executor import ApplyRequest
 from growth.runs import FINAL_DIR, INIT_DIR, SUMMARY_NAME, StageDir, read_json  # noqa: F401  (re-exported)
-from operators import GrowthError, GrowthSpec
+from operators import GrowthError, GrowthSpec, make_plan
+from stages.data import check_data
 from stages.launch.lock import StageLock
 from stages.layout import check_stage_layout  # issue 13
+from stages.lr import rewarm_peak
 from stages.resolved import ResolvedStage
-from stages.schema import TrainConfig, growth_spec
-
-if TYPE_CHECKING:
-    from growth.executor import ApplyRequest
+from stages.schema import TrainConfig, growth_spec, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ class StageError(FlmError):
     """A stage cannot start or did not finish; the one-line message says what to do."""
 
 
-USER_ERRORS = (FlmError,)  # every project error; the entry point prints one line and exits 2
 
 
 # ---------------------------------------------------------------------- planning
@@ -128,7 +127,6 @@ def _plan_source(plan: StagePlan, source: Path, what: str) -> None:
     A checkpoint of the stage's own shapes is used as it is, masks included: a masked
     stage that ended at c < 1 continues its ramp in the next stage.
     """
-    from operators import make_plan
 
     plan.source = source
     plan.spec = growth_spec(plan.cfg.stage.growth)
@@ -173,14 +171,12 @@ def _check_launch(cfg: TrainConfig, target: ModelConfig) -> None:
 
 def _check_data(cfg: TrainConfig, target: ModelConfig) -> None:
     # data (stages.data): inputs, tokenizer vs vocabulary, .idx/.bin, paths/weights
-    from stages.data import check_data
 
     check_data(data_dict(cfg), target.valid_vocab_size or target.vocab_size, f"stage.model {cfg.stage.model!r}")
 
 
 def data_dict(cfg: TrainConfig) -> dict[str, Any]:
     """``data`` as stages.data takes it (a plain dict)."""
-    from stages.schema import to_plain
 
     return to_plain(cfg)["data"]
 
@@ -210,8 +206,6 @@ def init_is_current(plan: StagePlan) -> tuple[str, bool]:
 def grow_request(plan: StagePlan) -> ApplyRequest:
     """The executor's job for this stage's growth (local workers or every rank of every node);
     positions=distance as the indices plan_stage measured (no growth process reads a layer for it)."""
-    from growth.executor import ApplyRequest
-    from stages.launch.plan import resolve_positions
 
     return ApplyRequest(src=str(plan.source), target=target_spec(plan), spec=resolve_positions(plan),
                         out=str(plan.layout.init), optimizer_state=plan.cfg.stage.growth.optimizer_state)
@@ -233,7 +227,6 @@ def parent_peak_lr(plan: StagePlan) -> float | None:
         return float(summary["lr_peak"])
     if not plan.parent.resolved.is_file():
         return None
-    from stages.lr import rewarm_peak
 
     parent = ResolvedStage.load(plan.parent.resolved)
     return rewarm_peak(parent.config.stage, parent.init_checkpoint is not None, parent.parent_lr)

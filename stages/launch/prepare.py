@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from growth.parallel import apply_growth
+from stages.data import prepare_stage_data
 from stages.launch.local import launch_workers
 from stages.launch.plan import (
     StageError,
@@ -28,7 +30,6 @@ log = logging.getLogger(__name__)
 
 def prepare_stage(plan: StagePlan) -> ResolvedStage:
     """Data, the starting checkpoint and the resolved config (saved to STAGE_DIR/stage_config.json)."""
-    from stages.data import prepare_stage_data
 
     cfg, layout = plan.cfg, plan.layout
     data_dir = Path(cfg.data.cache_dir or plan.run_dir / "data").expanduser().resolve()
@@ -72,7 +73,6 @@ def grow_into(plan: StagePlan) -> str:
     mid-grow) is finished by the executor's own resume. Adam moments come along when the
     source has them and ``stage.growth.optimizer_state`` is true.
     """
-    from growth.parallel import apply_growth
 
     fingerprint, current = init_is_current(plan)
     if current:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from flmcore.errors import FlmError
+from stages.schema import to_plain
 
 # Fields (dotted, in stage_config.json) that a resume may change; everything else must match.
 ALLOWED = ("stage.lr", "stage.min_lr_ratio", "stage.warmup_steps", "stage.decay", "stage.rewarm_peak_ratio",
@@ -47,7 +48,6 @@ def diff_for_resume(saved: Any, new: Any) -> list[str]:
     """``saved`` and ``new`` are ResolvedStages; returns the allowed changes as
     ``"field: old → new"`` lines, or raises :class:`ResumeMismatchError` naming the first
     field that may not change."""
-    from stages.schema import to_plain
 
     def fields(resolved: Any) -> dict[str, Any]:
         extras = {k: getattr(resolved, k) for k in resolved.RESOLVED_KEYS}

@@ -17,10 +17,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from stages.schema import TrainConfig
+from flmcore.io import write_text_atomic
+from growth.runs import StageDir
+from stages.launch.multinode import run_multinode
+from stages.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,6 @@ def run_elsewhere(cfg: TrainConfig) -> dict[str, Any]:
         return write_slurm(cfg)
     if cfg.launcher == "print":
         return print_commands(cfg)
-    from stages.launch.multinode import run_multinode
 
     return run_multinode(cfg)
 
@@ -87,14 +88,13 @@ def sbatch_script(cfg: TrainConfig, stages: list[list[str]], name: str, output: 
 
 
 def write_slurm(cfg: TrainConfig) -> dict[str, Any]:
-    from growth.runs import StageDir
 
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     layout = StageDir.of(run_dir, cfg.stage.name)
     layout.root.mkdir(parents=True, exist_ok=True)
     overrides = user_overrides()
     script = layout.root / SBATCH_NAME
-    _write(script, sbatch_script(cfg, [overrides], f"flm-{cfg.stage.name}", layout.root))
+    write_text_atomic(script, sbatch_script(cfg, [overrides], f"flm-{cfg.stage.name}", layout.root), mode=0o755)
     out: dict[str, Any] = {"launcher": "slurm", "script": str(script)}
     print(f"stage {cfg.stage.name}: wrote {script} ({cfg.nnodes} node(s) × {cfg.nproc} rank(s)); submit it "
           f"with: sbatch {shlex.quote(str(script))}")
@@ -102,15 +102,9 @@ def write_slurm(cfg: TrainConfig) -> dict[str, Any]:
         rest = [o for o in user_overrides(NODE_KEYS + ("stage", "hydra.mode")) if o]
         per_stage = [[*rest, f"stage={name}", "hydra.mode=RUN"] for name in cfg.schedule.stages]
         whole = run_dir / SBATCH_NAME
-        _write(whole, sbatch_script(cfg, per_stage, f"flm-{cfg.schedule.name}", run_dir))
+        write_text_atomic(whole, sbatch_script(cfg, per_stage, f"flm-{cfg.schedule.name}", run_dir), mode=0o755)
         out["schedule_script"] = str(whole)
         print(f"schedule {cfg.schedule.name}: wrote {whole} (stages {', '.join(cfg.schedule.stages)} in order); "
               f"submit it with: sbatch {shlex.quote(str(whole))}")
     return out
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)

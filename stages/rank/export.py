@@ -21,13 +21,9 @@ from typing import Any
 
 import torch
 
-from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointReader, CheckpointWriter, staging_dir
+from growth.checkpoint import MOMENT_KINDS, OPTIMIZER_DIR, CheckpointReader, CheckpointWriter
 from growth.config import ModelConfig
 from stages.engines import optim_state
-
-
-def staging_path(out: Path) -> Path:
-    return staging_dir(out)
 
 
 def export_final(eng: Any, config: ModelConfig, history: dict[str, Any], out: str | Path,

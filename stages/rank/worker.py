@@ -22,6 +22,7 @@ import logging
 import sys
 
 from flmcore.errors import FlmError
+from flmcore.process import report_error
 from growth.runs import FINAL_DIR, SUMMARY_NAME, TB_DIR, TRAIN_LOG_NAME  # noqa: F401  (re-exported names)
 from stages.rank.trainer import Trainer, WorkerError, start_config  # noqa: F401  (the worker's API)
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
         trainer_cls(resolved).run()
     except FlmError as err:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"train-stage worker: error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+            report_error(err)  # the one line launch_workers reads back (flmcore.process)
         return 2
     finally:
         if dist.is_initialized():
