@@ -31,6 +31,9 @@ class ResolvedStage:
     data: dict[str, Any] = field(default_factory=dict)  # what stages.data.prepare_stage_data returned
     resume_changes: list[str] = field(default_factory=list)  # "field: old → new" accepted by resume=true
 
+    # what follows from the machine or the attempt: a resume does not compare it (stages.launch.resume)
+    NOT_COMPARED = ("resume_changes", "stage_dir", "data.dir", "data.paths", "data.docs", "parent_eval_loss_end",
+                    "parent_lr", "parent_fingerprint")
     RESOLVED_KEYS = ("stage_dir", "init_checkpoint", "model_config", "parent_eval_loss_end", "parent_lr",
                      "parent_fingerprint", "data", "resume_changes")
 

@@ -38,6 +38,35 @@ class StageConfigError(FlmError, ValueError):
     """A stage config value is out of range or inconsistent; the message names the field."""
 
 
+# ---------------------------------------------------------------------- what a field is, declared with it
+MAY_CHANGE = "may_change"  # resume=true may change it (recorded in stage_config.json's resume_changes)
+MUST_MATCH = "must_match"  # resume=true refuses a change (model, layout, world size, batch shape, seed, data)
+NOT_COMPARED = "not_compared"  # follows from the attempt (resume, dry_run): never compared
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, resume: str = MUST_MATCH,
+            per_node: bool = False, launcher_sets: bool = False) -> Any:
+    """A config field with what it is declared next to it: whether a ``resume`` may change it,
+    whether it may differ between the nodes of a stage (``per_node``: every other field must
+    match, stages.launch.multinode), whether a launcher writes it into each node's command
+    (``launcher_sets``, stages.launch.slurm). Plain fields are MUST_MATCH, shared, user-set."""
+    return field(default=default, default_factory=factory,
+                 metadata={"resume": resume, "per_node": per_node, "launcher_sets": launcher_sets})
+
+
+def fields_where(key: str, value: Any, schema: type | None = None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted names of the TrainConfig fields whose ``setting`` metadata has ``key == value``
+    (nested sections included; a field of the data section declares it with the same keys)."""
+    out: list[str] = []
+    for f in dataclasses.fields(schema or TrainConfig):
+        sub = _FIELD_TYPES.get(((schema or TrainConfig).__name__, f.name))
+        if sub is not None:
+            out += fields_where(key, value, sub, f"{prefix}{f.name}.")
+        elif f.metadata.get(key, MUST_MATCH if key == "resume" else False) == value:
+            out.append(prefix + f.name)
+    return tuple(out)
+
+
 class Choice(str, Enum):
     """A string-valued option; prints and formats as its value."""
 
@@ -102,7 +131,8 @@ class GrowthCfg:
     init_std: float | None = None  # None = the model's μP-scaled init
     noise: float = 0.0  # ± pair noise on cloned/split copies (stays exact)
     optimizer_state: bool = True  # grow Adam moments too, so the stage starts warm
-    workers: int = 1  # processes that write the grown shards on one node (a multi-node stage: all ranks)
+    # processes that write the grown shards on one node (a multi-node stage: all ranks)
+    workers: int = setting(1, resume=MAY_CHANGE)
 
 
 @dataclass
@@ -114,38 +144,40 @@ class StageCfg:
     parent: str | None = None  # name of the stage whose final checkpoint this one grows from
     init_from: str | None = None  # or: start from this checkpoint dir (already grown/imported)
     growth: GrowthCfg = field(default_factory=GrowthCfg)
-    steps: int = 100  # optimizer steps
+    steps: int = setting(100, resume=MAY_CHANGE)  # optimizer steps
     micro_batch_size: int = 8  # sequences per rank per micro step
     grad_accum: int = 1  # micro steps per optimizer step
     seq_len: int = 128  # tokens per sequence; ≤ the model's max_position_embeddings
-    lr: float = 3e-3  # peak LR (before μP per-width multipliers)
-    min_lr_ratio: float = 0.1  # decay floor as a fraction of the peak
-    warmup_steps: int = 10  # linear warmup from peak/warmup_steps to the peak
-    decay: Decay = Decay.cosine
+    lr: float = setting(3e-3, resume=MAY_CHANGE)  # peak LR (before μP per-width multipliers)
+    min_lr_ratio: float = setting(0.1, resume=MAY_CHANGE)  # decay floor as a fraction of the peak
+    warmup_steps: int = setting(10, resume=MAY_CHANGE)  # linear warmup from peak/warmup_steps to the peak
+    decay: Decay = setting(Decay.cosine, resume=MAY_CHANGE)
     lr_after_growth: AfterGrowth = AfterGrowth.restart  # only for a stage started from a parent/init_from
-    rewarm_peak_ratio: float = 0.85  # rewarm: peak = parent's peak × this (FLM-101B: 0.85)
-    rewarm_steps: int = 10  # rewarm: warmup length after growth (replaces warmup_steps)
+    rewarm_peak_ratio: float = setting(0.85, resume=MAY_CHANGE)  # rewarm: peak = parent's peak × this (FLM-101B: 0.85)
+    rewarm_steps: int = setting(10, resume=MAY_CHANGE)  # rewarm: warmup length after growth (replaces warmup_steps)
     ramp_steps: int = 20  # MSG: c goes from the start's c to 1 over this many optimizer steps, then folds
-    weight_decay: float = 0.1  # AdamW decoupled decay on matrices; norm gains never decay
+    weight_decay: float = setting(0.1, resume=MAY_CHANGE)  # AdamW decoupled decay on matrices; norm gains never decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW (β1, β2)
     eps: float = 1e-8  # AdamW epsilon
     seed: int = 1234  # seeds a fresh init's weights AND the training data order
     eval_batches: int = 4  # fixed held-out batches for eval_loss_start / eval_loss_end
-    eval_every: int = 0  # 0 = only at start and end
-    save_every: int = 50  # DeepSpeed-native checkpoint every N steps (0 = only at end)
-    log_every: int = 1  # train_log.jsonl / TensorBoard every N steps (the loss is synced to the host then)
+    eval_every: int = setting(0, resume=MAY_CHANGE)  # 0 = only at start and end
+    save_every: int = setting(50, resume=MAY_CHANGE)  # DeepSpeed-native checkpoint every N steps (0 = only at end)
+    # train_log.jsonl / TensorBoard every N steps (the loss is synced to the host then)
+    log_every: int = setting(1, resume=MAY_CHANGE)
 
 
 @dataclass
 class DeepSpeedCfg:
     """Parallel layout and numerics; see conf/deepspeed/*.yaml."""
 
-    name: str = "zero1"  # the conf/deepspeed option it came from (reported, not interpreted)
+    # the conf/deepspeed option it came from (reported, not interpreted)
+    name: str = setting("zero1", resume=MAY_CHANGE)
     zero_stage: int = 1  # 0..3; the pipeline allows 0 or 1 only
     pipeline: bool = False  # PipelineModule from LayerSpecs (+ ZeRO-1)
     pipeline_stages: int = 2  # pipeline degree; divides nproc × nnodes
     precision: Precision = Precision.fp32
-    gradient_clipping: float = 1.0  # global gradient-norm clip (0 = off)
+    gradient_clipping: float = setting(1.0, resume=MAY_CHANGE)  # global gradient-norm clip (0 = off)
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     # --- tensor parallelism (issue 13; stages.engines.tensor_parallel, stages.launch.dry_run) ---
     tensor_parallel: int = 1  # Megatron-style TP degree; data parallel = ranks / (TP × pipeline)
@@ -156,8 +188,8 @@ class DeepSpeedCfg:
 class ScheduleCfg:
     """A named list of stages run in order by a Hydra multirun sweep over ``stage``."""
 
-    name: str = "none"  # the conf/schedule option
-    stages: list[str] = field(default_factory=list)  # stage names, parents first
+    name: str = setting("none", resume=MAY_CHANGE)  # the conf/schedule option
+    stages: list[str] = setting(factory=list, resume=MAY_CHANGE)  # stage names, parents first
 
 
 @dataclass
@@ -167,25 +199,35 @@ class TrainConfig:
     data: DataCfg = field(default_factory=DataCfg)
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     nproc: int = 2  # worker processes (ranks) launched by torchrun
-    run_dir: str = "runs/default"  # every stage writes RUN_DIR/<stage.name>/
-    resume: bool = False  # resume a crashed stage from its latest DeepSpeed checkpoint
-    dry_run: bool = False  # print plans and memory estimates, train nothing
-    master_port: int = 0  # 0 = pick a free port
-    nnodes: int = 1  # nodes of nproc ranks each; > 1: one train-stage per node (stages.launch.multinode)
-    worker_module: str = "stages.rank.worker"  # what torchrun runs per rank (tests swap in their own)
+    run_dir: str = setting("runs/default", resume=MAY_CHANGE)  # every stage writes RUN_DIR/<stage.name>/
+    resume: bool = setting(False, resume=NOT_COMPARED)  # resume a crashed stage from its latest DeepSpeed checkpoint
+    dry_run: bool = setting(False, resume=NOT_COMPARED)  # print plans and memory estimates, train nothing
+    master_port: int = setting(0, resume=MAY_CHANGE, launcher_sets=True)  # 0 = pick a free port
+    # nodes of nproc ranks each; > 1: one train-stage per node (stages.launch.multinode)
+    nnodes: int = setting(1, launcher_sets=True)
+    # what torchrun runs per rank (tests swap in their own)
+    worker_module: str = setting("stages.rank.worker", resume=MAY_CHANGE)
     gpu_memory_gib: float = 80.0  # per-GPU memory the dry run checks the layout against (A800/H100 80 GB)
     # scale-out settings (stages.launch.multinode, stages.rank.elastic, stages.launch.slurm; docs/scale_out.md)
-    node_rank: int = 0  # this node's rank when nnodes > 1 (node 0 coordinates)
-    master_addr: str = "127.0.0.1"  # node 0's address (the coordinator and the rendezvous)
-    local_addr: str | None = None  # this node's address for the rendezvous (None = its hostname)
-    rdzv_timeout: int = 900  # seconds the nodes wait for each other (config check, rendezvous)
-    collective_timeout: int = 1800  # seconds a collective may hang before the ranks fail
-    max_restarts: int = 0  # torchrun restarts of the worker group; each resumes from ds_ckpt/
-    keep_checkpoints: int = 2  # DeepSpeed checkpoints kept in ds_ckpt/ (older ones are deleted)
-    launcher: Launcher = Launcher.local  # local (start the ranks) | slurm (write launch.sbatch) | print (commands)
+    # this node's rank when nnodes > 1 (node 0 coordinates)
+    node_rank: int = setting(0, resume=MAY_CHANGE, per_node=True, launcher_sets=True)
+    # node 0's address (the coordinator and the rendezvous)
+    master_addr: str = setting("127.0.0.1", resume=MAY_CHANGE, launcher_sets=True)
+    # this node's address for the rendezvous (None = its hostname)
+    local_addr: str | None = setting(None, resume=MAY_CHANGE, per_node=True)
+    # seconds the nodes wait for each other (config check, rendezvous)
+    rdzv_timeout: int = setting(900, resume=MAY_CHANGE)
+    collective_timeout: int = setting(1800, resume=MAY_CHANGE)  # seconds a collective may hang before the ranks fail
+    # torchrun restarts of the worker group; each resumes from ds_ckpt/
+    max_restarts: int = setting(0, resume=MAY_CHANGE)
+    # DeepSpeed checkpoints kept in ds_ckpt/ (older ones are deleted)
+    keep_checkpoints: int = setting(2, resume=MAY_CHANGE)
+    # local (start the ranks) | slurm (write launch.sbatch) | print (commands)
+    launcher: Launcher = setting(Launcher.local, resume=MAY_CHANGE, launcher_sets=True)
     # stop: a diverged run should not train on; skip: a rare bad batch costs one step, not the stage
-    on_nonfinite: NonFinite = NonFinite.stop
-    max_skips_in_a_row: int = 10  # on_nonfinite=skip: more skipped steps in a row stop the stage (it diverged)
+    on_nonfinite: NonFinite = setting(NonFinite.stop, resume=MAY_CHANGE)
+    # on_nonfinite=skip: more skipped steps in a row stop the stage (it diverged)
+    max_skips_in_a_row: int = setting(10, resume=MAY_CHANGE)
 
     @property
     def world(self) -> int:

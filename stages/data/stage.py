@@ -56,7 +56,8 @@ class DataCfg:
     weights: list[float] = field(default_factory=list)  # blend weights per path; empty = by token count
     eval_paths: list[str] = field(default_factory=list)  # held-out prefixes; empty = eval_fraction of docs
     tokenizer: str = "byte"  # byte | tokenizer.json | tokenizer.model | a checkpoint dir holding one
-    cache_dir: str | None = None  # where prepared corpora go (default RUN_DIR/data)
+    # where prepared corpora go (default RUN_DIR/data); a resume may change it (stages.schema.setting)
+    cache_dir: str | None = field(default=None, metadata={"resume": "may_change"})
     eval_fraction: float = 0.02  # documents held out (by a seeded hash) when eval_paths is empty
     max_bytes: int = 8_000_000  # cap on the embedded corpus size
     jsonl_field: str = "text"  # jsonl field / parquet column of a document source

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,14 +38,19 @@ class DistGrowError(FlmError):
     """The distributed growth failed; the message names the stage and the log."""
 
 
-def grow_on_all_nodes(plan: StagePlan, publish: Callable[[str, dict[str, Any]], None]) -> None:
-    """Node 0: publish the growth job (``Coordinator.publish``), run this node's ranks of it
-    (the others run theirs)."""
+class Publisher(Protocol):
+    """Where node 0 publishes to the other nodes (``stages.launch.multinode.Coordinator``)."""
+
+    def publish(self, key: str, message: dict[str, Any]) -> None: ...
+
+
+def grow_on_all_nodes(plan: StagePlan, coord: Publisher) -> None:
+    """Node 0: publish the growth job, run this node's ranks of it (the others run theirs)."""
 
     if init_is_current(plan)[1]:
         return
     job = asdict(grow_request(plan))
-    publish("ready", {"grow": job})
+    coord.publish("ready", {"grow": job})
     run_grow_ranks(plan.cfg, job, plan.layout)
 
 

@@ -38,11 +38,11 @@ from stages.launch.lock import StageLock
 from stages.launch.plan import plan_stage
 from stages.launch.prepare import train_planned
 from stages.launch.resume import flatten
-from stages.schema import MAX_PORT, TrainConfig, to_plain
+from stages.schema import MAX_PORT, TrainConfig, fields_where, to_plain
 
 log = logging.getLogger(__name__)
 
-NODE_FIELDS = ("node_rank", "local_addr")  # may differ between nodes; everything else must match
+NODE_FIELDS = fields_where("per_node", True)  # may differ between nodes; everything else must match
 READY_WAIT = timedelta(days=7)  # node 0's preparation (data, growth) may take long; its death is seen at once
 ACK_WAIT = timedelta(seconds=30)  # node 0 keeps its store up this long for the others to read a refusal
 
@@ -240,7 +240,7 @@ def _run_node0(cfg: TrainConfig, coord: Coordinator) -> dict[str, Any]:
         with StageLock(plan.layout.lock):
             if plan.grow:
 
-                grow_on_all_nodes(plan, coord.publish)
+                grow_on_all_nodes(plan, coord)
             return train_planned(plan, on_ready=lambda snapshot: coord.publish(
                 "train" if plan.grow else "ready", {"snapshot": str(snapshot)}))
     except FlmError as err:

@@ -26,7 +26,7 @@ from stages.launch.lock import StageLock
 from stages.layout import check_stage_layout  # issue 13
 from stages.lr import rewarm_peak
 from stages.resolved import ResolvedStage
-from stages.schema import TrainConfig, growth_spec, to_plain
+from stages.schema import TrainConfig, growth_spec
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +172,7 @@ def _check_launch(cfg: TrainConfig, target: ModelConfig) -> None:
 def _check_data(cfg: TrainConfig, target: ModelConfig) -> None:
     # data (stages.data): inputs, tokenizer vs vocabulary, .idx/.bin, paths/weights
 
-    check_data(data_dict(cfg), target.valid_vocab_size or target.vocab_size, f"stage.model {cfg.stage.model!r}")
-
-
-def data_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """``data`` as stages.data takes it (a plain dict)."""
-
-    return to_plain(cfg)["data"]
+    check_data(cfg.data, target.valid_vocab_size or target.vocab_size, f"stage.model {cfg.stage.model!r}")
 
 
 # ---------------------------------------------------------------------- preparation

@@ -17,7 +17,6 @@ from stages.launch.plan import (
     StageError,
     StagePlan,
     checked_reader,
-    data_dict,
     grow_request,
     init_is_current,
     parent_peak_lr,
@@ -35,7 +34,7 @@ def prepare_stage(plan: StagePlan) -> ResolvedStage:
     data_dir = Path(cfg.data.cache_dir or plan.run_dir / "data").expanduser().resolve()
     # data (stages.data): a grown stage's stream starts where its parent's summary says it ended
     parent_summary = plan.parent.read_summary() if plan.parent is not None else None
-    data = prepare_stage_data(data_dict(cfg), data_dir, parent=parent_summary)
+    data = prepare_stage_data(cfg.data, data_dir, parent=parent_summary)
     for split in ("train", "eval"):
         if data["n_tokens"][split] < cfg.stage.seq_len + 1:
             raise StageError(f"data: the {split} split has {data['n_tokens'][split]} tokens, fewer than "

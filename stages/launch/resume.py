@@ -12,19 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from flmcore.errors import FlmError
-from stages.schema import to_plain
+from stages.resolved import ResolvedStage
+from stages.schema import MAY_CHANGE, NOT_COMPARED, fields_where, to_plain
 
-# Fields (dotted, in stage_config.json) that a resume may change; everything else must match.
-ALLOWED = ("stage.lr", "stage.min_lr_ratio", "stage.warmup_steps", "stage.decay", "stage.rewarm_peak_ratio",
-           "stage.rewarm_steps", "stage.weight_decay", "stage.growth.workers", "stage.eval_every", "stage.save_every",
-           "stage.log_every", "deepspeed.gradient_clipping", "deepspeed.name", "master_port",
-           "run_dir", "data.cache_dir", "schedule.name", "schedule.stages", "worker_module",
-           "node_rank", "master_addr", "local_addr", "rdzv_timeout", "collective_timeout", "max_restarts",
-           "keep_checkpoints", "launcher", "on_nonfinite", "max_skips_in_a_row")
+# Fields (dotted, in stage_config.json) that a resume may change: declared with each field
+# (stages.schema.setting, resume=MAY_CHANGE); everything else must match.
+ALLOWED = fields_where("resume", MAY_CHANGE)
 # Fields that follow from the rest, from the machine or from the attempt: not compared.
-IGNORED = ("resume", "dry_run", "resolved.resume_changes", "resolved.stage_dir", "resolved.data.dir",
-           "resolved.data.paths", "resolved.data.docs", "resolved.parent_eval_loss_end", "resolved.parent_lr",
-           "resolved.parent_fingerprint")
+IGNORED = fields_where("resume", NOT_COMPARED) + tuple(f"resolved.{k}" for k in ResolvedStage.NOT_COMPARED)
 
 
 class ResumeMismatchError(FlmError):
@@ -59,7 +54,7 @@ def diff_for_resume(saved: Any, new: Any) -> list[str]:
     for key in order:
         if _covered(key, IGNORED) or a.get(key) == b.get(key):
             continue
-        if key == "stage.steps" or _covered(key, ALLOWED):
+        if _covered(key, ALLOWED):
             changes.append(f"{key}: {a.get(key)!r} → {b.get(key)!r}")
             continue
         raise ResumeMismatchError(f"resume=true: field '{key}' is {b.get(key)!r} but the stage's checkpoint was "

@@ -22,13 +22,13 @@ from typing import Any
 from flmcore.io import write_text_atomic
 from growth.runs import StageDir
 from stages.launch.multinode import run_multinode
-from stages.schema import TrainConfig
+from stages.schema import TrainConfig, fields_where
 
 log = logging.getLogger(__name__)
 
 SBATCH_NAME = "launch.sbatch"
 DEFAULT_PORT = 29500  # master_port of a written script when none is set (P, P+1, P+2 are used)
-NODE_KEYS = ("launcher", "nnodes", "node_rank", "master_addr", "master_port")  # set per node by the launcher
+NODE_KEYS = fields_where("launcher_sets", True)  # set per node by the launcher
 SLURM_NODE_RANK = "${oc.env:SLURM_NODEID}"  # resolved by each task's own train-stage
 
 
