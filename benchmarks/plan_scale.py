@@ -113,26 +113,25 @@ def run_measured(argv: list[str]) -> tuple[str, float, int]:
 
 
 # ---------------------------------------------------------------------- stage configs
-def compose_stages(names: list[str]) -> list[dict[str, Any]]:
-    """Each stage's resolved TrainConfig, composed from conf/ exactly as train-stage does."""
+def compose_stages(names: list[str]) -> list[Any]:
+    """Each stage's resolved TrainConfig (typed), composed from conf/ exactly as train-stage does."""
     from hydra import compose, initialize_config_dir
 
-    from stages.schema import register_configs, to_plain
+    from stages.schema import register_configs, to_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return [to_plain(compose(config_name="train", overrides=[f"stage={n}"])) for n in names]
+        return [to_config(compose(config_name="train", overrides=[f"stage={n}"])) for n in names]
 
 
-def layouts(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def layouts(cfg: Any) -> list[tuple[str, Any]]:
     """The stage's configured DeepSpeed layout, then the same ranks without a pipeline."""
-    ds = cfg["deepspeed"]
-    label = (f"pipe {ds['pipeline_stages']} + ZeRO-{ds['zero_stage']}" if ds["pipeline"]
-             else f"ZeRO-{ds['zero_stage']}")
+    ds = cfg.deepspeed
+    label = f"pipe {ds.pipeline_stages} + ZeRO-{ds.zero_stage}" if ds.pipeline else f"ZeRO-{ds.zero_stage}"
     out = [(f"{label} (configured)", cfg)]
     for stage in (1, 3):
-        if ds["pipeline"] or ds["zero_stage"] != stage:
-            alt = {**cfg, "deepspeed": {**ds, "pipeline": False, "zero_stage": stage}}
+        if ds.pipeline or ds.zero_stage != stage:
+            alt = dataclasses.replace(cfg, deepspeed=dataclasses.replace(ds, pipeline=False, zero_stage=stage))
             out.append((f"ZeRO-{stage}, no pipeline", alt))
     return out
 
@@ -180,15 +179,15 @@ def measure_growths(args: argparse.Namespace, cfgs: list[dict[str, Any]], per_wo
 
     bf16 = torch.bfloat16
     growths, plan_rows, io_rows, time_rows = [], [], [], []
-    model = resolve_config(cfgs[0]["stage"]["model"])
+    model = resolve_config(cfgs[0].stage.model)
     models = [model]
     for cfg in cfgs[1:]:
-        stage = cfg["stage"]
-        spec = growth_spec(stage["growth"])
+        stage = cfg.stage
+        spec = growth_spec(stage.growth)
         if spec.positions == "distance":  # chosen from the weights; none here — same tensors and bytes
             spec = dataclasses.replace(spec, positions="interleave")
-        target = resolve_config(stage["model"])
-        child_argv = [json.dumps(model.to_hf_dict()), stage["model"], json.dumps(spec.to_dict())]
+        target = resolve_config(stage.model)
+        child_argv = [json.dumps(model.to_hf_dict()), stage.model, json.dumps(spec.to_dict())]
         if args.in_process:
             child, child_wall = child_plan(*child_argv), 0.0
         else:
@@ -197,7 +196,7 @@ def measure_growths(args: argparse.Namespace, cfgs: list[dict[str, Any]], per_wo
             child = json.loads(out.strip().splitlines()[-1])
         plan = make_plan(model, target, spec)
         ops = plan.tensor_ops()
-        moments = stage["growth"]["optimizer_state"]
+        moments = stage.growth.optimizer_state
         w_read = sum(_numel(op.src_shape) for op in ops if op.src_shape) * 2
         w_written = plan.config.params * 2
         m_read = 2 * sum(_numel(op.src_shape) for op in ops if op.src_shape) * 4 if moments else 0
@@ -206,13 +205,13 @@ def measure_growths(args: argparse.Namespace, cfgs: list[dict[str, Any]], per_wo
         shards = len(shard_tasks(plan.config, bf16, shard_limit))
         moment_shards = len(shard_tasks(plan.config, torch.float32, shard_limit)) * 2 if moments else 0
         apply_ram = peak_memory_estimate(plan, bf16, bf16, 1)
-        src_name = cfgs[cfgs.index(cfg) - 1]["stage"]["model"]
+        src_name = cfgs[cfgs.index(cfg) - 1].stage.model
         cli = {"wall_s": None, "max_rss": None}
         if not args.in_process:
             _, cli["wall_s"], cli["max_rss"] = run_measured(
-                [str(Path(sys.executable).parent / "grow"), "plan", "--from", src_name, "--to", stage["model"],
-                 "--json", "--optimizer", "--strategy", stage["growth"]["strategy"], "--positions", spec.positions])
-        name = f"{src_name} → {stage['model']}"
+                [str(Path(sys.executable).parent / "grow"), "plan", "--from", src_name, "--to", stage.model,
+                 "--json", "--optimizer", "--strategy", stage.growth.strategy, "--positions", spec.positions])
+        name = f"{src_name} → {stage.model}"
         plan_rows.append([name, f"{spec.hidden}/{spec.ffn}/{spec.heads}/{spec.depth}", child["tensors"],
                           f"{child['seconds']:.2f} s", fmt_bytes(child["peak_rss"] - child["rss_before"]),
                           fmt_bytes(child["peak_rss"]), _opt(cli["wall_s"], lambda v: f"{v:.1f} s"),
@@ -251,14 +250,14 @@ def memory_table(cfgs: list[dict[str, Any]], models: list[Any]) -> list[dict[str
     for cfg, config in zip(cfgs, models, strict=True):
         for label, layout in layouts(cfg):
             mem = memory_report(config, layout)
-            row = {"stage": cfg["stage"]["name"], "layout": label, "ranks": mem["ranks"],
+            row = {"stage": cfg.stage.name, "layout": label, "ranks": mem["ranks"],
                    "pipeline_degree": mem["pipeline_degree"], "data_parallel": mem["data_parallel"],
                    "params_per_gpu": mem["params_per_gpu"], "gpu_bytes": mem["gpu_bytes"],
                    "function": mem["function"]}
             worst = row["gpu_bytes"]
             if mem["pipeline_degree"] > 1:  # the fullest pipeline stage decides whether it fits
                 row["params_largest_stage"] = largest_pipeline_stage(config, mem["pipeline_degree"])
-                ranks = mem["data_parallel"] if layout["deepspeed"]["zero_stage"] > 0 else 1
+                ranks = mem["data_parallel"] if layout.deepspeed.zero_stage > 0 else 1
                 _, worst = estimate_zero2_model_states_mem_needs(
                     row["params_largest_stage"], num_gpus_per_node=ranks, num_nodes=1, cpu_offload=False)
                 row["gpu_bytes_largest_stage"] = worst

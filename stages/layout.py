@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from growth.config import ModelConfig
-from stages.schema import StageConfigError
+from stages.schema import StageConfigError, TrainConfig
 
 
 class LayoutError(StageConfigError):
@@ -29,7 +29,8 @@ class LayoutError(StageConfigError):
 
 @dataclass(frozen=True)
 class Layout:
-    """What the dry run and the engines need to know about a stage's parallel layout."""
+    """What the dry run and the engines need to know about a stage's parallel layout: the
+    degrees of each kind of parallelism and the batch shape (torchtitan's ``ParallelDims``)."""
 
     tp: int  # tensor-parallel degree (deepspeed.tensor_parallel)
     pp: int  # pipeline stages (1 without deepspeed.pipeline)
@@ -56,15 +57,15 @@ class Layout:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def layout_of(cfg: dict[str, Any]) -> Layout:
-    """The layout of a resolved TrainConfig dict (call :func:`check_layout_fields` first)."""
-    stage, ds = cfg["stage"], cfg["deepspeed"]
-    tp = ds["tensor_parallel"]
-    pp = ds["pipeline_stages"] if ds["pipeline"] else 1
-    return Layout(tp=tp, pp=pp, dp=cfg["nproc"] * cfg["nnodes"] // (tp * pp), zero_stage=ds["zero_stage"],
-                  micro_batch_size=stage["micro_batch_size"], grad_accum=stage["grad_accum"],
-                  seq_len=stage["seq_len"], activation_checkpointing=bool(ds["activation_checkpointing"]))
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Layout:
+        """The layout of a checked TrainConfig (stages.validate.check_layout_fields holds its rules)."""
+        stage, ds = cfg.stage, cfg.deepspeed
+        tp = ds.tensor_parallel
+        pp = ds.pipeline_stages if ds.pipeline else 1
+        return cls(tp=tp, pp=pp, dp=cfg.world // (tp * pp), zero_stage=ds.zero_stage,
+                   micro_batch_size=stage.micro_batch_size, grad_accum=stage.grad_accum,
+                   seq_len=stage.seq_len, activation_checkpointing=bool(ds.activation_checkpointing))
 
 
 def check_model_split(config: ModelConfig, tp: int, what: str = "stage.model") -> None:

@@ -18,7 +18,7 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flmcore.errors import FlmError
 from flmcore.process import report_error, run_child

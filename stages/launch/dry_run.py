@@ -36,9 +36,9 @@ from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig, resolve_config
 from operators import GrowthSpec, make_plan
 from stages.launch.memory import MARGIN, dry_run_record, fit
-from stages.layout import check_model_split, layout_of
+from stages.layout import Layout, check_model_split
+from stages.schema import StageCfg, TrainConfig, growth_spec
 from stages.schema import compose_stage as compose_typed
-from stages.schema import growth_spec, to_plain
 
 GB = 1024**3
 DRY_RUN_NAME = "dry_run.json"  # RUN_DIR/<stage>/dry_run.json: layout, memory, fits, bubble
@@ -57,28 +57,27 @@ def fmt_bytes(n: float) -> str:
 
 
 # ---------------------------------------------------------------------- the parent's model
-def compose_stage(name: str) -> dict[str, Any]:
-    """The resolved TrainConfig of stage ``name`` as a plain dict (stages.schema.compose_stage)."""
+def compose_stage(name: str) -> TrainConfig:
+    """The resolved TrainConfig of stage ``name`` (stages.schema.compose_stage, typed)."""
+    return compose_typed(name)
 
-    return to_plain(compose_typed(name))
 
-
-def final_config(stage: dict[str, Any], run_dir: Path, depth: int = 0) -> ModelConfig:
+def final_config(stage: StageCfg, run_dir: Path, depth: int = 0) -> ModelConfig:
     """The model a stage ends with: its final checkpoint's config if trained, else its
     flavor grown from its parent's final model (masks folded: a stage ends at c = 1)."""
 
-    final = run_dir / stage["name"] / "final"
+    final = run_dir / stage.name / "final"
     if final.is_dir():
         with CheckpointReader(final) as reader:
             return reader.config
-    target = resolve_config(stage["model"])
-    if stage["parent"] is None or depth > 32:
+    target = resolve_config(stage.model)
+    if stage.parent is None or depth > 32:
         return target
-    parent = compose_stage(stage["parent"])["stage"]
+    parent = compose_stage(stage.parent).stage
     src = final_config(parent, run_dir, depth + 1)
     if src.tensor_shapes() == target.tensor_shapes():
         return src
-    return make_plan(src, target, growth_spec(stage["growth"])).config.replace(growth_mask=None)
+    return make_plan(src, target, growth_spec(stage.growth)).config.replace(growth_mask=None)
 
 
 # ---------------------------------------------------------------------- growth plan
@@ -105,13 +104,13 @@ def plan_report(src: ModelConfig, target: ModelConfig, spec: GrowthSpec, precisi
 
 
 # ---------------------------------------------------------------------- memory
-def memory_report(config: ModelConfig, cfg: dict[str, Any]) -> dict[str, Any]:
+def memory_report(config: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     """Per-GPU model states (DeepSpeed's estimators), activations and the fits verdict for
     this stage's TP × PP × DP layout (stages.launch.memory states every term)."""
-    layout = layout_of(cfg)
+    layout = Layout.of(cfg)
     check_model_split(config, layout.tp)
-    verdict = fit(config, layout, cfg["deepspeed"]["precision"], cfg["gpu_memory_gib"],
-                  sp=bool(cfg["deepspeed"]["sequence_parallel"]))
+    verdict = fit(config, layout, cfg.deepspeed.precision, cfg.gpu_memory_gib,
+                  sp=bool(cfg.deepspeed.sequence_parallel))
     states = verdict["model_states"]
     out: dict[str, Any] = {"params": config.params, "ranks": layout.world, "pipeline_degree": layout.pp,
                            "tensor_parallel": layout.tp, "data_parallel": layout.dp,
@@ -119,7 +118,7 @@ def memory_report(config: ModelConfig, cfg: dict[str, Any]) -> dict[str, Any]:
     if layout.pp > 1:
         out["params_per_gpu_mean"] = -(-config.params // (layout.pp * layout.tp))
     out["verdict"] = verdict
-    out["record"] = dry_run_record(layout, verdict, cfg["gpu_memory_gib"])
+    out["record"] = dry_run_record(layout, verdict, cfg.gpu_memory_gib)
     return out
 
 
@@ -136,65 +135,65 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # ---------------------------------------------------------------------- the report
-def dry_run_stage(cfg: dict[str, Any], echo: Any = print) -> dict[str, Any]:
+def dry_run_stage(cfg: TrainConfig, echo: Any = print) -> dict[str, Any]:
     """Print (via ``echo``) and return this stage's growth plan and memory estimate."""
-    stage, ds = cfg["stage"], cfg["deepspeed"]
-    run_dir = Path(cfg["run_dir"]).expanduser().resolve()
-    target = resolve_config(stage["model"])
-    report: dict[str, Any] = {"stage": stage["name"], "model": stage["model"], "parent": stage["parent"]}
-    echo(f"== stage {stage['name']}: {stage['model']} ({fmt_params(target.params)} parameters), "
-         f"{stage['steps']:,} steps × {stage['micro_batch_size'] * stage['grad_accum']} sequences "
-         f"× {stage['seq_len']} tokens per data-parallel rank")
+    stage, ds = cfg.stage, cfg.deepspeed
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    target = resolve_config(stage.model)
+    report: dict[str, Any] = {"stage": stage.name, "model": stage.model, "parent": stage.parent}
+    echo(f"== stage {stage.name}: {stage.model} ({fmt_params(target.params)} parameters), "
+         f"{stage.steps:,} steps × {stage.micro_batch_size * stage.grad_accum} sequences "
+         f"× {stage.seq_len} tokens per data-parallel rank")
     model = target
-    if stage["parent"] is not None or stage["init_from"] is not None:
-        if stage["parent"] is not None:
-            parent = compose_stage(stage["parent"])["stage"]
-            src, source = final_config(parent, run_dir), f"stage {stage['parent']} ({parent['model']})"
+    if stage.parent is not None or stage.init_from is not None:
+        if stage.parent is not None:
+            parent = compose_stage(stage.parent).stage
+            src, source = final_config(parent, run_dir), f"stage {stage.parent} ({parent.model})"
         else:
-            with CheckpointReader(Path(stage["init_from"]).expanduser()) as reader:
-                src, source = reader.config, stage["init_from"]
-        spec = growth_spec(stage["growth"])
+            with CheckpointReader(Path(stage.init_from).expanduser()) as reader:
+                src, source = reader.config, stage.init_from
+        spec = growth_spec(stage.growth)
         if spec.positions == "distance":  # picks layers by their weights: none to read here
             echo("   positions 'distance' choose layers from the weights; planned with 'interleave' "
                  "(same tensors and bytes, other indices)")
             spec = dataclasses.replace(spec, positions="interleave")
-        growth = plan_report(src, target, spec, ds["precision"], stage["growth"]["optimizer_state"])
+        growth = plan_report(src, target, spec, ds.precision, stage.growth.optimizer_state)
         model = growth.pop("config")
         report["growth"] = growth
         kind = f"{spec.hidden}/{spec.ffn}/{spec.heads}/{spec.depth}"
         echo(f"   growth from {source}: {fmt_params(growth['from_params'])} → {fmt_params(growth['to_params'])}"
-             f", strategy {stage['growth']['strategy']} (hidden/ffn/heads/depth = {kind}), "
+             f", strategy {stage.growth.strategy} (hidden/ffn/heads/depth = {kind}), "
              f"{'exact' if growth['exact'] else 'NOT exact'}{', MSG masks' if growth['masked'] else ''}")
-        moments = " + Adam moments (fp32)" if stage["growth"]["optimizer_state"] else ""
+        moments = " + Adam moments (fp32)" if stage.growth.optimizer_state else ""
         echo(f"   plan: {growth['tensors']} tensors, reads {fmt_bytes(growth['bytes_read'])}, writes "
-             f"{fmt_bytes(growth['bytes_written'])} ({ds['precision']} weights{moments})")
+             f"{fmt_bytes(growth['bytes_written'])} ({ds.precision} weights{moments})")
         echo(f"   new layers at {_ranges(growth['new_layers'])} "
              f"(positions: {spec.positions})")
         for op, count in growth["operators"].items():
             echo(f"     {count:5d} × {op}")
     else:
-        echo(f"   fresh init (seed {stage['seed']}): no growth plan")
+        echo(f"   fresh init (seed {stage.seed}): no growth plan")
     mem = memory_report(model, cfg)
     report["memory"] = mem
     echo_memory(mem, cfg, echo)
-    report["dry_run_json"] = str(write_record(run_dir / stage["name"], mem["record"]))
+    report["dry_run_json"] = str(write_record(run_dir / stage.name, mem["record"]))
     return report
 
 
-def echo_memory(mem: dict[str, Any], cfg: dict[str, Any], echo: Any) -> None:
-    ds, verdict = cfg["deepspeed"], mem["verdict"]
+def echo_memory(mem: dict[str, Any], cfg: TrainConfig, echo: Any) -> None:
+    ds, verdict = cfg.deepspeed, mem["verdict"]
     acts, lay = verdict["activations"], mem["record"]["layout"]
-    engine = (f"pipeline {mem['pipeline_degree']} stages + ZeRO-{ds['zero_stage']}" if ds["pipeline"]
-              else f"ZeRO-{ds['zero_stage']}")
+    engine = (f"pipeline {mem['pipeline_degree']} stages + ZeRO-{ds.zero_stage}" if ds.pipeline
+              else f"ZeRO-{ds.zero_stage}")
     echo(f"   layout TP {mem['tensor_parallel']} × PP {mem['pipeline_degree']} × DP {mem['data_parallel']} = "
-         f"{mem['ranks']} ranks ({cfg['nnodes']} node(s) × {cfg['nproc']} GPUs), DeepSpeed {engine}, "
-         f"{ds['precision']}, activation checkpointing {'on' if lay['activation_checkpointing'] else 'off'}"
-         + (", sequence parallelism" if ds["sequence_parallel"] and mem["tensor_parallel"] > 1 else ""))
-    if ds["pipeline"]:
+         f"{mem['ranks']} ranks ({cfg.nnodes} node(s) × {cfg.nproc} GPUs), DeepSpeed {engine}, "
+         f"{ds.precision}, activation checkpointing {'on' if lay['activation_checkpointing'] else 'off'}"
+         + (", sequence parallelism" if ds.sequence_parallel and mem["tensor_parallel"] > 1 else ""))
+    if ds.pipeline:
         echo(f"     pipeline: {mem['pipeline_degree']} stages of {fmt_params(mem['params_per_gpu_mean'])} "
              f"per GPU on average; the fullest holds {fmt_params(mem['params_per_gpu'])} (ceil(layers / "
              f"stages) layers + embedding or lm_head, ÷ TP), which is what DeepSpeed's estimate gets")
-    extra = (f" + {fmt_bytes(mem['unpartitioned_grad_bytes'])} of 16-bit gradients ZeRO-{ds['zero_stage']} "
+    extra = (f" + {fmt_bytes(mem['unpartitioned_grad_bytes'])} of 16-bit gradients ZeRO-{ds.zero_stage} "
              f"does not partition" if mem["unpartitioned_grad_bytes"] else "")
     echo(f"     model states per GPU: {fmt_bytes(mem['gpu_bytes'])} (DeepSpeed {mem['function']}, no "
          f"offload, for {fmt_params(mem['params_per_gpu'])} parameters{extra})")
@@ -203,7 +202,7 @@ def echo_memory(mem: dict[str, Any], cfg: dict[str, Any], echo: Any) -> None:
          f"{fmt_bytes(acts['logits_bytes'])})")
     word = "fits" if verdict["fits"] else "DOES NOT FIT"
     echo(f"     total {fmt_bytes(verdict['total_bytes'])} per GPU vs {verdict['usable_gib']:.1f} GiB usable "
-         f"({cfg['gpu_memory_gib']:g} GiB less a {MARGIN:.0%} margin): {word}")
+         f"({cfg.gpu_memory_gib:g} GiB less a {MARGIN:.0%} margin): {word}")
     echo(f"     pipeline bubble (p−1)/(m+p−1) = {verdict['bubble']:.1%}; "
          f"{verdict['tokens_per_step']:,} tokens per step")
 

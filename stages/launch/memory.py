@@ -27,7 +27,7 @@ decoder layer (growth.model) saves for backward; per token of one layer, with ``
 
 (Korthikanti's GPT count, 34·s·b·h + 5·a·s²·b, has dropout masks and a GeLU MLP of 4h; ours
 has no dropout, RoPE and a SwiGLU of width f.) The formula is checked against the tensors
-autograd actually saves (tests/test_dry_run.py). bf16 runs use flash attention (PyTorch's
+autograd actually saves (tests/unit/test_dry_run.py). bf16 runs use flash attention (PyTorch's
 SDPA picks the flash kernel for 16-bit CUDA tensors); fp32 is counted without it.
 
 - With activation checkpointing (per decoder layer, as stages.engines.common / stages.engines.pipeline do)

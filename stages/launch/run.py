@@ -30,7 +30,7 @@ from stages.launch.lock import StageLock
 from stages.launch.plan import plan_stage
 from stages.launch.prepare import train_planned
 from stages.launch.slurm import run_elsewhere
-from stages.schema import Launcher, to_config, to_plain
+from stages.schema import Launcher, to_config
 from stages.validate import validate
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def run_stage(cfg: Any) -> dict[str, Any]:
     """Check, prepare, train one stage; returns its summary (or dry-run report)."""
     typed = validate(to_config(cfg))
     if typed.dry_run:
-        return dry_run_stage(to_plain(typed))
+        return dry_run_stage(typed)
     if typed.launcher != Launcher.local or typed.nnodes > 1:  # stages.launch.slurm, stages.launch.multinode
         return run_elsewhere(typed)
     plan = plan_stage(typed)
