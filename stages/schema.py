@@ -179,7 +179,7 @@ class DeepSpeedCfg:
     precision: Precision = Precision.fp32
     gradient_clipping: float = setting(1.0, resume=MAY_CHANGE)  # global gradient-norm clip (0 = off)
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
-    # --- tensor parallelism (issue 13; stages.engines.tensor_parallel, stages.launch.dry_run) ---
+    # --- tensor parallelism (stages.engines.tensor_parallel; the dry run: stages.launch.dry_run) ---
     tensor_parallel: int = 1  # Megatron-style TP degree; data parallel = ranks / (TP × pipeline)
     sequence_parallel: bool = False  # with TP > 1: norms/residuals split along the sequence (seq_len % TP == 0)
 

@@ -163,7 +163,7 @@ def fit(config: ModelConfig, layout: Layout, precision: str, gpu_memory_gib: flo
 
 
 def dry_run_record(layout: Layout, verdict: dict[str, Any], gpu_memory_gib: float) -> dict[str, Any]:
-    """The ``dry_run.json`` record: exactly the fields issue 13 lists."""
+    """The ``dry_run.json`` record: layout, memory terms, the verdict and the pipeline bubble."""
     return {
         "layout": layout.to_dict(),
         "memory_gib": {"model_states": verdict["model_states"]["bytes"] / GIB,

@@ -23,7 +23,7 @@ from growth.runs import FINAL_DIR, INIT_DIR, SUMMARY_NAME, StageDir, read_json  
 from operators import GrowthError, GrowthSpec, make_plan
 from stages.data import check_data
 from stages.launch.lock import StageLock
-from stages.layout import check_stage_layout  # issue 13
+from stages.layout import check_stage_layout
 from stages.lr import rewarm_peak
 from stages.resolved import ResolvedStage
 from stages.schema import TrainConfig, growth_spec
@@ -158,7 +158,7 @@ def _check_launch(cfg: TrainConfig, target: ModelConfig) -> None:
     if ds.pipeline and ds.pipeline_stages > target.num_hidden_layers:
         raise StageError(f"deepspeed.pipeline_stages {ds.pipeline_stages} exceeds the model's "
                          f"{target.num_hidden_layers} decoder layers")
-    check_stage_layout(dataclasses.asdict(cfg), target)  # issue 13: TP splits the model; engine supports it
+    check_stage_layout(dataclasses.asdict(cfg), target)  # TP splits the model
     if cfg.dry_run:
         return
     try:

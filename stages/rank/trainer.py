@@ -73,7 +73,7 @@ def start_config(resolved: ResolvedStage) -> ModelConfig:
 
 
 def start_weights(resolved: ResolvedStage, config: ModelConfig) -> dict[str, torch.Tensor]:
-    if resolved.config.deepspeed.tensor_parallel > 1:  # issue 13: the TP engine reads its own slices
+    if resolved.config.deepspeed.tensor_parallel > 1:  # the TP engines read their own slices
         return {}
     if resolved.init_checkpoint is None:
         return init_state_dict(config, resolved.config.stage.seed)
