@@ -84,10 +84,10 @@ def check_model_split(config: ModelConfig, tp: int, what: str = "stage.model") -
                               f"({value}): TP splits by whole heads / FFN units / vocab rows{hint}")
 
 
-def check_stage_layout(cfg: dict[str, Any], target: ModelConfig) -> None:
+def check_stage_layout(cfg: TrainConfig, target: ModelConfig) -> None:
     """The orchestrator's layout check, before any worker starts: TP splits the stage's model.
     A training run with TP > 1 uses one of the TP engines: ZeRO-0/1/2/3 without a pipeline
     (stages.engines.tensor_parallel.zero; ZeRO-3 partitions over the data-parallel group only),
     ZeRO-0/1 inside DeepSpeed's pipeline (stages.engines.tensor_parallel.pipeline; the pipeline refuses
     ZeRO-2/3 itself, stages.validate.check_deepspeed)."""
-    check_model_split(target, cfg["deepspeed"]["tensor_parallel"])
+    check_model_split(target, cfg.deepspeed.tensor_parallel)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-from stages.data.stage import validate as validate_data
 from stages.layout import LayoutError
 from stages.schema import (
     MAX_PORT,
@@ -69,7 +68,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     check_deepspeed(ds, cfg.world)
     check_layout_fields(cfg)  # TP × PP × DP = ranks (model shapes: stages.layout.check_stage_layout)
     check_scale(cfg)
-    validate_data(cfg.data)  # the data section's field rules live with the data code (stages.data.stage)
     return cfg
 
 

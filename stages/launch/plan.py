@@ -8,7 +8,6 @@ of several nodes use the same one).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -158,7 +157,7 @@ def _check_launch(cfg: TrainConfig, target: ModelConfig) -> None:
     if ds.pipeline and ds.pipeline_stages > target.num_hidden_layers:
         raise StageError(f"deepspeed.pipeline_stages {ds.pipeline_stages} exceeds the model's "
                          f"{target.num_hidden_layers} decoder layers")
-    check_stage_layout(dataclasses.asdict(cfg), target)  # TP splits the model
+    check_stage_layout(cfg, target)  # TP splits the model
     if cfg.dry_run:
         return
     try:

@@ -92,11 +92,10 @@ def test_pipeline_checkpoint_files_follow_the_adapter():
 def test_trainer_warns_when_an_exact_growth_does_not_start_at_the_parents_loss():
     """The trainer checks eval_loss_start against the parent's end after an exact growth
     (issue 16: an init/ grown from another parent); 1 step on a zero-grown tiny-s2."""
-    from ds_helpers import base_dir, data_info, new_stage_dir, run_worker, write_stage_config
-
     from growth.executor import ApplyRequest
     from growth.parallel import apply_growth
     from operators import GrowthSpec
+    from tests.helpers.ds_helpers import base_dir, data_info, new_stage_dir, run_worker, write_stage_config
 
     parent = shared_run("zero1")
     grown = base_dir() / "grown-zero"

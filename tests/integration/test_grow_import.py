@@ -328,7 +328,7 @@ def ds_runs(tmp_path_factory) -> dict[int, Path]:
     for zero in (2, 3):
         out = root / f"zero{zero}"
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(free_port()), str(REPO / "tests" / "ds_plain_loop.py"),
+                               "--master_port", str(free_port()), str(REPO / "tests" / "workers" / "ds_plain_loop.py"),
                                str(out), str(zero)], cwd=REPO, env={**_env(), "OMP_NUM_THREADS": "1"},
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,7 +4,6 @@ seed's 1T layout evaluated), and bad layouts refused in one line before any work
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -216,7 +215,7 @@ def test_tp_without_a_pipeline_takes_every_zero_stage(hydra_conf):
         cfg = to_config(hydra_conf("deepspeed=zero3", f"deepspeed.zero_stage={zero}", "deepspeed.tensor_parallel=2",
                                    "nproc=4"))
         validate(cfg)
-        check_stage_layout(dataclasses.asdict(cfg), get_flavor("tiny"))
+        check_stage_layout(cfg, get_flavor("tiny"))
 
 
 def test_sequence_parallel_needs_seq_len_divisible_by_tp(hydra_conf):
