@@ -38,7 +38,7 @@ from growth.checkpoint import CheckpointReader, append_event, new_history
 from growth.config import ModelConfig
 from growth.model import init_state_dict
 from growth.runs import StageDir
-from stages import elastic, optim_state
+from stages import ds_compat, elastic, optim_state
 from stages.config import DeepSpeedCfg, NonFinite, Precision, ResolvedStage, StageCfg, ramp_unfinished
 from stages.engine import Batch, Engine, build_plain
 from stages.export import export_final
@@ -237,7 +237,8 @@ class Trainer:
     def restore(self) -> None:
         """Weights, Adam state and step from the latest ``ds_ckpt/`` checkpoint."""
         tag = elastic.pick_tag(self.layout.ds_ckpt, warn=self.rank == 0)  # the newest sound one
-        path, client = self.engine.engine.load_checkpoint(str(self.layout.ds_ckpt), tag=tag)
+        with ds_compat.safe_checkpoint_loads():  # weights-only: nothing in the files runs
+            path, client = self.engine.engine.load_checkpoint(str(self.layout.ds_ckpt), tag=tag)
         if path is None:
             raise WorkerError(f"{self.layout.ds_ckpt}: could not load the latest DeepSpeed checkpoint")
         self.step = int(client["step"])
