@@ -267,6 +267,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     growth shapes are checked by the orchestrator afterwards (they need the disk).
     """
     stage, ds = cfg.stage, cfg.deepspeed
+    from stages.script_text import check_config_text
+
+    check_config_text(cfg)  # names and paths reach scripts: no control characters
     for name, value in {"stage.lr": stage.lr, "stage.eps": stage.eps, "stage.weight_decay": stage.weight_decay,
                         "stage.min_lr_ratio": stage.min_lr_ratio, "stage.rewarm_peak_ratio": stage.rewarm_peak_ratio,
                         "deepspeed.gradient_clipping": ds.gradient_clipping,
