@@ -50,6 +50,7 @@ LOCK_SUFFIX = ".lock"
 PART_NAME = "part-{:06d}"
 JOB_NAME = "job.json"
 SHARD_NAME = "{prefix}-{i:05d}-of-{n:05d}"
+MIN_SHARD_SIZE = 1 << 20  # a shard holds whole parts (stages.data.sources.MIN_UNIT_BYTES of input each)
 DEFAULT_SHARD_SIZE = 4 << 30  # 4 GiB of tokens per .bin: big enough for few files, small enough to copy
 SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
               "G": 1 << 30, "GB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
@@ -70,7 +71,11 @@ def parse_size(text: str) -> int:
         value = float("nan")
     if unit not in SIZE_UNITS or not value > 0 or value == float("inf"):
         raise DataError(f"--shard-size {text!r}: expected a positive size like 512MB or 4GB")
-    return max(1, int(value * SIZE_UNITS[unit]))
+    size = int(value * SIZE_UNITS[unit])
+    if size < MIN_SHARD_SIZE:
+        raise DataError(f"--shard-size {text!r}: below the 1MB minimum (a shard holds whole work units, "
+                        f"each from 1MB of input or more)")
+    return size
 
 
 # ---------------------------------------------------------------------- the job

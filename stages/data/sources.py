@@ -61,6 +61,8 @@ def list_inputs(inputs: list[str]) -> list[Path]:
             if not found:
                 raise DataError(f"{path}: input directory holds no {', '.join(known)} files")
             files.extend(found)
+        elif path.exists():
+            raise DataError(f"{path}: input is not a regular file (a FIFO, socket or device); give a file")
         else:
             raise DataError(f"{path}: input not found")
     return files
@@ -121,9 +123,16 @@ def _record_text(raw: bytes | str, path: str, where: str, text_field: str) -> st
         record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{path}:{where}: not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise DataError(f"{path}:{where}: JSON nested too deeply to read") from None
     text = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
         raise DataError(f"{path}:{where}: no string field '{text_field}' (--field / data.jsonl_field)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: "\ud800", or CESU-8 bytes (json's surrogatepass)
+        raise DataError(f"{path}:{where}: field '{text_field}' holds a lone surrogate "
+                        f"({text[err.start]!r}), not valid Unicode") from None
     return text
 
 
