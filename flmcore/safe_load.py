@@ -50,6 +50,10 @@ class UnsafePickleError(FlmError):
     """A torch file names a global outside the allowlist; nothing in it was run."""
 
 
+class UnreadableTorchFileError(FlmError):
+    """A torch file that cannot be read (truncated, not a zip, not a torch file)."""
+
+
 def _resolve(name: str) -> Any:
     module, _, attr = name.rpartition(".")
     obj: Any = importlib.import_module(module)
@@ -61,7 +65,7 @@ def unsafe_globals(path: str | os.PathLike) -> list[str]:
     [] for a file that is not a zip-format torch file (``torch.load`` then judges it)."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except (RuntimeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError):
+    except (RuntimeError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError):
         return []
 
 
@@ -92,6 +96,11 @@ def load(f: Any, map_location: Any = "cpu", *, mmap: bool | None = None,
         what = next((line.strip() for line in str(err).splitlines() if "global" in line.lower()),
                     str(err).splitlines()[0] if str(err) else "a forbidden object")
         raise UnsafePickleError(f"{f}: refused: {what[:200]}; nothing in it was run") from None
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UnreadableTorchFileError(f"{f}: truncated or not a torch file ({first[:160]})") from None
 
 
 _original_load = torch.load

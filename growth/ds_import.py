@@ -46,6 +46,7 @@ from growth.config import CONFIG_NAME, ConfigError, ModelConfig, resolve_config
 log = logging.getLogger(__name__)
 
 KINDS = ("exp_avg", "exp_avg_sq")
+UNIVERSAL_OPTIMIZER = "optimizer_state.pt"  # zero/optimizer_state.pt: the param groups (ds_to_universal)
 
 
 def _tag_dir(src: Path) -> Path | None:
@@ -130,6 +131,16 @@ def _zero_states(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], 
     return _CACHE[key]
 
 
+def _hparams(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """betas, eps and weight_decay of the first param group, when the state has them."""
+    groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
+    group0 = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
+    if "betas" not in group0:
+        return {}
+    return {"betas": [float(b) for b in group0["betas"]], "eps": float(group0.get("eps", 1e-8)),
+            "weight_decay": float(group0.get("weight_decay", 0.0))}
+
+
 def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     from deepspeed.utils import zero_to_fp32 as z
 
@@ -143,7 +154,8 @@ def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], di
         try:
             weights = z.get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)
             model_states = z.parse_model_states(z.get_model_state_files(str(tag)))
-        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError, TypeError, AttributeError,
+                IndexError) as err:  # a file of another layout: DeepSpeed's own error, on one line
             raise CheckpointError(f"{tag}: DeepSpeed cannot consolidate it ({str(err).splitlines()[0]})") from None
         optim = [_quiet_load(f, mmap=True)["optimizer_state_dict"]
                  for f in z.get_optim_files(str(tag))]
@@ -153,11 +165,7 @@ def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], di
         inner = [o.get("base_optimizer_state") or o.get("optimizer_state_dict") for o in optim]
         groups = len(inner[0]["state"])
         moments: dict[str, dict[str, Any]] = {}
-        group0 = inner[0]["param_groups"][0] if inner[0].get("param_groups") else {}
-        state = {"step": int(inner[0]["state"][0]["step"]) if groups else 0}
-        if "betas" in group0:
-            state.update(betas=[float(b) for b in group0["betas"]], eps=float(group0.get("eps", 1e-8)),
-                         weight_decay=float(group0.get("weight_decay", 0.0)))
+        state = {"step": int(inner[0]["state"][0]["step"]) if groups else 0, **_hparams(inner[0])}
         for kind in KINDS:
             flats = [[s["state"][g][kind] for g in range(groups)] for s in inner]
             merged: dict[str, Any] = {}
@@ -226,7 +234,7 @@ def open_source(src: Path, kind: str, config: str | None) -> Any:
         assert tag is not None
         weights, _, state = _zero_states(tag)
         for key, t in weights.items():
-            found[_hf_name(key)] = TensorInfo(str(tag), key, tuple(t.shape), torch.float32)
+            found[_hf_name(key)] = TensorInfo(str(tag.resolve()), key, tuple(t.shape), torch.float32)
         files = {p.name: p.stat().st_size for p in sorted(tag.glob("*.pt"))}
     else:
         root = _universal_dir(src)
@@ -242,7 +250,7 @@ def open_source(src: Path, kind: str, config: str | None) -> Any:
             shape = model.tensor_shapes().get(_hf_name(p.name))
             data = _quiet_load(p / "fp32.pt")
             t = data["param"] if isinstance(data, dict) else data
-            found[_hf_name(p.name)] = TensorInfo(str(root), p.name, tuple(shape or t.shape), torch.float32)
+            found[_hf_name(p.name)] = TensorInfo(str(root.resolve()), p.name, tuple(shape or t.shape), torch.float32)
             if (p / "step.pt").is_file() and not step:
                 step = _step(p / "step.pt")
         if not step:  # ZeRO-3 universal folders carry no step.pt: the engine's own count
@@ -252,6 +260,8 @@ def open_source(src: Path, kind: str, config: str | None) -> Any:
                 break
         files = {}
         state = {"step": step}
+        if (root / UNIVERSAL_OPTIMIZER).is_file():  # ds_to_universal's param groups: betas, eps, decay
+            state.update(_hparams(_quiet_load(root / UNIVERSAL_OPTIMIZER)))
     tensors = canonical(found, model, src, src)
     if kind == "deepspeed-universal":
         for info in tensors.values():

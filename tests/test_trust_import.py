@@ -98,6 +98,31 @@ def test_zero_folder_with_a_payload_is_refused_and_nothing_runs(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not-a-dict"])
+def test_a_broken_zero_file_is_one_line_naming_it(tmp_path, capsys, damage):
+    src = zero_folder(tmp_path / "ds", tmp_path / "PWNED")
+    model = src / "global_step4" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "buffer_names": []}, model)
+    victim = model if damage == "truncated" else src / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:300])
+    else:
+        torch.save([1, 2, 3], victim)
+    rc, _, err = grow(capsys, "import", src, "--out", tmp_path / "out")
+    assert_one_line_error(rc, err, "global_step4")
+    assert rc == 2 and (damage != "truncated" or victim.name in err)
+
+
+def test_universal_param_groups_keep_betas_eps_and_weight_decay(tmp_path, capsys):
+    src = universal_folder(tmp_path / "uni")
+    torch.save({"param_groups": [{"betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1}]},
+               src / "zero" / "optimizer_state.pt")
+    rc, _, err = grow(capsys, "import", src, "--out", tmp_path / "out")
+    assert rc == 0, err
+    state = json.loads((tmp_path / "out" / OPTIMIZER_DIR / "state.json").read_text())
+    assert state == {"step": 4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}
+
+
 def test_universal_tensor_of_the_wrong_2d_shape_is_refused(tmp_path, capsys):
     name = "model.layers.0.mlp.gate_proj.weight"  # [176, 64]
     src = universal_folder(tmp_path / "uni", shapes={name: (64, 176)})
