@@ -305,6 +305,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                "starts from one of them (or neither, for a fresh init)")
     if stage.parent == stage.name:
         raise StageConfigError(f"field 'stage.parent' names the stage itself ({stage.name!r})")
+    check_growth_fields(stage.growth)  # also on a stage with no parent: a typo is never silent
     check_deepspeed(ds, cfg.world)
     # --- tensor parallelism (issue 13): TP × PP × DP = ranks; model shapes: stages.tensor_parallel ---
     from stages.tensor_parallel.layout import check_layout_fields
@@ -314,6 +315,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     check_scale(cfg)
     return cfg
+
+
+def check_growth_fields(growth: GrowthCfg) -> None:
+    from operators import GrowthError
+
+    try:
+        growth_spec(growth).validate()
+    except GrowthError as err:
+        raise StageConfigError(f"stage.growth: {str(err).splitlines()[0]}") from None
 
 
 def check_rewarm(stage: StageCfg) -> None:

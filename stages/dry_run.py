@@ -183,6 +183,9 @@ def dry_run_stage(cfg: dict[str, Any], echo: Any = print) -> dict[str, Any]:
             echo(f"     {count:5d} × {op}")
     else:
         echo(f"   fresh init (seed {stage['seed']}): no growth plan")
+    from stages.data import check_data
+
+    check_data(cfg["data"], model.valid_vocab_size or model.vocab_size, f"stage.model {stage['model']!r}")
     mem = memory_report(model, cfg)
     report["memory"] = mem
     echo_memory(mem, cfg, echo)

@@ -93,9 +93,12 @@ def check_launchable(cfg: TrainConfig) -> None:
     not in validate: a composed 112-node config without them is fine for a dry run)."""
     from stages.config import MAX_PORT
 
-    if cfg.master_port == 0 or cfg.master_port + 1 > MAX_PORT:
+    if cfg.master_port == 0:
         raise MultiNodeError(f"nnodes={cfg.nnodes} needs master_port: the same free TCP port on node 0 "
                              f"for every node (P for the config check, P+1 for torchrun's rendezvous)")
+    if cfg.master_port + 1 > MAX_PORT:
+        raise MultiNodeError(f"master_port={cfg.master_port} leaves no room for P+1 (torchrun's rendezvous); "
+                             f"pick a port up to {MAX_PORT - 1}")
     if not cfg.master_addr:
         raise MultiNodeError("nnodes > 1 needs master_addr: node 0's address, the same on every node")
 

@@ -269,3 +269,76 @@ def test_seal_records_every_file(tmp_path):
     assert tag_seal.problem(tag) is None
     os.truncate(tag / "a.pt", 10)
     assert tag_seal.problem(tag).startswith("truncated (a.pt has 10 bytes")
+
+
+# ---------------------------------------------------------------------- small refusals, one line each
+def _one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
+    text = str(err.value)
+    assert len(text.splitlines()) == 1 and all(n in text for n in needles), text
+
+
+def test_a_bogus_growth_strategy_is_refused_without_a_parent():
+    cfg = TrainConfig()
+    cfg = dataclasses.replace(cfg, stage=dataclasses.replace(
+        cfg.stage, parent=None, growth=dataclasses.replace(cfg.stage.growth, strategy="bogus")))
+    with pytest.raises(StageConfigError) as err:
+        validate(cfg)
+    _one_line(err, "stage.growth", "'strategy'", "bogus")
+
+
+def test_sequence_parallel_with_tp_1_is_refused():
+    from stages.tensor_parallel.layout import LayoutError
+
+    cfg = TrainConfig()
+    cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, sequence_parallel=True))
+    with pytest.raises(LayoutError) as err:
+        validate(cfg)
+    _one_line(err, "sequence_parallel", "tensor_parallel 1")
+
+
+def test_master_port_65535_names_the_real_reason():
+    from stages.multinode import MultiNodeError, check_launchable
+
+    with pytest.raises(MultiNodeError) as err:
+        check_launchable(dataclasses.replace(TrainConfig(), nnodes=2, master_port=65535, master_addr="10.0.0.1"))
+    _one_line(err, "master_port=65535", "P+1")
+
+
+def test_dry_run_checks_the_data(tmp_path):
+    from stages.config import to_plain
+    from stages.data import DataError
+    from stages.dry_run import dry_run_stage
+
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="indexed",
+                                                            paths=[str(tmp_path / "missing")]))
+    with pytest.raises(DataError) as err:
+        dry_run_stage(to_plain(cfg), echo=lambda *_: None)
+    _one_line(err, "missing", "no dataset here")
+
+
+def test_a_moved_run_dir_is_named_on_resume():
+    from test_stage_trust import resolved_stage
+
+    from stages.resume import ResumeMismatchError, diff_for_resume
+
+    old, new = resolved_stage(), resolved_stage({"run_dir": "/new"})
+    old.data = {"key": "k", "start": {"positions": {"/old/run/data/k/corpus": 0}}}
+    new.data = {"key": "k", "start": {"positions": {"/new/run/data/k/corpus": 0}}}
+    with pytest.raises(ResumeMismatchError) as err:
+        diff_for_resume(old, new)
+    _one_line(err, "run_dir or data.cache_dir moved")
+    assert "None" not in str(err.value)
+
+
+def test_an_empty_sealed_tag_reads_as_a_sentence(tmp_path, caplog):
+    ds = tmp_path / "ds_ckpt"
+    for step in (2, 4):
+        (ds / f"step{step:08d}").mkdir(parents=True)
+        torch.save({"w": torch.ones(2)}, ds / f"step{step:08d}" / "a.pt")
+        tag_seal.write_seal(ds / f"step{step:08d}")
+    (ds / "step00000004" / "a.pt").unlink()
+    (ds / "step00000004" / tag_seal.SEAL_NAME).write_text("")  # an older seal: no digests
+    with caplog.at_level(logging.WARNING):
+        assert elastic.pick_tag(ds, warn=True) == "step00000002"
+    assert "step00000004 is empty (no .pt files)" in caplog.text and "is holds" not in caplog.text

@@ -79,6 +79,10 @@ def check_layout_fields(cfg: dict[str, Any]) -> None:
         raise LayoutError(f"field 'deepspeed.tensor_parallel': {what} = {tp * pp} does not divide the "
                           f"{world} ranks (nproc × nnodes), so TP × PP × DP ≠ world size; pick degrees "
                           f"whose product divides {world}")
+    if ds["sequence_parallel"] and tp == 1:
+        raise LayoutError("field 'deepspeed.sequence_parallel' is true with deepspeed.tensor_parallel 1: it "
+                          "splits the sequence over the TP ranks, so it would do nothing; set it to false or "
+                          "set tensor_parallel > 1")
     if ds["sequence_parallel"] and tp > 1 and cfg["stage"]["seq_len"] % tp:
         raise LayoutError(f"field 'deepspeed.sequence_parallel': stage.seq_len {cfg['stage']['seq_len']} does not "
                           f"divide by tensor_parallel {tp} (each TP rank holds 1/{tp} of the sequence); pick a "
