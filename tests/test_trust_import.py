@@ -249,3 +249,10 @@ def test_apply_resume_redoes_moments_when_the_source_moments_changed(tmp_path, c
     for kind in resumed:
         for name in resumed[kind].names():
             assert torch.equal(resumed[kind].get(name), fresh[kind].get(name)), (kind, name)
+
+
+def test_export_teleflm_of_a_non_release_does_not_promise_remote_code(tmp_path, capsys, s1):
+    rc, out, err = grow(capsys, "export-hf", s1, "--out", tmp_path / "t", "--format", "teleflm")
+    assert rc == 0, err
+    assert "auto_map" not in json.loads((tmp_path / "t" / "config.json").read_text())
+    assert "trust_remote_code" not in out and "no auto_map" in out
