@@ -272,6 +272,10 @@ def run_multinode(cfg: TrainConfig) -> dict[str, Any]:
         run_grow_ranks(cfg, message["grow"], layout)
         message = coord.wait_for("train")
     start = time.time()
+    if not Path(message["snapshot"]).is_file():  # node 0's run_dir is not this node's
+        raise MultiNodeError(f"node {cfg.node_rank}: node 0's stage config {message['snapshot']} is not visible "
+                             f"here; run_dir ({cfg.run_dir!r}) must be one shared directory, the same path on "
+                             f"every node (a relative run_dir resolves against each node's working directory)")
     launch_workers(cfg, Path(message["snapshot"]), layout)
     log.info("[%s] node %d done in %.0f s", cfg.stage.name, cfg.node_rank, time.time() - start)
     return layout.read_summary() or {}
