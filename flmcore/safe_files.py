@@ -83,6 +83,19 @@ def copy_regular(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             shutil.copyfileobj(fin, fout, 16 << 20)
 
 
+def write_fresh(path: str | os.PathLike, data: bytes | str, mode: int = 0o666) -> None:
+    """Write ``path`` as a new file: whatever is there (a planted symlink included) is
+    removed first, never followed; ``O_EXCL | O_NOFOLLOW`` then fail rather than follow one
+    planted in between. For the temporary names our atomic writes rename into place."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
 def refuse_control_chars(what: str, value: str) -> str | None:
     """A one-line complaint when ``value`` holds a control character (newline, tab, ESC, …)
     that would break a script or a log line it is written into; None when it is clean."""

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flmcore.safe_files import write_fresh
+
 if TYPE_CHECKING:
     from stages.config import TrainConfig
 
@@ -113,6 +115,6 @@ def write_slurm(cfg: TrainConfig) -> dict[str, Any]:
 
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(text)
+    write_fresh(tmp, text)
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)

@@ -23,6 +23,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from flmcore.safe_files import write_fresh
+
 SEAL_NAME = ".complete"
 SEAL_FORMAT = 1
 
@@ -45,7 +47,7 @@ def write_seal(tag_dir: Path) -> None:
         if stat.S_ISREG(st.st_mode):
             files[name] = {"size": st.st_size, "sha256": _digest(tag_dir / name)}
     tmp = tag_dir / f"{SEAL_NAME}.tmp"
-    tmp.write_text(json.dumps({"format": SEAL_FORMAT, "files": files}, indent=1, sort_keys=True) + "\n")
+    write_fresh(tmp, json.dumps({"format": SEAL_FORMAT, "files": files}, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, tag_dir / SEAL_NAME)
 
 

@@ -16,6 +16,7 @@ from growth.checkpoint import (
     OPTIMIZER_DIR,
     CheckpointReader,
     lock_path,
+    manifest_path,
     open_moments,
     save_checkpoint,
     staging_dir,
@@ -197,6 +198,17 @@ def test_symlinked_staging_dir_is_refused_and_its_target_untouched(tmp_path, cap
     assert_one_line_error(rc, err, str(staging_dir(out)), "symlink")
     assert rc == 2 and sorted(p.name for p in target.iterdir()) == ["keep.txt"] and not out.exists()
     assert not lock_path(out).exists()
+
+
+def test_a_planted_symlink_at_a_temporary_name_is_never_followed(tmp_path, capsys, s1):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "X"
+    manifest_tmp = manifest_path(out).with_name(manifest_path(out).name + ".tmp")
+    manifest_tmp.symlink_to(victim)
+    rc, _, err = grow(capsys, "apply", "--from", s1, "--to", "tiny-s2", "--out", out)
+    assert rc == 0, err
+    assert victim.read_text() == "precious\n"
 
 
 # ---------------------------------------------------------------------- grow apply resume

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flmcore.safe_files import SymlinkError, copy_regular, open_nofollow
+from flmcore.safe_files import SymlinkError, copy_regular, open_nofollow, write_fresh
 from growth.checkpoint.format import (
     DEFAULT_MAX_SHARD_SIZE,
     HISTORY_NAME,
@@ -167,7 +167,7 @@ def plan_entries(entries: Sequence[Entry], max_shard_size: int, root: str = "") 
 def write_json(path: Path, data: Any, sort_keys: bool = False) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+    write_fresh(tmp, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
     os.replace(tmp, path)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from flmcore.safe_files import release_flock, try_flock
+from flmcore.safe_files import release_flock, try_flock, write_fresh
 from stages.data import indexed
 from stages.data.errors import DataError
 from stages.data.sources import Unit, iter_unit, list_inputs, plan_units, precheck
@@ -330,6 +330,6 @@ def _publish(prefix: Path, parts: Path, units: list[Unit], tok: Any, shard_size:
     }
     path = manifest_path(prefix)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_fresh(tmp, json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, path)
     return manifest
