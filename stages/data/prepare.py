@@ -223,6 +223,8 @@ def _prepare_locked(files: list[Path], tokenizer: str, prefix: Path, workers: in
         raise DataError(f"--out {prefix}: already holds a dataset prepared from other inputs or settings; "
                         f"choose another --out or delete {manifest_path(prefix)} and its shards")
     parts = Path(f"{prefix}{PARTS_SUFFIX}")
+    if parts.is_symlink():
+        raise DataError(f"{parts}: the parts folder is a symlink; remove it (it is never followed)")
     old = None
     if (parts / JOB_NAME).is_file():
         try:
