@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flmcore.safe_files import write_fresh
+
 
 def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> Path:
     """Write ``text`` to ``path`` whole or not at all (``mode``: chmod before the rename)."""
@@ -19,7 +21,7 @@ def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        tmp.write_text(text)
+        write_fresh(tmp, text)  # a symlink planted at the temporary name is never followed
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from operators import GrowthError
 from stages.layout import LayoutError
 from stages.schema import (
     MAX_PORT,
@@ -20,7 +21,9 @@ from stages.schema import (
     StageCfg,
     StageConfigError,
     TrainConfig,
+    growth_spec,
 )
+from stages.script_text import check_config_text
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -30,6 +33,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     growth shapes are checked by the orchestrator afterwards (they need the disk).
     """
     stage, ds = cfg.stage, cfg.deepspeed
+    check_config_text(cfg)  # names and paths reach scripts: no control characters
     for name, value in {"stage.lr": stage.lr, "stage.eps": stage.eps, "stage.weight_decay": stage.weight_decay,
                         "stage.min_lr_ratio": stage.min_lr_ratio, "stage.rewarm_peak_ratio": stage.rewarm_peak_ratio,
                         "deepspeed.gradient_clipping": ds.gradient_clipping,
@@ -65,10 +69,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                "starts from one of them (or neither, for a fresh init)")
     if stage.parent == stage.name:
         raise StageConfigError(f"field 'stage.parent' names the stage itself ({stage.name!r})")
+    check_growth_fields(stage)  # also on a stage with no parent: a typo is never silent
     check_deepspeed(ds, cfg.world)
     check_layout_fields(cfg)  # TP × PP × DP = ranks (model shapes: stages.layout.check_stage_layout)
     check_scale(cfg)
     return cfg
+
+
+def check_growth_fields(stage: StageCfg) -> None:
+    try:
+        growth_spec(stage.growth).validate()
+    except GrowthError as err:
+        raise StageConfigError(f"stage.growth: {str(err).splitlines()[0]}") from None
 
 
 def check_rewarm(stage: StageCfg) -> None:
@@ -148,6 +160,10 @@ def check_layout_fields(cfg: TrainConfig) -> None:
         raise LayoutError(f"field 'deepspeed.tensor_parallel': {what} = {tp * pp} does not divide the "
                           f"{world} ranks (nproc × nnodes), so TP × PP × DP ≠ world size; pick degrees "
                           f"whose product divides {world}")
+    if ds.sequence_parallel and tp == 1:
+        raise LayoutError("field 'deepspeed.sequence_parallel' is true with deepspeed.tensor_parallel 1: it "
+                          "splits the sequence over the TP ranks, so it would do nothing; set it to false or "
+                          "set tensor_parallel > 1")
     if ds.sequence_parallel and tp > 1 and cfg.stage.seq_len % tp:
         raise LayoutError(f"field 'deepspeed.sequence_parallel': stage.seq_len {cfg.stage.seq_len} does not "
                           f"divide by tensor_parallel {tp} (each TP rank holds 1/{tp} of the sequence); pick a "

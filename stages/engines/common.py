@@ -153,7 +153,8 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
 
     def load_checkpoint(self, directory: str | Path, tag: str) -> tuple[str | None, dict[str, Any]]:
-        return self.engine.load_checkpoint(str(directory), tag=tag)
+        with ds_compat.safe_checkpoint_loads():  # weights-only: nothing in the files runs
+            return self.engine.load_checkpoint(str(directory), tag=tag)
 
 
 class DeepSpeedModule(DeepSpeedEngine):

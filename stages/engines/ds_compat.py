@@ -16,6 +16,9 @@ attribute / call                               class (module)                   
 ``MuonWithAuxAdam`` (placeholder module)      module deepspeed.runtime.zero.muon.muon_opt. 0.19.8
 ``engine.grid.data_parallel_id``,              PipelineEngine (runtime/pipe/engine)         0.19.8
 ``grid.stage_to_global``, ``stage_owner``      PipelineModule (runtime/pipe/module)         0.19.8
+``torch.load(weights_only=False)`` calls       TorchCheckpointEngine.load, engine            0.19.8
+(replaced by ``flmcore.safe_load.load``         ``_get_all_zero_checkpoint_state_dicts``,
+while a checkpoint is loaded)                  utils/zero_to_fp32 (grow import)
 =============================================  ===========================================  ==========
 
 Why each is needed: a fresh engine has no Adam state (torch creates it lazily at the first
@@ -28,6 +31,12 @@ import the Muon optimizer module only to test ``isinstance(optimizer, MuonWithAu
 that import compiles Muon's kernels (``torch.compile`` pulls in dynamo: 1.9 s CPU per rank
 here). The trainer's optimizer is always AdamW, so a placeholder module whose
 ``MuonWithAuxAdam`` nothing is an instance of answers those checks instead.
+
+DeepSpeed reads its checkpoints with ``torch.load(weights_only=False)``: unpickling would
+run whatever a damaged or planted file names. While ``engine.load_checkpoint`` runs,
+:func:`safe_checkpoint_loads` makes every ``torch.load`` a weights-only read with the
+allowlist of :data:`flmcore.safe_load.DEEPSPEED_GLOBALS` (the classes DeepSpeed's own
+checkpoints hold); anything else is refused in one line naming the file and the global.
 
 ``pyproject.toml`` pins deepspeed to :data:`SUPPORTED`; :func:`check_version` refuses
 anything else in one line before an engine is built.
@@ -72,6 +81,13 @@ def check_version(installed: str | None = None) -> None:
     if not low <= version_tuple(installed) < high:
         raise DeepSpeedVersionError(f"deepspeed {installed} is not supported: stages/engines/ds_compat.py is verified "
                                     f"with {SUPPORTED_TEXT}; pip install '{SUPPORTED_TEXT}'")
+
+
+def safe_checkpoint_loads() -> Any:
+    """A context in which DeepSpeed's checkpoint reads are weights-only (see the module doc)."""
+    from flmcore.safe_load import guarded_torch_load
+
+    return guarded_torch_load()
 
 
 def skip_cpu_shm_build() -> None:

@@ -35,6 +35,7 @@ from flmcore.io import write_json_atomic
 from growth.checkpoint import CheckpointReader
 from growth.config import ModelConfig, resolve_config
 from operators import GrowthSpec, make_plan
+from stages.data import check_data
 from stages.launch.memory import MARGIN, dry_run_record, fit
 from stages.layout import Layout, check_model_split
 from stages.schema import StageCfg, TrainConfig, growth_spec
@@ -173,6 +174,7 @@ def dry_run_stage(cfg: TrainConfig, echo: Any = print) -> dict[str, Any]:
             echo(f"     {count:5d} × {op}")
     else:
         echo(f"   fresh init (seed {stage.seed}): no growth plan")
+    check_data(cfg.data, model.valid_vocab_size or model.vocab_size, f"stage.model {stage.model!r}")
     mem = memory_report(model, cfg)
     report["memory"] = mem
     echo_memory(mem, cfg, echo)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from flmcore.errors import FlmError
+from flmcore.safe_files import SymlinkError, is_regular, open_nofollow
 
 
 class StageLockedError(FlmError):
@@ -27,9 +28,9 @@ class StageLock:
 
     def holder(self) -> int | None:
         """The pid of a live holder, or None when the lock is free (nothing is taken)."""
-        if not self.path.is_file():
+        if not is_regular(self.path):
             return None
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = open_nofollow(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -40,7 +41,10 @@ class StageLock:
 
     def acquire(self) -> StageLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except SymlinkError as err:
+            raise StageLockedError(f"{self.path}: the stage's lock file {err.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

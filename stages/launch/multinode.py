@@ -55,9 +55,12 @@ def check_launchable(cfg: TrainConfig) -> None:
     """A multi-node launch needs master_port and master_addr (checked when one starts,
     not in validate: a composed 112-node config without them is fine for a dry run)."""
 
-    if cfg.master_port == 0 or cfg.master_port + 1 > MAX_PORT:
+    if cfg.master_port == 0:
         raise MultiNodeError(f"nnodes={cfg.nnodes} needs master_port: the same free TCP port on node 0 "
                              f"for every node (P for the config check, P+1 for torchrun's rendezvous)")
+    if cfg.master_port + 1 > MAX_PORT:
+        raise MultiNodeError(f"master_port={cfg.master_port} leaves no room for P+1 (torchrun's rendezvous); "
+                             f"pick a port up to {MAX_PORT - 1}")
     if not cfg.master_addr:
         raise MultiNodeError("nnodes > 1 needs master_addr: node 0's address, the same on every node")
 
@@ -220,6 +223,10 @@ def run_multinode(cfg: TrainConfig) -> dict[str, Any]:
         run_grow_ranks(cfg, message["grow"], layout)
         message = coord.wait_for("train")
     start = time.time()
+    if not Path(message["snapshot"]).is_file():  # node 0's run_dir is not this node's
+        raise MultiNodeError(f"node {cfg.node_rank}: node 0's stage config {message['snapshot']} is not visible "
+                             f"here; run_dir ({cfg.run_dir!r}) must be one shared directory, the same path on "
+                             f"every node (a relative run_dir resolves against each node's working directory)")
     launch_workers(cfg, Path(message["snapshot"]), layout)
     log.info("[%s] node %d done in %.0f s", cfg.stage.name, cfg.node_rank, time.time() - start)
     return layout.read_summary() or {}

@@ -57,6 +57,10 @@ def diff_for_resume(saved: Any, new: Any) -> list[str]:
         if _covered(key, ALLOWED):
             changes.append(f"{key}: {a.get(key)!r} → {b.get(key)!r}")
             continue
+        if key.startswith("resolved.data."):  # keyed by dataset paths: a moved run_dir or cache
+            raise ResumeMismatchError(f"resume=true: the stage's data is not where its checkpoint's was ({key}); "
+                                      f"if run_dir or data.cache_dir moved, move them back (the stream is "
+                                      f"keyed by the datasets' paths), or start a new stage")
         raise ResumeMismatchError(f"resume=true: field '{key}' is {b.get(key)!r} but the stage's checkpoint was "
                                   f"written with {a.get(key)!r}; set it back, or start a new stage "
                                   f"(stage.init_from={saved.stage_dir}/final after it finishes)")

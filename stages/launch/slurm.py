@@ -71,13 +71,15 @@ def print_commands(cfg: TrainConfig) -> dict[str, Any]:
 
 def sbatch_script(cfg: TrainConfig, stages: list[list[str]], name: str, output: Path) -> str:
     """A batch script: one task per node, one ``srun`` per stage (in order)."""
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={cfg.nnodes}",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={output}/slurm-%j.out",
+    from stages.script_text import sbatch_value as q
+
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={q(name)}", f"#SBATCH --nodes={q(cfg.nnodes)}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={q(f'{output}/slurm-%j.out')}",
              "# written by train-stage launcher=slurm: each task runs train-stage for its node, which",
              "# starts the node's ranks with torchrun (rendezvous at $MASTER_ADDR:$MASTER_PORT+1).",
              "set -euo pipefail",
              'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-             f"MASTER_PORT={cfg.master_port or DEFAULT_PORT}",
+             f"MASTER_PORT={q(cfg.master_port or DEFAULT_PORT)}",
              f"cd {shlex.quote(os.getcwd())}"]
     for overrides in stages:
         cmd = node_command(cfg, SLURM_NODE_RANK, "MASTER_ADDR_", overrides)

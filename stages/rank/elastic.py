@@ -4,12 +4,13 @@
   the group and starts it again (``TORCHELASTIC_RESTART_COUNT`` > 0). A restarted rank
   resumes by itself from this stage's newest *sound* DeepSpeed checkpoint, at the same
   data position (batches are a pure function of the step).
-- Sound = sealed and readable: after every save, once all ranks passed the barrier,
-  rank 0 writes ``TAG/.complete`` (a save killed midway has none) and deletes all but the
-  newest ``keep_checkpoints`` tags (and any tag newer than this one: a crashed future).
-  On resume every ``*.pt`` of the tag must open as a zip archive (torch's format; a
-  truncated file has no central directory). An unsound newest tag is skipped for the
-  one before it, with one warning line.
+- Sound = sealed and intact: after every save, once all ranks passed the barrier,
+  rank 0 writes ``TAG/.complete`` with every file's size and SHA-256 (a save killed
+  midway has none; ``stages.tag_seal``) and deletes all but the newest
+  ``keep_checkpoints`` tags (and any tag newer than this one: a crashed future). Before a
+  resume the tag's files must be exactly the sealed ones, each with its sealed digest (a
+  file overwritten in place, copied from another tag, deleted or added is caught). An
+  unsound newest tag is skipped for the newest sound one, with one warning line.
 - The loss of every step is checked on every rank (one tiny all-reduce) before any
   checkpoint of that step is written; a NaN/inf stops the stage on all ranks with a
   message naming the step, and the last good checkpoint stays the newest sound one. A
@@ -27,15 +28,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from flmcore.errors import FlmError
+from stages import tag_seal
 
 log = logging.getLogger(__name__)
 
-SEAL_NAME = ".complete"
+SEAL_NAME = tag_seal.SEAL_NAME
 NONFINITE_NAME = ".nonfinite"
 TAG_PREFIX = "step"  # DeepSpeed checkpoint tags: step00000042 (tag_of)
 
@@ -62,8 +63,8 @@ def tags(ds_dir: Path) -> list[Path]:
 
 
 def seal(ds_dir: Path, tag: str, keep: int) -> None:
-    """Rank 0, after every rank saved ``tag``: mark it sound and rotate."""
-    (ds_dir / tag / SEAL_NAME).write_text("")
+    """Rank 0, after every rank saved ``tag``: seal it (every file's digest) and rotate."""
+    tag_seal.write_seal(ds_dir / tag)
     import shutil
 
     sound = [t for t in tags(ds_dir) if t.name <= tag and (t / SEAL_NAME).is_file()]
@@ -73,19 +74,8 @@ def seal(ds_dir: Path, tag: str, keep: int) -> None:
 
 
 def unsound_reason(tag_dir: Path) -> str | None:
-    """None for a sealed, readable checkpoint; else why it cannot be resumed."""
-    if not (tag_dir / SEAL_NAME).is_file():
-        return "incomplete (no seal: the save did not finish on every rank)"
-    files = sorted(tag_dir.glob("*.pt"))
-    if not files:
-        return "holds no .pt files"
-    for path in files:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                archive.infolist()
-        except (zipfile.BadZipFile, OSError) as err:
-            return f"truncated or corrupt ({path.name}: {err})"
-    return None
+    """None for a sealed checkpoint whose files are as sealed; else why it cannot be resumed."""
+    return tag_seal.problem(tag_dir)
 
 
 def pick_tag(ds_dir: Path, warn: bool) -> str:
