@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,10 @@ def tags(ds_dir: Path) -> list[Path]:
     return sorted(p for p in ds_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
 
 
-def seal(ds_dir: Path, tag: str, keep: int) -> None:
-    """Rank 0, after every rank saved ``tag``: seal it (every file's digest) and rotate."""
-    tag_seal.write_seal(ds_dir / tag)
+def seal(ds_dir: Path, tag: str, keep: int, files: dict[str, Any] | None = None) -> None:
+    """Rank 0, after every rank saved ``tag``: seal it with ``files`` (every rank's share of
+    the digests, ``tag_seal.digests``; None: digest them all here) and rotate."""
+    tag_seal.write_seal(ds_dir / tag, files)
     import shutil
 
     sound = [t for t in tags(ds_dir) if t.name <= tag and (t / SEAL_NAME).is_file()]
@@ -78,11 +80,15 @@ def unsound_reason(tag_dir: Path) -> str | None:
     return tag_seal.problem(tag_dir)
 
 
-def pick_tag(ds_dir: Path, warn: bool) -> str:
-    """The newest sound tag; a one-line warning (if ``warn``) for each newer one skipped."""
+def pick_tag(ds_dir: Path, warn: bool, rank: int = 0, world: int = 1,
+             agree: Callable[[str | None], str | None] = lambda reason: reason) -> str:
+    """The newest sound tag; a one-line warning (if ``warn``) for each newer one skipped.
+
+    With ``world`` ranks each checks its share of the digests and ``agree`` (a collective:
+    the first rank's reason that is not None) makes every rank judge a tag alike."""
     skipped = []
     for tag_dir in reversed(tags(ds_dir)):
-        reason = unsound_reason(tag_dir)
+        reason = agree(tag_seal.problem(tag_dir, rank, world))
         if reason is None:
             if skipped and warn:
                 log.warning("%s: the newest checkpoint %s is %s; resuming from %s instead",
@@ -121,7 +127,7 @@ def check_finite(loss: Any, step: int, stage_dir: Path, rank: int, ds_dir: Path,
         return
     if rank == 0 and saved_step == step - 1:
         unseal(ds_dir, tag_of(saved_step))
-    good = [t.name for t in tags(ds_dir) if unsound_reason(t) is None]
+    good = [t.name for t in tags(ds_dir) if (t / SEAL_NAME).is_file()]  # the resume checks the digests
     keep = f"the last good checkpoint is {ds_dir / good[-1]} (resume=true continues from it)" if good else \
         "no checkpoint was written before it"
     message = (f"non-finite loss at step {step}: the stage stopped; {keep}; lower stage.lr or check the "

@@ -37,6 +37,7 @@ from growth.checkpoint import CheckpointReader, append_event, new_history
 from growth.config import ModelConfig
 from growth.model import init_state_dict
 from growth.runs import StageDir
+from stages import tag_seal
 from stages.engines import optim_state
 from stages.engines.build import build_engine
 from stages.engines.protocol import Batch
@@ -211,7 +212,8 @@ class Trainer:
         self.check_start()
     def restore(self) -> None:
         """Weights, Adam state and step from the latest ``ds_ckpt/`` checkpoint."""
-        tag = elastic.pick_tag(self.layout.ds_ckpt, warn=self.rank == 0)  # the newest sound one
+        tag = elastic.pick_tag(self.layout.ds_ckpt, warn=self.rank == 0, rank=self.rank, world=self.world,
+                               agree=self.first_problem)  # the newest sound one; each rank digests a share
         path, client = self.engine.load_checkpoint(self.layout.ds_ckpt, tag)
         if path is None:
             raise WorkerError(f"{self.layout.ds_ckpt}: could not load the latest DeepSpeed checkpoint")
@@ -224,6 +226,14 @@ class Trainer:
         if start != self.data.tokens_start:
             raise WorkerError(f"{self.layout.ds_ckpt}: the checkpoint's data stream started at token {start}, "
                               f"this resume at {self.data.tokens_start}; keep the parent's summary.json")
+
+    def first_problem(self, reason: str | None) -> str | None:
+        """Collective: the first rank's complaint about a tag (None when no rank has one)."""
+        import torch.distributed as dist
+
+        reasons: list[str | None] = [None] * self.world
+        dist.all_gather_object(reasons, reason)
+        return next((r for r in reasons if r is not None), None)
 
     def check_start(self) -> None:
         """Warnings about the start, once, on rank 0."""
@@ -312,10 +322,13 @@ class Trainer:
                   "wall_seconds": self.wall_before + time.perf_counter() - self.begin,
                   "data_tokens_start": self.data.tokens_start,  # data (stages.data)
                   "skipped_steps": self.skips.steps}
-        self.engine.save_checkpoint(ds_dir, elastic.tag_of(self.step), client)
-        dist.barrier()
-        if self.rank == 0:  # sealed once every rank saved; keeps the newest cfg.keep_checkpoints
-            elastic.seal(ds_dir, elastic.tag_of(self.step), self.cfg.keep_checkpoints)
+        tag = elastic.tag_of(self.step)
+        self.engine.save_checkpoint(ds_dir, tag, client)
+        dist.barrier()  # every rank saved: each digests its share of the files, rank 0 seals
+        shares: list[dict[str, Any] | None] = [None] * self.world
+        dist.all_gather_object(shares, tag_seal.digests(ds_dir / tag, self.rank, self.world))
+        if self.rank == 0:  # keeps the newest cfg.keep_checkpoints
+            elastic.seal(ds_dir, tag, self.cfg.keep_checkpoints, {k: v for part in shares for k, v in part.items()})
         dist.barrier()
         self.saved_step = self.step
 

@@ -282,6 +282,32 @@ def test_seal_records_every_file(tmp_path):
     assert tag_seal.problem(tag).startswith("truncated (a.pt has 10 bytes")
 
 
+def test_ranks_share_the_digests_and_together_catch_any_damage(tmp_path):
+    """Sealing and checking are split over ranks (each file digested once across the job):
+    the merged shares equal a one-process seal, and a damaged file is caught by exactly the
+    rank whose share holds it, so the ranks' answers together (the trainer's all-gather)
+    judge the tag as one process would."""
+    tag = tmp_path / "step00000002"
+    tag.mkdir()
+    for i in range(5):
+        torch.save({"w": torch.full((3,), float(i))}, tag / f"f{i}.pt")
+    world = 3
+    shares = [tag_seal.digests(tag, r, world) for r in range(world)]
+    assert sorted(len(s) for s in shares) == [1, 2, 2]
+    merged = {k: v for part in shares for k, v in part.items()}
+    assert merged == tag_seal.digests(tag)
+    tag_seal.write_seal(tag, merged)
+    assert all(tag_seal.problem(tag, r, world) is None for r in range(world))
+    data = bytearray((tag / "f3.pt").read_bytes())
+    data[-30] ^= 0xFF  # same size, another digest
+    (tag / "f3.pt").write_bytes(bytes(data))
+    reasons = [tag_seal.problem(tag, r, world) for r in range(world)]
+    assert [r is not None for r in reasons] == ["f3.pt" in tag_seal.share(list(merged), r, world)
+                                                 for r in range(world)]
+    assert sum(r is not None for r in reasons) == 1 and "f3.pt differs" in next(filter(None, reasons))
+    assert tag_seal.problem(tag) == next(filter(None, reasons))
+
+
 # ---------------------------------------------------------------------- small refusals, one line each
 def _one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
     text = str(err.value)
