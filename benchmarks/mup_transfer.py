@@ -35,7 +35,7 @@ from stages.mup.cli import compare, render
 from stages.mup.sweep import Curve, Key, SweepSpec, best_lr, steps_apart, sweep
 
 FULL = {"widths": (32, 64, 128, 256), "coord_widths": (32, 64, 128, 256, 512), "coord_seeds": (1, 2, 3),
-        "window": list(range(-10, -4)), "spec": SweepSpec(steps=120, parent_steps=120, seeds=(1, 2)),
+        "window": list(range(-9, -4)), "spec": SweepSpec(steps=120, parent_steps=120, seeds=(1, 2)),
         "parent": 64, "grown": (128, 256)}
 SMOKE = {"widths": (32, 64), "coord_widths": (32, 64, 128), "coord_seeds": (1,),
          "window": [-8, -7, -6], "spec": SweepSpec(steps=4, parent_steps=4, seeds=(1,), min_points=3,
@@ -104,7 +104,7 @@ def run_study(args: argparse.Namespace, out: Path, tmp: str) -> dict[str, Any]:
     from stages.mup.proxy import corpus
 
     setup = SMOKE if args.smoke else FULL
-    base, info = get_flavor("tiny-s1"), corpus(tmp)
+    base, info = get_flavor("mup-w32"), corpus(tmp)  # the proxy family at its base width
     coords = coord_part(base, info, setup, args.smoke)
     coord_plot({f"{run} {r}": {k: v["delta"] for k, v in res[run].items()}
                 for r, res in coords.items() for run in ("mup", "sp", "mup_package") if run in res},

@@ -74,12 +74,15 @@ FLAVORS: dict[str, ModelConfig] = {
     # output_mult 2.0 (effective logit scale 1/40).
     "1t": _teleflm(140, 160, 20480, 98304, 81920, output_mult=2.0, base_width=256),
 }
-# μP transfer proxies (docs/mup.md): tiny-s1 (depth 2, head_dim 16, FFN 2.75×, base width 32)
-# at width w, μP (mup-wW) and its standard-parametrisation twin (sp-wW).
+# μP transfer proxies (docs/mup.md): tiny-s1's shape (depth 2, head_dim 16, FFN 2.75×, base
+# width 32) at width w, μP (mup-wW) and its standard-parametrisation twin (sp-wW). Their init
+# std is 0.1, tuned at the base width where μP and SP coincide (0.02 under-trains at width 32).
 PROXY_WIDTHS = (32, 64, 128, 256, 512, 1024)
+PROXY_INIT_STD = 0.1
 for _w in PROXY_WIDTHS:
-    FLAVORS[f"mup-w{_w}"] = at_width(FLAVORS["tiny-s1"], _w, use_mup=True)
-    FLAVORS[f"sp-w{_w}"] = at_width(FLAVORS["tiny-s1"], _w, use_mup=False)
+    _proxy = FLAVORS["tiny-s1"].replace(initializer_range=PROXY_INIT_STD)
+    FLAVORS[f"mup-w{_w}"] = at_width(_proxy, _w, use_mup=True)
+    FLAVORS[f"sp-w{_w}"] = at_width(_proxy, _w, use_mup=False)
 # The seed table counts 80,000 real tokens; the padded vocabs above keep every count
 # within 0.1% of it (52.82B / 102.21B / 1,083.81B vs 52.85B / 102.3B / 1,083.74B).
 

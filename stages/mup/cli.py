@@ -50,6 +50,22 @@ def render(regime: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report(run_dir: str, as_json: bool) -> int:
+    """Best LR and loss per model of a finished (or partial) Hydra sweep."""
+    from stages.mup.sweep import best_lr, collect
+
+    curves = collect(run_dir)
+    if as_json:
+        print(json.dumps({m: {f"{lr:g}": v for lr, v in c.items()} for m, c in curves.items()}))
+        return 0
+    print(f"{'model':<20}{'best lr':>12}{'mean loss':>12}{'points':>8}")
+    for model, curve in curves.items():
+        lr = best_lr(curve)
+        edge = " (at an end of the grid: extend it)" if lr in (min(curve), max(curve)) else ""
+        print(f"{model:<20}{lr:>12g}{sum(curve[lr]) / len(curve[lr]):>12.4f}{len(curve):>8}{edge}")
+    return 0 if curves else 1
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mup-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-s1", help="flavor, config.json or checkpoint dir (μP proxy)")
@@ -62,6 +78,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-cache", default=None, help="where the embedded corpus is prepared (default: a temp dir)")
     p.add_argument("--plot", default=None, help="write |Δx| vs width to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="RUN_DIR", default=None,
+                   help="instead: read a `train-stage -m schedule=mup_sweep` run dir, print the best LR per model")
     return p.parse_args(argv)
 
 
@@ -71,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from stages.mup.proxy import corpus
 
     args = parse(argv)
+    if args.report:
+        return report(args.report, args.json)
     base = resolve_config(args.model)
     if not base.use_mup:
         print(f"mup-check: error: {args.model} has use_mup false; give the μP proxy", file=sys.stderr)

@@ -33,7 +33,7 @@ EMBEDDED = {"source": "embedded", "max_bytes": 2_000_000}  # ~2M byte tokens: pl
 
 def proxy_stage(**changes: Any) -> StageCfg:
     """The stage settings of the μP proxy runs (conf/stage/mup_proxy.yaml has the same)."""
-    base = StageCfg(name="mup_proxy", steps=200, micro_batch_size=16, seq_len=64, lr=4e-3,
+    base = StageCfg(name="mup_proxy", steps=120, micro_batch_size=8, seq_len=64, lr=4e-3,
                     warmup_steps=20, decay="cosine", min_lr_ratio=0.1, weight_decay=0.1,
                     eval_batches=8, save_every=0, seed=1)
     return dataclasses.replace(base, **changes)

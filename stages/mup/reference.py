@@ -3,7 +3,8 @@
 The decoder is the project's (``growth.model``) built in standard parametrisation; the
 package then does all of μP: ``lm_head`` becomes a ``mup.MuReadout`` (logits × output_mult /
 width_mult), ``mup.set_base_shapes`` marks widths against base and delta models of the
-proxy at base width and twice that, ``mup.init.normal_`` re-initialises every tensor (std /
+proxy at base width and twice that, ``mup.init.normal_`` re-initialises every tensor (the
+config's initializer_range, /
 sqrt(width_mult) for hidden matrices) and ``mup.MuAdamW`` sets the per-width LRs. Nothing
 from ``operators.mup`` or ``flmcore.init`` is used, so agreement with the project's own μP
 is a check of both.
@@ -21,8 +22,6 @@ import torch
 from growth.config import ModelConfig, at_width
 from growth.model import TeleFLMForCausalLM
 from stages.mup.proxy import ProxyRun
-
-STD = 0.02  # the project's initializer_range: the base-width std of every matrix
 
 
 def available() -> bool:
@@ -55,7 +54,7 @@ def build(config: ModelConfig, seed: int, run: ProxyRun) -> ProxyRun:
             if p.ndim == 1:
                 p.fill_(1.0)  # norm gains
             else:
-                mup.init.normal_(p, 0.0, STD)  # std / sqrt(width_mult) for hidden matrices
+                mup.init.normal_(p, 0.0, config.initializer_range)  # std / sqrt(width_mult) for hidden matrices
     stage = run.stage
     run.model = model
     run.optimizer = mup.MuAdamW(model.parameters(), lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,3 +147,22 @@ def sweep(base: ModelConfig, info: dict[str, Any], windows: dict[Key, list[int]]
 def steps_apart(a: float, b: float) -> int:
     """Grid steps between two LRs of the ×2 grid."""
     return abs(round(math.log2(a) - math.log2(b)))
+
+
+def collect(run_dir: str | Path) -> dict[str, Curve]:
+    """A ``train-stage -m schedule=mup_sweep`` run dir → stage.model → {lr: [eval_loss_end per seed]}."""
+    from growth.runs import StageDir
+
+    rows = []
+    for path in sorted(Path(run_dir).iterdir()):
+        layout = StageDir(path)
+        if not path.is_dir():
+            continue
+        summary, resolved = layout.read_summary(), layout.read_resolved()
+        if summary and resolved:
+            stage = resolved["stage"]
+            rows.append((stage["model"], float(stage["lr"]), int(stage["seed"]), summary["eval_loss_end"]))
+    out: dict[str, Curve] = {}
+    for model, lr, _, loss in sorted(rows):
+        out.setdefault(model, {}).setdefault(lr, []).append(loss)
+    return out
