@@ -17,6 +17,8 @@ timings); the last line is the JSON object {"lr_grid", "widths", "mup", "sp", "g
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -71,14 +73,15 @@ def scratch_rows(curves: dict[Key, Curve]) -> list[list[Any]]:
 
 
 def grown_part(base: Any, info: dict[str, Any], scratch: dict[Key, Curve], setup: dict[str, Any],
-               map_fn: Any) -> dict[Key, Curve]:
+               map_fn: Any, on_round: Any) -> dict[Key, Curve]:
     """Parents at ``setup["parent"]`` trained at their best LR, grown, their LR swept."""
     windows = {}
     for param in ("mup", "sp"):
         e = round(math.log2(best_lr(scratch[(param, setup["parent"], None, None)])))
         for width in setup["grown"]:
-            windows[(param, width, setup["parent"], e)] = list(range(e - 2, e + 3))[:len(setup["window"])]
-    return sweep(base, info, windows, setup["spec"], map_fn)
+            windows[(param, width, setup["parent"], e)] = [e - 1, e, e + 1]
+    spec = dataclasses.replace(setup["spec"], min_points=3)  # the question is only "where is the optimum"
+    return sweep(base, info, windows, spec, map_fn, on_round)
 
 
 def grown_rows(grown: dict[Key, Curve], scratch: dict[Key, Curve]) -> list[list[Any]]:
@@ -89,6 +92,17 @@ def grown_rows(grown: dict[Key, Curve], scratch: dict[Key, Curve]) -> list[list[
         rows.append([param, f"{parent}->{width}", f"{g:g}", f"{small:g}", steps_apart(g, small),
                      f"{wide:g}", steps_apart(g, wide)])
     return rows
+
+
+def partial(out: Path, part: str) -> Any:
+    """A sweep's ``on_round``: the curves so far to OUT/mup_transfer.partial.json (a long run's progress)."""
+    def write(curves: dict[Key, Curve]) -> None:
+        path = out / "mup_transfer.partial.json"
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        done[part] = {"/".join(str(x) for x in k): {f"{lr:g}": v for lr, v in c.items()} for k, c in curves.items()}
+        path.write_text(json.dumps(done, indent=1) + "\n")
+        print(f"[{part}] round done: {sum(len(c) for c in curves.values())} LR points", flush=True)
+    return write
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -114,10 +128,10 @@ def run_study(args: argparse.Namespace, out: Path, tmp: str) -> dict[str, Any]:
     map_fn = pool.imap if pool else map
     try:
         windows = {(p, w, None, None): setup["window"] for p in ("mup", "sp") for w in setup["widths"]}
-        scratch = sweep(base, info, windows, setup["spec"], map_fn)
+        scratch = sweep(base, info, windows, setup["spec"], map_fn, partial(out, "scratch"))
         print_table(["param", "width", "best lr", "loss", "points"], scratch_rows(scratch),
                     title="LR sweep from scratch (mean over seeds)")
-        grown = grown_part(base, info, scratch, setup, map_fn)
+        grown = grown_part(base, info, scratch, setup, map_fn, partial(out, "grown"))
     finally:
         if pool:
             pool.close()
@@ -137,8 +151,6 @@ def run_study(args: argparse.Namespace, out: Path, tmp: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import json
-
     args = parse(argv)
     wall, cpu, load0 = time.perf_counter(), cpu_seconds(), os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

@@ -73,16 +73,29 @@ def scratch_loss(base: ModelConfig, info: dict[str, Any], p: Point, steps: int) 
     return train(run, Batches(info, stage))
 
 
+_PARENTS: dict[tuple[str, int, int, int, int], dict[str, torch.Tensor]] = {}  # per process: trained once
+
+
+def parent_weights(base: ModelConfig, info: dict[str, Any], p: Point, parent_steps: int) -> dict[str, torch.Tensor]:
+    """The parent of a grown point, trained at width ``p.parent_width`` (cached in this process)."""
+    assert p.parent_width is not None and p.parent_exponent is not None
+    key = (p.param, p.parent_width, p.parent_exponent, p.seed, parent_steps)
+    if key not in _PARENTS:
+        pstage = proxy_stage(steps=parent_steps, lr=lr_at(p.parent_exponent), seed=p.seed)
+        parent = ProxyRun(point_config(base, p.param, p.parent_width), pstage)
+        train(parent, Batches(info, pstage))
+        _PARENTS[key] = parent.state_dict()
+    return _PARENTS[key]
+
+
 def grown_loss(base: ModelConfig, info: dict[str, Any], p: Point, parent_steps: int, steps: int) -> float:
     """Train the parent (width ``p.parent_width``), grow it (zero, exact), train the grown stage."""
-    assert p.parent_width is not None and p.parent_exponent is not None
+    assert p.parent_width is not None
     small = point_config(base, p.param, p.parent_width)
-    pstage = proxy_stage(steps=parent_steps, lr=lr_at(p.parent_exponent), seed=p.seed)
-    data = Batches(info, pstage)
-    parent = ProxyRun(small, pstage)
-    train(parent, data)
+    data = Batches(info, proxy_stage(seed=p.seed))
     target = point_config(base, p.param, p.width)
-    config, weights = grow_state_dict(parent.state_dict(), small, target, GrowthSpec.from_strategy("zero"))
+    config, weights = grow_state_dict(parent_weights(base, info, p, parent_steps), small, target,
+                                      GrowthSpec.from_strategy("zero"))
     stage = proxy_stage(steps=steps, lr=lr_at(p.exponent), seed=p.seed)
     run = ProxyRun(config, stage, weights=weights, grown=True)
     return train(run, Offset(data, parent_steps))
@@ -125,10 +138,11 @@ Key = tuple[str, int, "int | None", "int | None"]  # param, width, parent width,
 
 
 def sweep(base: ModelConfig, info: dict[str, Any], windows: dict[Key, list[int]], spec: SweepSpec,
-          map_fn: Any = map) -> dict[Key, Curve]:
+          map_fn: Any = map, on_round: Any = None) -> dict[Key, Curve]:
     """Run every key's window, then extend each curve until its optimum is interior.
 
-    ``map_fn(run_point, tasks)`` runs the points (``map``, or a process pool's ``imap``)."""
+    ``map_fn(run_point, tasks)`` runs the points (``map``, or a process pool's ``imap``);
+    ``on_round(curves)`` sees the curves after every round (partial results)."""
     curves: dict[Key, Curve] = {k: {} for k in windows}
     todo = dict(windows)
     for _ in range(spec.max_rounds):
@@ -139,6 +153,8 @@ def sweep(base: ModelConfig, info: dict[str, Any], windows: dict[Key, list[int]]
         for p, loss in map_fn(run_point, tasks):
             key = (p.param, p.width, p.parent_width, p.parent_exponent)
             curves[key].setdefault(lr_at(p.exponent), []).append(loss)
+        if on_round is not None:
+            on_round(curves)
         todo = {k: more for k, c in curves.items()
                 if (more := needs_more(c, spec.lo, spec.hi, spec.min_points))}
     return {k: dict(sorted(c.items())) for k, c in curves.items()}
