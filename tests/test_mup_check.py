@@ -50,7 +50,7 @@ def test_coordinate_check_tiny_widths(info):
 
 @pytest.mark.skipif(not reference.available(), reason="microsoft's mup package is not installed (dev extra)")
 def test_mup_package_reference_is_flat_too(info):
-    spec = coord.CoordSpec(widths=TINY_WIDTHS, steps=2, seeds=(1,), regime="many")
+    spec = coord.CoordSpec(widths=TINY_WIDTHS, steps=2, seeds=(1,), regime="few")
     ref = coord.slopes(coord.coord_check(get_flavor("tiny-s1"), spec, info, True, build=reference.build))
     assert all(abs(s["slope"]) < 0.3 for s in ref.values()), ref
 
@@ -108,3 +108,5 @@ def test_mup_check_console_script(capsys):
     assert main(["--widths", "32,64,128", "--steps", "2", "--seeds", "1", "--regime", "few", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["few"]["verdict"].startswith("PASS") and result["few"]["sp"]["logits"]["slope"] > 0.5
+    steps = result["few"]["steps"]["mup"]["logits"]["64"]  # [mean |x|, mean |Δx|] at t = 0, 1, 2
+    assert len(steps) == 3 and steps[0][1] == 0.0 and all(x > 0 and d > 0 for x, d in steps[1:])

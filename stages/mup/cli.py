@@ -29,13 +29,25 @@ def compare(base: Any, spec: coord.CoordSpec, info: dict[str, Any], reference: b
     """μP, SP (and the ``mup`` package): slopes per activation and the verdict of one regime."""
     from stages.mup import reference as ref
 
-    out: dict[str, Any] = {}
-    for name, kw in RUNS.items():
-        out[name] = coord.slopes(coord.coord_check(base, spec, info, **kw))
+    runs = dict(RUNS)
     if reference and ref.available():
-        out["mup_package"] = coord.slopes(coord.coord_check(base, spec, info, True, build=ref.build))
+        runs["mup_package"] = {"use_mup": True, "build": ref.build}
+    out: dict[str, Any] = {"steps": {}}
+    for name, kw in runs.items():
+        result = coord.coord_check(base, spec, info, **kw)
+        out[name], out["steps"][name] = coord.slopes(result), coord.per_step(result)
     out["verdict"] = coord.verdict(out["mup"], out["sp"])
     return out
+
+
+def render_steps(regime: str, result: dict[str, Any]) -> str:
+    """mean |x| and |Δx| per step and width, per run and activation type (seed means)."""
+    lines = []
+    for run, kinds in result["steps"].items():
+        for kind, widths in kinds.items():
+            lines.append(f"{regime} {run} {kind}: " + "; ".join(
+                f"w{w} " + " ".join(f"{x:.3g}/{d:.3g}" for x, d in traj) for w, traj in widths.items()))
+    return "mean |x| / mean |Δx| at steps 0..T\n" + "\n".join(lines)
 
 
 def render(regime: str, result: dict[str, Any]) -> str:
@@ -78,6 +90,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-cache", default=None, help="where the embedded corpus is prepared (default: a temp dir)")
     p.add_argument("--plot", default=None, help="write |Δx| vs width to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--per-step", action="store_true", help="also print mean |x| / |Δx| per step and width")
     p.add_argument("--report", metavar="RUN_DIR", default=None,
                    help="instead: read a `train-stage -m schedule=mup_sweep` run dir, print the best LR per model")
     return p.parse_args(argv)
@@ -106,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         coord_plot({f"{run} {r}": {k: v["delta"] for k, v in res[run].items()}
                     for r, res in results.items() for run in ("mup", "sp", "mup_package") if run in res},
                    args.plot)
-    print(json.dumps(results) if args.json else "\n\n".join(render(r, res) for r, res in results.items()))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print("\n\n".join(render(r, res) + ("\n" + render_steps(r, res) if args.per_step else "")
+                          for r, res in results.items()))
     return 0 if all(res["verdict"].startswith("PASS") for res in results.values()) else 1
 
 

@@ -136,6 +136,15 @@ def final_delta(result: dict[int, list[Trajectory]], kind: str, step: int = -1) 
     return {w: sum(tr[step][kind][1] for tr in trs) / len(trs) for w, trs in result.items()}
 
 
+def per_step(result: dict[int, list[Trajectory]]) -> dict[str, dict[str, list[list[float]]]]:
+    """kind → width → per step t = 0..T [mean |x|, mean |Δx|], averaged over seeds."""
+    out: dict[str, dict[str, list[list[float]]]] = {}
+    for kind in KINDS:
+        out[kind] = {str(w): [[sum(tr[t][kind][i] for tr in trs) / len(trs) for i in (0, 1)]
+                              for t in range(len(trs[0]))] for w, trs in result.items()}
+    return out
+
+
 def fit_slope(points: dict[int, float]) -> float:
     """Least-squares slope of log value against log width."""
     xs = [math.log(w) for w in points]
