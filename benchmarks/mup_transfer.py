@@ -114,9 +114,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_study(args: argparse.Namespace, out: Path, tmp: str) -> dict[str, Any]:
+    import torch
+
     from stages.mup.plot import coord_plot, transfer_plot
     from stages.mup.proxy import corpus
 
+    torch.set_num_threads(1)  # tiny models: one thread per process (the pool adds processes)
     setup = SMOKE if args.smoke else FULL
     base, info = get_flavor("mup-w32"), corpus(tmp)  # the proxy family at its base width
     coords = coord_part(base, info, setup, args.smoke)
