@@ -174,10 +174,15 @@ def slopes(result: dict[int, list[Trajectory]], tol: float = TOLERANCE) -> dict[
 
 
 def verdict(mup: dict[str, dict[str, Any]], sp: dict[str, dict[str, Any]], tol: float = TOLERANCE) -> str:
-    """One line: μP flat (every |slope| ≤ tol) and SP not (some slope > tol)."""
-    bad = [k for k, s in mup.items() if abs(s["slope"]) > tol]
+    """One line: PASS when every μP curve is flat (|slope| ≤ tol), at least from some width on
+    (a curve converging to its limit, e.g. |Δlogits| falling as the W_0·Δh/width term dies
+    out), and SP grows in some activation (slope > tol)."""
+    late = {k: s["flat_from"] for k, s in mup.items() if abs(s["slope"]) > tol and s["flat_from"]}
+    bad = [k for k, s in mup.items() if abs(s["slope"]) > tol and not s["flat_from"]]
     grows = [k for k, s in sp.items() if s["slope"] > tol]
     ok = not bad and bool(grows)
     mup_text = "μP flat" if not bad else f"μP NOT flat in {', '.join(bad)}"
+    if late:
+        mup_text += " (" + ", ".join(f"{k} from width {w}" for k, w in late.items()) + ")"
     sp_text = f"SP grows in {', '.join(grows)}" if grows else "SP flat too (no contrast)"
     return f"{'PASS' if ok else 'FAIL'}: {mup_text} (|slope| ≤ {tol}); {sp_text}"
