@@ -4,7 +4,7 @@ Prepared for a lent H100/H200 (one GPU, ≤ 8 minutes in all). Phases, each time
 
 1. **train**: the 1.3B config below (Tele-FLM shape rules: head_dim 128, MHA, SwiGLU
    f ≈ 2.7·h, untied, vocab 80,384, μP multipliers as the 52B) through the trainer itself
-   (``stages.trainer.Trainer.train_step``: its ZeRO-1 engine, μP LR groups, schedule and
+   (``stages.rank.trainer.Trainer.train_step``: its ZeRO-1 engine, μP LR groups, schedule and
    logging, the loss synced to the host every ``--log-every`` steps; bf16, torch AdamW, one
    process — RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT are set here), random tokens;
    ``--warmup`` steps, then ``--steps`` timed steps;
@@ -13,7 +13,7 @@ Prepared for a lent H100/H200 (one GPU, ≤ 8 minutes in all). Phases, each time
    is ``ModelConfig.flops_per_token``: 6 × non-embedding parameters (lm_head included) +
    12·L·heads·head_dim·T for attention (PaLM's convention, no causal halving). Without
    activation checkpointing MFU equals hardware FLOPs utilisation. Target ≥ 50 %;
-3. **export**: ``Trainer.finish`` (final eval, ``stages.export.export_final`` → canonical
+3. **export**: ``Trainer.finish`` (final eval, ``stages.rank.export.export_final`` → canonical
    checkpoint (fp32) + Adam moments, summary.json), on the machine's disk (``--workdir``);
 4. **grow**: ``grow apply`` (the CLI, ``--workers N``) of that checkpoint into a ~2.3B
    target (hidden 2048→2560, heads 16→20, FFN 5504→6880, layers 20→24; zero strategy),
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import REPO, emit_json, fmt_bytes, fmt_seconds, machine_info, print_machine, print_table
+
+from flmcore.process import free_port
 
 # ~1.3B Tele-FLM: 20 × 50.6M per layer + 2 × 80384 × 2048 embeddings = 1.34B parameters
 MODEL_1B = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=20, num_attention_heads=16,
@@ -69,12 +70,6 @@ def peak_flops(device_name: str | None, override_tflops: float | None) -> float 
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------- phases
 def init_single_process() -> None:
     """A one-rank process group (what torchrun would set up), then DeepSpeed's comm layer.
@@ -85,7 +80,7 @@ def init_single_process() -> None:
     import torch
     import torch.distributed as dist
 
-    from stages.engine import init_distributed
+    from stages.engines.common import init_distributed
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
@@ -97,7 +92,7 @@ def init_single_process() -> None:
 
 
 class RandomTokens:
-    """The trainer's data interface (``stages.trainer.StageData``) over random token ids."""
+    """The trainer's data interface (``stages.rank.trainer.StageData``) over random token ids."""
 
     def __init__(self, vocab: int, micro_batch: int, seq: int, grad_accum: int):
         import torch
@@ -124,8 +119,9 @@ class RandomTokens:
 def make_trainer(config: Any, args: argparse.Namespace, stage_dir: Path) -> Any:
     """A Trainer of one stage on random tokens: ``warmup + steps`` steps, no DeepSpeed saves."""
     from growth.runs import StageDir
-    from stages.config import DeepSpeedCfg, ResolvedStage, StageCfg, TrainConfig
-    from stages.trainer import Trainer
+    from stages.rank.trainer import Trainer
+    from stages.resolved import ResolvedStage
+    from stages.schema import DeepSpeedCfg, StageCfg, TrainConfig
 
     stage = StageCfg(name="gpu_stage", steps=args.warmup + args.steps, micro_batch_size=args.micro_batch,
                      grad_accum=args.grad_accum, seq_len=args.seq, lr=3e-4, warmup_steps=1, save_every=0,

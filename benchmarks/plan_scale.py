@@ -14,7 +14,7 @@ projects:
   bandwidth), N ≤ number of shards (a shard is the unit of work). Disk-bound by
   assumption — operator arithmetic is a few passes over each tensor in RAM;
 - **DeepSpeed per-GPU model states** for each stage's layout from conf/stage/teleflm_*.yaml
-  (via ``stages.dry_run.memory_report``): ``estimate_zero2_model_states_mem_needs`` for
+  (via ``stages.launch.dry_run.memory_report``): ``estimate_zero2_model_states_mem_needs`` for
   ZeRO-0/1/2 — ZeRO-1 shares ZeRO-2's optimizer and DeepSpeed has no separate ZeRO-1
   formula — with the pipeline applied as *parameters ÷ pipeline degree per GPU and the
   data-parallel degree (ranks ÷ pipeline degree) as the GPU count over which Adam state
@@ -113,26 +113,25 @@ def run_measured(argv: list[str]) -> tuple[str, float, int]:
 
 
 # ---------------------------------------------------------------------- stage configs
-def compose_stages(names: list[str]) -> list[dict[str, Any]]:
-    """Each stage's resolved TrainConfig, composed from conf/ exactly as train-stage does."""
+def compose_stages(names: list[str]) -> list[Any]:
+    """Each stage's resolved TrainConfig (typed), composed from conf/ exactly as train-stage does."""
     from hydra import compose, initialize_config_dir
 
-    from stages.config import register_configs, to_plain
+    from stages.schema import register_configs, to_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return [to_plain(compose(config_name="train", overrides=[f"stage={n}"])) for n in names]
+        return [to_config(compose(config_name="train", overrides=[f"stage={n}"])) for n in names]
 
 
-def layouts(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def layouts(cfg: Any) -> list[tuple[str, Any]]:
     """The stage's configured DeepSpeed layout, then the same ranks without a pipeline."""
-    ds = cfg["deepspeed"]
-    label = (f"pipe {ds['pipeline_stages']} + ZeRO-{ds['zero_stage']}" if ds["pipeline"]
-             else f"ZeRO-{ds['zero_stage']}")
+    ds = cfg.deepspeed
+    label = f"pipe {ds.pipeline_stages} + ZeRO-{ds.zero_stage}" if ds.pipeline else f"ZeRO-{ds.zero_stage}"
     out = [(f"{label} (configured)", cfg)]
     for stage in (1, 3):
-        if ds["pipeline"] or ds["zero_stage"] != stage:
-            alt = {**cfg, "deepspeed": {**ds, "pipeline": False, "zero_stage": stage}}
+        if ds.pipeline or ds.zero_stage != stage:
+            alt = dataclasses.replace(cfg, deepspeed=dataclasses.replace(ds, pipeline=False, zero_stage=stage))
             out.append((f"ZeRO-{stage}, no pipeline", alt))
     return out
 
@@ -167,39 +166,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child_plan(*args.child)))
-        return {}
+def measure_growths(args: argparse.Namespace, cfgs: list[dict[str, Any]], per_worker: float, aggregate: float,
+                    worker_counts: list[int], shard_limit: int):
+    """Each growth of the schedule: plan time and RAM (a fresh process), bytes moved, projected
+    apply time → (records, the models each stage ends with, the three tables' rows)."""
     import torch
 
-    from growth.checkpoint import parse_size
     from growth.config import resolve_config
     from growth.executor import peak_memory_estimate, shard_tasks
     from operators import make_plan
-    from stages.config import growth_spec
-    from stages.dry_run import memory_report
+    from stages.schema import growth_spec
 
-    info = machine_info()
-    print_machine(info)
-    per_worker, aggregate = parse_rate(args.bandwidth), parse_rate(args.aggregate)
-    worker_counts = [int(w) for w in args.workers.split(",")]
-    shard_limit = parse_size(args.max_shard_size)
-    schedule = "tiny" if args.smoke else "teleflm"
-    cfgs = compose_stages(SCHEDULES[schedule])
     bf16 = torch.bfloat16
-
     growths, plan_rows, io_rows, time_rows = [], [], [], []
-    model = resolve_config(cfgs[0]["stage"]["model"])
+    model = resolve_config(cfgs[0].stage.model)
     models = [model]
     for cfg in cfgs[1:]:
-        stage = cfg["stage"]
-        spec = growth_spec(stage["growth"])
+        stage = cfg.stage
+        spec = growth_spec(stage.growth)
         if spec.positions == "distance":  # chosen from the weights; none here — same tensors and bytes
             spec = dataclasses.replace(spec, positions="interleave")
-        target = resolve_config(stage["model"])
-        child_argv = [json.dumps(model.to_hf_dict()), stage["model"], json.dumps(spec.to_dict())]
+        target = resolve_config(stage.model)
+        child_argv = [json.dumps(model.to_hf_dict()), stage.model, json.dumps(spec.to_dict())]
         if args.in_process:
             child, child_wall = child_plan(*child_argv), 0.0
         else:
@@ -208,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             child = json.loads(out.strip().splitlines()[-1])
         plan = make_plan(model, target, spec)
         ops = plan.tensor_ops()
-        moments = stage["growth"]["optimizer_state"]
+        moments = stage.growth.optimizer_state
         w_read = sum(_numel(op.src_shape) for op in ops if op.src_shape) * 2
         w_written = plan.config.params * 2
         m_read = 2 * sum(_numel(op.src_shape) for op in ops if op.src_shape) * 4 if moments else 0
@@ -217,13 +205,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shards = len(shard_tasks(plan.config, bf16, shard_limit))
         moment_shards = len(shard_tasks(plan.config, torch.float32, shard_limit)) * 2 if moments else 0
         apply_ram = peak_memory_estimate(plan, bf16, bf16, 1)
-        src_name = cfgs[cfgs.index(cfg) - 1]["stage"]["model"]
+        src_name = cfgs[cfgs.index(cfg) - 1].stage.model
         cli = {"wall_s": None, "max_rss": None}
         if not args.in_process:
             _, cli["wall_s"], cli["max_rss"] = run_measured(
-                [str(Path(sys.executable).parent / "grow"), "plan", "--from", src_name, "--to", stage["model"],
-                 "--json", "--optimizer", "--strategy", stage["growth"]["strategy"], "--positions", spec.positions])
-        name = f"{src_name} → {stage['model']}"
+                [str(Path(sys.executable).parent / "grow"), "plan", "--from", src_name, "--to", stage.model,
+                 "--json", "--optimizer", "--strategy", stage.growth.strategy, "--positions", spec.positions])
+        name = f"{src_name} → {stage.model}"
         plan_rows.append([name, f"{spec.hidden}/{spec.ffn}/{spec.heads}/{spec.depth}", child["tensors"],
                           f"{child['seconds']:.2f} s", fmt_bytes(child["peak_rss"] - child["rss_before"]),
                           fmt_bytes(child["peak_rss"]), _opt(cli["wall_s"], lambda v: f"{v:.1f} s"),
@@ -249,32 +237,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = plan.config.replace(growth_mask=None)  # the stage ends at c = 1, masks folded
         models.append(model)
 
-    print_table(["growth", "hidden/ffn/heads/depth", "tensors", "plan time", "plan RAM", "child peak RSS",
-                 "grow plan CLI", "CLI peak RSS"], plan_rows,
-                title="plan (operators.make_plan + tensor_ops, fresh process each; `grow plan --json` for the CLI)")
-    print("  plan RAM = peak RSS during the plan above the RSS before it (imports excluded); "
-          "child peak RSS includes python + torch")
-    print_table(["growth", "params", "read w (bf16)", "write w (bf16)", "read m (fp32)", "write m (fp32)",
-                 "total I/O", "shards (w + m)", "apply RAM/worker"], io_rows,
-                title="bytes grow apply moves (weights bf16, Adam exp_avg + exp_avg_sq fp32)")
-    print_table(["growth"] + [f"{w} worker{'s' if w > 1 else ''}" for w in worker_counts], time_rows,
-                title=f"projected grow apply time: I/O-bound at {args.bandwidth} per worker, "
-                      f"capped at {args.aggregate} aggregate")
+    return growths, models, (plan_rows, io_rows, time_rows)
 
+
+def memory_table(cfgs: list[dict[str, Any]], models: list[Any]) -> list[dict[str, Any]]:
+    """DeepSpeed's per-GPU model states of each stage's layouts, printed and returned."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from stages.launch.dry_run import memory_report
 
     mem_rows, stage_mem = [], []
     for cfg, config in zip(cfgs, models, strict=True):
         for label, layout in layouts(cfg):
             mem = memory_report(config, layout)
-            row = {"stage": cfg["stage"]["name"], "layout": label, "ranks": mem["ranks"],
+            row = {"stage": cfg.stage.name, "layout": label, "ranks": mem["ranks"],
                    "pipeline_degree": mem["pipeline_degree"], "data_parallel": mem["data_parallel"],
                    "params_per_gpu": mem["params_per_gpu"], "gpu_bytes": mem["gpu_bytes"],
                    "function": mem["function"]}
             worst = row["gpu_bytes"]
             if mem["pipeline_degree"] > 1:  # the fullest pipeline stage decides whether it fits
                 row["params_largest_stage"] = largest_pipeline_stage(config, mem["pipeline_degree"])
-                ranks = mem["data_parallel"] if layout["deepspeed"]["zero_stage"] > 0 else 1
+                ranks = mem["data_parallel"] if layout.deepspeed.zero_stage > 0 else 1
                 _, worst = estimate_zero2_model_states_mem_needs(
                     row["params_largest_stage"], num_gpus_per_node=ranks, num_nodes=1, cpu_offload=False)
                 row["gpu_bytes_largest_stage"] = worst
@@ -288,11 +271,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "its states", "< 80 GB"], mem_rows,
                 title="DeepSpeed per-GPU model states (weights + grads + Adam, no offload, activations excluded)")
     print("  ZeRO-0/1/2: estimate_zero2_model_states_mem_needs(params per GPU, num_gpus_per_node=DP, num_nodes=1,"
-          " cpu_offload=False)\n  — with a pipeline, params per GPU = params / pipeline degree (stages.dry_run), "
-          "and for the\n  fullest stage (layers split contiguously to balance parameters, embedding first, "
-          "norm + lm_head last)\n  ZeRO-3: estimate_zero3_model_states_mem_needs(params, largest tensor, "
-          "nproc, nnodes, cpu_offload=False)")
+          " cpu_offload=False)\n  — with a pipeline, params per GPU = params / pipeline degree "
+          "(stages.launch.dry_run), and for the\n  fullest stage (layers split contiguously to balance "
+          "parameters, embedding first, norm + lm_head last)\n  ZeRO-3: "
+          "estimate_zero3_model_states_mem_needs(params, largest tensor, nproc, nnodes, cpu_offload=False)")
+    return stage_mem
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child_plan(*args.child)))
+        return {}
+    from growth.checkpoint import parse_size
+
+    info = machine_info()
+    print_machine(info)
+    per_worker, aggregate = parse_rate(args.bandwidth), parse_rate(args.aggregate)
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    shard_limit = parse_size(args.max_shard_size)
+    schedule = "tiny" if args.smoke else "teleflm"
+    cfgs = compose_stages(SCHEDULES[schedule])
+    growths, models, (plan_rows, io_rows, time_rows) = measure_growths(args, cfgs, per_worker, aggregate,
+                                                                       worker_counts, shard_limit)
+    print_table(["growth", "hidden/ffn/heads/depth", "tensors", "plan time", "plan RAM", "child peak RSS",
+                 "grow plan CLI", "CLI peak RSS"], plan_rows,
+                title="plan (operators.make_plan + tensor_ops, fresh process each; `grow plan --json` for the CLI)")
+    print("  plan RAM = peak RSS during the plan above the RSS before it (imports excluded); "
+          "child peak RSS includes python + torch")
+    print_table(["growth", "params", "read w (bf16)", "write w (bf16)", "read m (fp32)", "write m (fp32)",
+                 "total I/O", "shards (w + m)", "apply RAM/worker"], io_rows,
+                title="bytes grow apply moves (weights bf16, Adam exp_avg + exp_avg_sq fp32)")
+    print_table(["growth"] + [f"{w} worker{'s' if w > 1 else ''}" for w in worker_counts], time_rows,
+                title=f"projected grow apply time: I/O-bound at {args.bandwidth} per worker, "
+                      f"capped at {args.aggregate} aggregate")
+
+    stage_mem = memory_table(cfgs, models)
     result = {"benchmark": "plan_scale", "schedule": schedule, "growths": growths, "memory": stage_mem,
               "bandwidth_per_worker": per_worker, "aggregate_bandwidth": aggregate,
               "workers": worker_counts, "smoke": args.smoke, "machine": info}

@@ -100,7 +100,7 @@ HEAD_PARAMS: tuple[Param, ...] = (EMBEDDING,)
 TAIL_PARAMS: tuple[Param, ...] = (FINAL_NORM, LM_HEAD)
 PARAMS: tuple[Param, ...] = (*HEAD_PARAMS, *LAYER_PARAMS, *TAIL_PARAMS)
 
-_BY_KEY = {p.key: p for p in PARAMS}
+PARAM_BY_KEY: dict[str, Param] = {p.key: p for p in PARAMS}  # table row of a key (layer index stripped)
 BLOCK_MATRICES: tuple[str, ...] = tuple(p.key for p in LAYER_PARAMS if p.is_block_matrix)
 RESIDUAL_WRITERS: tuple[str, ...] = tuple(p.key for p in LAYER_PARAMS if p.writes_residual)
 NORM_KEYS: tuple[str, ...] = tuple(p.key for p in PARAMS if p.is_norm)
@@ -125,13 +125,6 @@ def split_name(name: str) -> tuple[int | None, str]:
     """``model.layers.3.mlp.up_proj.weight`` → (3, ``mlp.up_proj.weight``); model-level → (None, name)."""
     m = LAYER_RE.match(name)
     return (int(m.group(1)), m.group(2)) if m else (None, name)
-
-
-def param_of(name: str) -> Param | None:
-    """The table row of an HF name (any layer index), or None for a name not in the table."""
-    layer, key = split_name(name)
-    p = _BY_KEY.get(key)
-    return p if p is not None and p.per_layer == (layer is not None) else None
 
 
 def is_norm(name: str) -> bool:

@@ -12,17 +12,18 @@ Two layouts:
   layout, partition for partition, so the same reconstruction applies.
 - a universal checkpoint (``python -m deepspeed.checkpoint.ds_to_universal``): a folder
   with ``zero/<param name>/{fp32,exp_avg,exp_avg_sq}.pt``, each ``{"param": tensor, …}``
-  (full shape for ZeRO-1/2, flat for ZeRO-3, reshaped here); read with
-  ``torch.load(weights_only=True)``.
+  (full shape for ZeRO-1/2, flat for ZeRO-3, reshaped here; a 2-D tensor of another
+  shape is refused, never reshaped to fit).
 
 Parameter names must be the HF Llama names of the module (a ``module.`` prefix is
 dropped); the model config comes from ``--config`` or a config.json in the folder or its
 parents. The Adam step is the optimizer's own (``state[...]["step"]``), or ``step.pt``.
 
-Note: a ZeRO checkpoint's files hold DeepSpeed objects (loss scaler, enums, configs), so
-they are read the way DeepSpeed itself reads them, ``torch.load(weights_only=False)``:
-unpickling runs code named in the file. Import only DeepSpeed checkpoints you trust; the
-HF pickle path (:mod:`growth.importer`) never does this.
+Note: nothing in the files runs. A ZeRO checkpoint's files hold a few plain DeepSpeed
+objects (loss scaler, stage enum, fragment addresses); every file — ours to read and the
+ones DeepSpeed's ``zero_to_fp32`` reads — goes through :func:`flmcore.safe_load.load`:
+``torch.load(weights_only=True)`` with exactly those classes allowed, any other global
+refused in one line before anything is unpickled.
 """
 
 from __future__ import annotations
@@ -31,17 +32,22 @@ import contextlib
 import io
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flmcore.errors import FlmError
+from flmcore.safe_load import guarded_torch_load, load
 from growth.checkpoint import CheckpointError
 from growth.config import CONFIG_NAME, ConfigError, ModelConfig, resolve_config
+from growth.import_source import Source, TensorInfo, canonical
 
 log = logging.getLogger(__name__)
 
 KINDS = ("exp_avg", "exp_avg_sq")
+UNIVERSAL_OPTIMIZER = "optimizer_state.pt"  # zero/optimizer_state.pt: the param groups (ds_to_universal)
 
 
 def _tag_dir(src: Path) -> Path | None:
@@ -102,11 +108,13 @@ def _hf_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
-def _quiet_load(path: Path, **kwargs: Any) -> Any:
+def _quiet_load(path: Path, mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location="cpu", **kwargs)
+        return load(path, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
+    except FlmError:
+        raise
     except Exception as err:  # torch raises many types for a broken file
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: cannot be read ({first[:160]})") from None
@@ -124,6 +132,16 @@ def _zero_states(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], 
     return _CACHE[key]
 
 
+def _hparams(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """betas, eps and weight_decay of the first param group, when the state has them."""
+    groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
+    group0 = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
+    if "betas" not in group0:
+        return {}
+    return {"betas": [float(b) for b in group0["betas"]], "eps": float(group0.get("eps", 1e-8)),
+            "weight_decay": float(group0.get("weight_decay", 0.0))}
+
+
 def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     from deepspeed.utils import zero_to_fp32 as z
 
@@ -132,13 +150,15 @@ def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], di
         raise CheckpointError(f"{tag}: no *_optim_states.pt files (a ZeRO checkpoint saved with its "
                               f"optimizer is needed)")
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):  # zero_to_fp32 prints progress
+    quiet = (contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink))  # zero_to_fp32 prints progress
+    with quiet[0], quiet[1], guarded_torch_load():
         try:
             weights = z.get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)
             model_states = z.parse_model_states(z.get_model_state_files(str(tag)))
-        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError, TypeError, AttributeError,
+                IndexError) as err:  # a file of another layout: DeepSpeed's own error, on one line
             raise CheckpointError(f"{tag}: DeepSpeed cannot consolidate it ({str(err).splitlines()[0]})") from None
-        optim = [_quiet_load(f, weights_only=False, mmap=True)["optimizer_state_dict"]
+        optim = [_quiet_load(f, mmap=True)["optimizer_state_dict"]
                  for f in z.get_optim_files(str(tag))]
         stage = int(optim[0]["zero_stage"])
         world = optim[0]["partition_count"]
@@ -146,11 +166,7 @@ def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], di
         inner = [o.get("base_optimizer_state") or o.get("optimizer_state_dict") for o in optim]
         groups = len(inner[0]["state"])
         moments: dict[str, dict[str, Any]] = {}
-        group0 = inner[0]["param_groups"][0] if inner[0].get("param_groups") else {}
-        state = {"step": int(inner[0]["state"][0]["step"]) if groups else 0}
-        if "betas" in group0:
-            state.update(betas=[float(b) for b in group0["betas"]], eps=float(group0.get("eps", 1e-8)),
-                         weight_decay=float(group0.get("weight_decay", 0.0)))
+        state = {"step": int(inner[0]["state"][0]["step"]) if groups else 0, **_hparams(inner[0])}
         for kind in KINDS:
             flats = [[s["state"][g][kind] for g in range(groups)] for s in inner]
             merged: dict[str, Any] = {}
@@ -182,17 +198,34 @@ class Feed:
             t = t.contiguous() if not isinstance(t, torch.Tensor) else t
             return t.detach().float().clone().view(info.shape)
         fname = "fp32.pt" if kind == "weight" else f"{kind}.pt"
-        data = _quiet_load(self.root / info.key / fname, weights_only=True)
-        t = data["param"] if isinstance(data, dict) else data
-        if t.numel() != torch.Size(info.shape).numel():
-            raise CheckpointError(f"{self.root / info.key / fname}: holds {t.numel()} values, "
-                                  f"config.json implies {list(info.shape)}")
-        return t.float().reshape(info.shape).clone()
+        return _universal_tensor(self.root / info.key / fname, info.shape).float().clone()
+
+
+def _universal_tensor(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor of a universal ``*.pt`` file in ``shape``: stored in that shape, or flat
+    (ZeRO-3) with as many values; any other shape is refused, never reshaped to fit."""
+    data = _quiet_load(path, mmap=True)  # the shape check reads no data
+    t = data["param"] if isinstance(data, dict) else data
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"{path}: holds a {type(t).__name__}, not a tensor")
+    if tuple(t.shape) == tuple(shape):
+        return t
+    if t.dim() == 1 and t.numel() == torch.Size(shape).numel():
+        return t.reshape(shape)
+    raise CheckpointError(f"{path}: holds a tensor of shape {list(t.shape)}, config.json implies "
+                          f"{list(shape)}")
+
+
+def _step(path: Path) -> int:
+    s = _quiet_load(path)
+    value = s.item() if isinstance(s, torch.Tensor) and s.numel() == 1 else s
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0 \
+            or value != int(value):
+        raise CheckpointError(f"{path}: holds step {value!r}, not a whole number >= 0")
+    return int(value)
 
 
 def open_source(src: Path, kind: str, config: str | None) -> Any:
-    from growth.importer import Source, TensorInfo, canonical
-
     model, raw = find_config(src, config)
     found: dict[str, TensorInfo] = {}
     if kind == "deepspeed-zero":
@@ -200,7 +233,7 @@ def open_source(src: Path, kind: str, config: str | None) -> Any:
         assert tag is not None
         weights, _, state = _zero_states(tag)
         for key, t in weights.items():
-            found[_hf_name(key)] = TensorInfo(str(tag), key, tuple(t.shape), torch.float32)
+            found[_hf_name(key)] = TensorInfo(str(tag.resolve()), key, tuple(t.shape), torch.float32)
         files = {p.name: p.stat().st_size for p in sorted(tag.glob("*.pt"))}
     else:
         root = _universal_dir(src)
@@ -214,26 +247,24 @@ def open_source(src: Path, kind: str, config: str | None) -> Any:
             if missing:
                 raise CheckpointError(f"{p}: no {missing[0]}.pt (the universal checkpoint lacks Adam state)")
             shape = model.tensor_shapes().get(_hf_name(p.name))
-            data = _quiet_load(p / "fp32.pt", weights_only=True)
+            data = _quiet_load(p / "fp32.pt")
             t = data["param"] if isinstance(data, dict) else data
-            found[_hf_name(p.name)] = TensorInfo(str(root), p.name, tuple(shape or t.shape), torch.float32)
+            found[_hf_name(p.name)] = TensorInfo(str(root.resolve()), p.name, tuple(shape or t.shape), torch.float32)
             if (p / "step.pt").is_file() and not step:
-                s = _quiet_load(p / "step.pt", weights_only=True)
-                step = int(s.item() if isinstance(s, torch.Tensor) else s)
+                step = _step(p / "step.pt")
         if not step:  # ZeRO-3 universal folders carry no step.pt: the engine's own count
             for f in sorted(src.glob("*model_states.pt")):
-                ms = _quiet_load(f, weights_only=False)
+                ms = _quiet_load(f)
                 step = int(ms.get("global_steps", 0)) - int(ms.get("skipped_steps", 0) or 0)
                 break
         files = {}
         state = {"step": step}
+        if (root / UNIVERSAL_OPTIMIZER).is_file():  # ds_to_universal's param groups: betas, eps, decay
+            state.update(_hparams(_quiet_load(root / UNIVERSAL_OPTIMIZER)))
     tensors = canonical(found, model, src, src)
     if kind == "deepspeed-universal":
         for info in tensors.values():
-            data = _quiet_load(Path(info.file) / info.key / "fp32.pt", weights_only=True)
-            t = data["param"] if isinstance(data, dict) else data
-            if t.numel() != torch.Size(info.shape).numel():
-                raise CheckpointError(f"{Path(info.file) / info.key / 'fp32.pt'}: holds {t.numel()} values, "
-                                      f"config.json implies {list(info.shape)}")
+            for fname in ("fp32.pt", *(f"{k}.pt" for k in KINDS)):
+                _universal_tensor(Path(info.file) / info.key / fname, info.shape)
     return Source(src, kind, model.replace(tie_word_embeddings=False), raw, tensors, files, moments=True,
                   optimizer_state=state)

@@ -47,6 +47,7 @@ from growth.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     DTYPE_NAMES,
     OPTIMIZER_DIR,
+    OPTIMIZER_STATE_NAME,
     CheckpointError,
     CheckpointReader,
     CheckpointWriter,
@@ -258,11 +259,14 @@ def write_shards(job: ApplyJob, rank: int = 0, world: int = 1,
 
 # ---------------------------------------------------------------------- staging
 def manifest_key(job: ApplyJob) -> dict[str, Any]:
+    """What a resumed staging dir must have been written from: the request, the source's
+    content fingerprint and, when moments are grown, theirs and the optimizer state's."""
     r = job.request
     return {"source": str(Path(r.src).resolve()), "source_fingerprint": job.reader.fingerprint(),
             "target_config": job.plan.config.to_hf_dict(), "spec": job.plan.spec.to_dict(),
             "dtype": _dtype_name(job.dtype), "max_shard_size": r.max_shard_size,
-            "moments": sorted(job.moments)}
+            "moments": {kind: reader.fingerprint() for kind, reader in sorted(job.moments.items())},
+            "optimizer_state": _sha256(Path(r.src) / OPTIMIZER_DIR / OPTIMIZER_STATE_NAME) if job.moments else None}
 
 
 def open_staging(job: ApplyJob) -> CheckpointWriter:

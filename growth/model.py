@@ -30,11 +30,10 @@ from torch import nn
 
 from flmcore.errors import FlmError
 from flmcore.init import param_init_std, seeded_generator
-from flmcore.params import BLOCK_MATRICES, is_norm
+from flmcore.params import is_norm
 from growth.config import ModelConfig
 
-MATRIX_SUFFIXES = BLOCK_MATRICES  # kept for importers; the table is flmcore.params
-__all__ = ["MATRIX_SUFFIXES", "TeleFLMForCausalLM", "build_masks", "build_model", "causal_lm_loss",
+__all__ = ["TeleFLMForCausalLM", "build_masks", "build_model", "causal_lm_loss",
            "init_state_dict", "init_tensor", "param_init_std", "scale_logits", "seeded_generator"]
 
 

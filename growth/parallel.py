@@ -13,7 +13,6 @@ worker count.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from flmcore.process import die_with_parent
 from growth.checkpoint import CheckpointError
 from growth.config import ConfigError
 from growth.executor import ApplyJob, ApplyRequest, finalize, open_staging, prepare, write_shards
@@ -180,10 +180,7 @@ def _worker_main(request: ApplyRequest, rank: int, world: int, messages: Any, pa
 
 def _die_with_parent(parent: int) -> None:
     """A worker must not outlive a killed coordinator (it would race a rerun's writes)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 

@@ -1,7 +1,7 @@
 """Read a training run directory: stage summaries, TensorBoard scalars, the schedule's curve.
 
 The layout of one stage directory is owned by :class:`StageDir` (here, so that readers
-need no trainer); ``train-stage`` (``stages.worker`` / ``stages.orchestrate``) writes it
+need no trainer); ``train-stage`` (``stages.rank.worker`` / ``stages.launch.plan``) writes it
 through the same object. ``tb/`` holds train/loss, train/lr, train/c,
 train/tokens_per_second and eval/loss.
 
@@ -44,7 +44,7 @@ class StageDir:
         final/             the canonical checkpoint at the end of the stage (+ optimizer/)
         ds_ckpt/           DeepSpeed-native checkpoints for resume=true (ds_ckpt/latest names the newest)
         summary.json       written by rank 0 when the stage finished
-        stage_config.json  the resolved config the workers train from (stages.config.ResolvedStage)
+        stage_config.json  the resolved config the workers train from (stages.resolved.ResolvedStage)
         tb/                TensorBoard scalars
         train_log.jsonl    one JSON line per logged step
         train.log          the workers' terminal output, appended per attempt
@@ -112,7 +112,7 @@ class StageDir:
         return read_json(self.summary)
 
     def read_resolved(self) -> dict[str, Any] | None:
-        """The resolved config as plain JSON (stages.config.ResolvedStage reads it typed)."""
+        """The resolved config as plain JSON (stages.resolved.ResolvedStage reads it typed)."""
         return read_json(self.resolved)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from flmcore.config import ModelConfig
 from flmcore.init import param_init_std, seeded_generator
-from flmcore.params import EMBEDDING, LAYER_RE, LM_HEAD, PARAMS, RESIDUAL_WRITERS, Param, is_norm
+from flmcore.params import EMBEDDING, LAYER_RE, LM_HEAD, PARAM_BY_KEY, RESIDUAL_WRITERS, Param, is_norm
 from operators import axes as ax
 from operators.depth import make_layer_map, new_layer_indices
 from operators.mup import embedding_compensation, logit_compensation
@@ -27,7 +27,6 @@ from operators.width import check_shapes, folded_source, width_axes
 KINDS = ("weight", "exp_avg", "exp_avg_sq")
 ROW_BLOCK = 256  # random fields are seeded per this many rows, so chunking never changes values
 CHUNK_ELEMENTS = 1 << 25  # default row block of grow_tensor_chunks: 128 MB of fp32
-_PARAM_BY_KEY = {p.key: p for p in PARAMS}
 
 # Provenance codes (uint8) of every element of a grown tensor.
 COPIED, ZERO, INIT, CLONED, LAYER_COPY, MASKED = range(6)
@@ -104,7 +103,7 @@ class GrowthPlan:
         return f"model.layers.{entry['src']}.{suffix}", suffix, entry
 
     def _param(self, suffix: str) -> Param:
-        p = _PARAM_BY_KEY.get(suffix)
+        p = PARAM_BY_KEY.get(suffix)
         if p is None:
             raise GrowthError(f"tensor '{suffix}': not a Tele-FLM/Llama parameter")
         return p

@@ -15,7 +15,6 @@ HEAD_STRATEGIES = ("zero", "masked", "clone")
 DEPTH_STRATEGIES = ("zero", "masked", "copy")
 POSITION_MODES = ("interleave", "top", "bottom", "distance")
 ALL_STRATEGIES = ("zero", "masked", "clone", "split", "copy")
-EXACT_STRATEGIES = ("zero", "masked", "clone", "split")
 
 # What `--strategy X` means for each dimension when X does not apply to it literally:
 # clone widens FFN by split (its exact analogue) and deepens by zero identity blocks;

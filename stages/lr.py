@@ -21,10 +21,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from stages.config import AfterGrowth, Decay, StageConfigError
+from stages.schema import AfterGrowth, Decay, StageConfigError
 
 if TYPE_CHECKING:
-    from stages.config import StageCfg
+    from stages.schema import StageCfg
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,10 @@ def mask_c(step: int, ramp_steps: int, c_start: float = 0.0) -> float:
     if ramp_steps <= 0:
         return 1.0
     return min(1.0, c_start + step / ramp_steps)
+
+
+def ramp_unfinished(stage: StageCfg, c_start: float) -> bool:
+    """The MSG ramp ends with c < 1 (the stage exports its masks unfolded)."""
+    from stages.lr import mask_c
+
+    return mask_c(stage.steps, stage.ramp_steps, c_start) < 1.0

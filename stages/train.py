@@ -1,7 +1,7 @@
 """`train-stage`: the Hydra app that trains one stage, or a schedule of them (``-m``).
 
 Thin: Hydra composes ``conf/train.yaml`` over the typed schema, and
-:func:`stages.orchestrate.run_stage` does the rest. Errors a user can fix — Hydra's own
+:func:`stages.launch.run.run_stage` does the rest. Errors a user can fix — Hydra's own
 (unknown group or option, a typo, a wrong type, an unwritable run_dir) and ours (unknown
 model, missing parent output, a checkpoint that does not grow into the stage, corrupt
 files, failed workers) — print one line ``train-stage: error: …`` and exit 2.
@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from stages.config import register_configs
+from stages.schema import register_configs
 
 register_configs()
 # conf/ sits at the repository root (next to stages/, the "../conf" of this file). The path
@@ -52,7 +52,7 @@ def report(err: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def app(cfg: DictConfig) -> Any:
     from flmcore.errors import FlmError
-    from stages.orchestrate import run_stage  # torch: after Hydra's own checks
+    from stages.launch.run import run_stage  # torch: after Hydra's own checks
 
     try:
         return run_stage(cfg)

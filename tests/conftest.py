@@ -147,7 +147,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The session's directory for runs several test modules share (tests/ds_helpers.py): made
+    """The session's directory for runs several test modules share (tests/helpers/ds_helpers.py): made
     by the controlling process, so pytest-xdist workers, started after this, inherit it."""
     if hasattr(config, "workerinput") or os.environ.get("FLM_TEST_SHARED_DIR"):
         return

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from flmcore.safe_files import is_regular
 from growth.config import ModelConfig
 from growth.tensor_io import (
     CheckpointError,
@@ -83,12 +84,13 @@ def confined(directory: Path, fname: Any, source: Path) -> str:
     return fname
 
 
-def carried_files(directory: Path) -> list[str]:
-    """Names of the release files in ``directory`` that travel with the weights."""
+def carried_files(directory: Path, regular: bool = True) -> list[str]:
+    """Names of the release files in ``directory`` that travel with the weights: regular
+    files only (``regular=False``: the symlinks and other entries of those names instead)."""
     if not directory.is_dir():
         return []
     return sorted(p.name for p in directory.iterdir()
-                  if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in CARRIED_NAMES))
+                  if is_regular(p) == regular and any(fnmatch.fnmatch(p.name, pat) for pat in CARRIED_NAMES))
 
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from flmcore.io import write_json_atomic
+from flmcore.safe_files import SymlinkError, copy_regular, open_nofollow
 from growth.checkpoint.format import (
     DEFAULT_MAX_SHARD_SIZE,
     HISTORY_NAME,
@@ -95,7 +97,10 @@ class DirLock:
     def acquire(self) -> DirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            except SymlinkError as err:
+                raise CheckpointError(f"{self.path}: the lock file {err.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -161,10 +166,7 @@ def plan_entries(entries: Sequence[Entry], max_shard_size: int, root: str = "") 
 
 
 def write_json(path: Path, data: Any, sort_keys: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, sort_keys=sort_keys)  # flmcore.io: the one atomic writer
 
 
 # ---------------------------------------------------------------------- the writer
@@ -209,6 +211,9 @@ class CheckpointWriter:
 
     def _open_staging(self, time: str | None) -> dict[str, Any]:
         mpath = manifest_path(self.out)
+        if self.staging.is_symlink() or (self.staging.exists() and not self.staging.is_dir()):
+            raise CheckpointError(f"{self.staging}: the staging directory is a symlink or a file; remove it "
+                                  f"(it is never followed)")
         if self.key is not None and self.staging.is_dir():
             try:
                 old = json.loads(mpath.read_text())
@@ -324,8 +329,12 @@ class CheckpointWriter:
         if source is None:
             return []
         names = carried_files(Path(source))
+        skipped = carried_files(Path(source), regular=False)
+        if skipped:
+            print(f"grow: warning: {Path(source)}: not carried (not regular files; symlinks are never "
+                  f"followed): {', '.join(skipped)}", file=sys.stderr)
         for name in names:
-            shutil.copyfile(Path(source) / name, self.staging / name)
+            copy_regular(Path(source) / name, self.staging / name)
         return names
 
     # ---------------------------------------------------------- finish

@@ -9,10 +9,12 @@ fields and files, bf16 — what Tele-FLM's own code and vLLM's TeleFLM load. See
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from growth.checkpoint import DEFAULT_MAX_SHARD_SIZE
-from growth.config import ModelConfig
+from growth.config import CONFIG_NAME, ModelConfig
 from growth.hf_export import export_hf
 
 
@@ -43,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
     out = export_hf(args.directory, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     format=args.format)
     if args.format == "teleflm":
-        print(f"wrote {out} (Tele-FLM layout; load with the release's code, trust_remote_code=True)")
+        if "auto_map" in json.loads((Path(out) / CONFIG_NAME).read_text()):
+            print(f"wrote {out} (Tele-FLM layout; load with the release's code, trust_remote_code=True)")
+        else:
+            print(f"wrote {out} (Tele-FLM layout without the release's code: config.json has no auto_map, "
+                  f"the source did not come from a Tele-FLM release; load it with vLLM's TeleFLM, or copy "
+                  f"the release's *.py and auto_map in)")
         return 0
     print(f"wrote {out} (plain Llama; load with transformers.LlamaForCausalLM.from_pretrained)")
     config = ModelConfig.load(out)

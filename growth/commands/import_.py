@@ -2,8 +2,9 @@
 → the canonical checkpoint (HF-named safetensors shards with digests, index, config.json
 with every field of the release kept, growth.json, the release's tokenizer and code files).
 
-See :mod:`growth.importer`. Pickle files are read only with
-``torch.load(weights_only=True, mmap=True)``: nothing in them runs.
+See :mod:`growth.importer`. Pickle files are read only with ``torch.load(weights_only=True)``
+(DeepSpeed's files with an allowlist of its few plain classes, :mod:`flmcore.safe_load`):
+nothing in them runs.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "pytorch_model.bin.index.json, or pytorch_model.bin — the layout of the public "
                     "Tele-FLM checkpoints), an HF safetensors directory, or a DeepSpeed checkpoint "
                     "(a ZeRO-1/2/3 global_stepN/tag folder or its parent with 'latest', or a "
-                    "universal-checkpoint folder; weights and Adam moments). Pickles are read only "
-                    "through torch.load(weights_only=True, mmap=True): tensors and plain "
-                    "containers, anything else refused, nothing in them run; tensors stream one at "
-                    "a time. config.json keeps every field of the release; tokenizer files and *.py "
-                    "code travel along. An existing non-empty DST is never overwritten.")
+                    "universal-checkpoint folder; weights and Adam moments). Pickles, DeepSpeed's "
+                    "included, are read only through torch.load(weights_only=True): tensors, plain "
+                    "containers and DeepSpeed's few plain classes (loss scaler, stage enum, fragment "
+                    "address), anything else refused before anything is unpickled, nothing in them "
+                    "run; tensors stream one at a time. config.json keeps every field of the "
+                    "release; tokenizer files and *.py code travel along (regular files only: a "
+                    "symlink is never followed). An existing non-empty DST is never overwritten.")
     p.add_argument("src", metavar="SRC", help="checkpoint directory to import")
     p.add_argument("--out", required=True, metavar="DST", help="new checkpoint directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

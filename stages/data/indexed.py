@@ -121,6 +121,9 @@ class IndexedDataset:
         if code not in DTYPE_CODES:
             raise DataError(f"{ipath}: unknown dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
+        if self.dtype.kind == "f":
+            raise DataError(f"{ipath}: dtype code {code} ({self.dtype.name}) is a float type; token ids must be "
+                            f"integers (rebuild it with prepare-data)")
         expect = HEADER.size + n_seq * 4 + n_seq * 8 + n_doc * 8
         if size not in (expect, expect + n_seq):  # + an optional int8 mode per sequence
             raise DataError(f"{ipath}: {size} bytes, but its header ({n_seq} sequences, {n_doc} "

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from flmcore.io import write_json_atomic
+from flmcore.safe_files import release_flock, try_flock
 from stages.data import indexed
 from stages.data.errors import DataError
 from stages.data.sources import Unit, iter_unit, list_inputs, plan_units, precheck
@@ -45,9 +47,11 @@ log = logging.getLogger(__name__)
 FORMAT = "flm-prepared-v1"
 MANIFEST_SUFFIX = ".json"
 PARTS_SUFFIX = ".parts"
+LOCK_SUFFIX = ".lock"
 PART_NAME = "part-{:06d}"
 JOB_NAME = "job.json"
 SHARD_NAME = "{prefix}-{i:05d}-of-{n:05d}"
+MIN_SHARD_SIZE = 1 << 20  # a shard holds whole parts (stages.data.sources.MIN_UNIT_BYTES of input each)
 DEFAULT_SHARD_SIZE = 4 << 30  # 4 GiB of tokens per .bin: big enough for few files, small enough to copy
 SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
               "G": 1 << 30, "GB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
@@ -68,7 +72,11 @@ def parse_size(text: str) -> int:
         value = float("nan")
     if unit not in SIZE_UNITS or not value > 0 or value == float("inf"):
         raise DataError(f"--shard-size {text!r}: expected a positive size like 512MB or 4GB")
-    return max(1, int(value * SIZE_UNITS[unit]))
+    size = int(value * SIZE_UNITS[unit])
+    if size < MIN_SHARD_SIZE:
+        raise DataError(f"--shard-size {text!r}: below the 1MB minimum (a shard holds whole work units, "
+                        f"each from 1MB of input or more)")
+    return size
 
 
 # ---------------------------------------------------------------------- the job
@@ -99,6 +107,12 @@ def read_manifest(prefix: str | Path) -> dict[str, Any] | None:
         raise DataError(f"{path}: unreadable prepare-data manifest ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("shards"), list):
         raise DataError(f"{path}: not a prepare-data manifest (format {FORMAT})")
+    if not data["shards"]:
+        raise DataError(f"{path}: lists no shards")
+    for name in data["shards"]:
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise DataError(f"{path}: shard {name!r} is not a plain file name beside the manifest (a manifest "
+                            f"never points outside its folder)")
     return data
 
 
@@ -164,6 +178,40 @@ def prepare(inputs: list[str], tokenizer: str = "byte", out: str | Path = "data/
     if prefix.is_dir():
         raise DataError(f"--out {prefix}: is a directory; give a file prefix (PREFIX.bin/.idx are written)")
     files = list_inputs(list(inputs)) if files is None else files
+    lock = _lock_path(prefix)
+    fd = _lock(prefix, lock)
+    try:
+        return _prepare_locked(files, tokenizer, prefix, workers, shard_size, text_field, eos_token, bos_token,
+                               strict, progress)
+    finally:
+        release_flock(lock, fd)
+
+
+def _lock_path(prefix: Path) -> Path:
+    return prefix.parent / f".{prefix.name}{LOCK_SUFFIX}"
+
+
+def _lock(prefix: Path, path: Path) -> int:
+    """An exclusive lock on ``--out`` (``.PREFIX.lock`` beside it): a second prepare-data on
+    the same prefix is refused in one line instead of racing the first."""
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        fd = try_flock(path)
+    except OSError as err:
+        raise DataError(f"--out {prefix}: cannot write there ({err.strerror or err}: {path})") from None
+    if fd is None:
+        try:
+            pid = path.read_text().strip() or "?"
+        except OSError:
+            pid = "?"
+        raise DataError(f"--out {prefix}: another prepare-data (pid {pid}) is writing it (lock {path}); "
+                        f"wait for it to finish or stop it")
+    return fd
+
+
+def _prepare_locked(files: list[Path], tokenizer: str, prefix: Path, workers: int, shard_size: int,
+                    text_field: str, eos_token: str | None, bos_token: str | None, strict: bool,
+                    progress: bool) -> dict[str, Any]:
     tok = load_tokenizer(tokenizer, eos_token, bos_token)
     precheck(files, text_field)
     job = _job(files, tok, text_field, shard_size, strict)
@@ -175,8 +223,9 @@ def prepare(inputs: list[str], tokenizer: str = "byte", out: str | Path = "data/
             return done
         raise DataError(f"--out {prefix}: already holds a dataset prepared from other inputs or settings; "
                         f"choose another --out or delete {manifest_path(prefix)} and its shards")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     parts = Path(f"{prefix}{PARTS_SUFFIX}")
+    if parts.is_symlink():
+        raise DataError(f"{parts}: the parts folder is a symlink; remove it (it is never followed)")
     old = None
     if (parts / JOB_NAME).is_file():
         try:
@@ -282,8 +331,5 @@ def _publish(prefix: Path, parts: Path, units: list[Unit], tok: Any, shard_size:
         "pad_id": None if tok.pad_id is None else int(tok.pad_id),
         "dtype": indexed.optimal_dtype(tok.vocab_size).name,
     }
-    path = manifest_path(prefix)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(manifest_path(prefix), manifest)
     return manifest

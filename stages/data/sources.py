@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stages.data.errors import DataError
 
@@ -60,6 +61,8 @@ def list_inputs(inputs: list[str]) -> list[Path]:
             if not found:
                 raise DataError(f"{path}: input directory holds no {', '.join(known)} files")
             files.extend(found)
+        elif path.exists():
+            raise DataError(f"{path}: input is not a regular file (a FIFO, socket or device); give a file")
         else:
             raise DataError(f"{path}: input not found")
     return files
@@ -120,9 +123,16 @@ def _record_text(raw: bytes | str, path: str, where: str, text_field: str) -> st
         record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{path}:{where}: not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise DataError(f"{path}:{where}: JSON nested too deeply to read") from None
     text = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
         raise DataError(f"{path}:{where}: no string field '{text_field}' (--field / data.jsonl_field)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: "\ud800", or CESU-8 bytes (json's surrogatepass)
+        raise DataError(f"{path}:{where}: field '{text_field}' holds a lone surrogate "
+                        f"({text[err.start]!r}), not valid Unicode") from None
     return text
 
 
@@ -170,27 +180,67 @@ def _try_error(line: bytes, path: str, where: int, text_field: str) -> DataError
     return DataError(f"{path}:{where}: unreadable line")
 
 
-def _open_compressed(path: str, kind: str) -> io.TextIOBase:
-    if kind == "jsonl.gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    try:
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame of a file, in order; a file that ends
+    inside a frame raises :class:`DataError` (zstandard's stream reader would just stop)."""
+
+    def __init__(self, path: str):
         import zstandard
+
+        self.path, self._raw = path, open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj, self._in_frame, self._pending = self._dctx.decompressobj(), False, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise DataError(f"{self.path}: truncated zstd stream (the file ends inside a frame); "
+                                    f"re-download or re-compress it")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._dobj.decompress(chunk)
+                if not self._dobj.eof:
+                    break
+                chunk, self._in_frame = self._dobj.unused_data, False
+                self._dobj = self._dctx.decompressobj()
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _open_compressed(path: str, kind: str) -> io.BufferedIOBase:
+    """The decompressed bytes of a ``.jsonl.gz`` / ``.jsonl.zst``; both must end cleanly."""
+    if kind == "jsonl.gz":
+        return gzip.open(path, "rb")
+    try:
+        import zstandard  # noqa: F401
     except ImportError:
         raise DataError(f"{path}: .zst input needs the 'zstandard' package (pip install zstandard)") from None
-    raw = open(path, "rb")
-    return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+    return io.BufferedReader(_ZstdFrames(path), 1 << 20)
 
 
 def _jsonl_compressed(path: str, kind: str, text_field: str) -> Iterator[tuple[str, int]]:
+    """Lines split on b"\\n" and decoded one by one, exactly as a plain ``.jsonl`` (a BOM or a
+    ``\\r`` inside a record reads the same compressed or not)."""
     with _open_compressed(path, kind) as fh:
         lineno = 0
         try:
             for line in fh:
                 lineno += 1
                 if line.strip():
-                    yield _record_text(line, path, str(lineno), text_field), len(line.encode("utf-8"))
-        except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}:{lineno + 1}: cannot decompress or decode ({err})") from None
+                    yield _record_text(line, path, str(lineno), text_field), len(line)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{path}:{lineno + 1}: cannot decompress ({err})") from None
         except Exception as err:  # zstandard.ZstdError
             if type(err).__name__ == "ZstdError":
                 raise DataError(f"{path}: not a valid zstd stream ({err})") from None

@@ -1,6 +1,6 @@
 """A stage's data: the ``data`` config group, preparation (cached), checks, the resolved info.
 
-``DataCfg`` is the schema of ``conf/data/*.yaml`` (``stages.config.TrainConfig.data``).
+``DataCfg`` is the schema of ``conf/data/*.yaml`` (``stages.schema.TrainConfig.data``).
 Three sources, one path: ``embedded`` (the standard library's own text) and a file/dir/glob
 of documents are run through prepare-data into ``CACHE/<key>/corpus`` (key = a digest of
 the inputs and the tokenizer; a finished entry is reused); ``indexed`` reads Megatron
@@ -56,7 +56,8 @@ class DataCfg:
     weights: list[float] = field(default_factory=list)  # blend weights per path; empty = by token count
     eval_paths: list[str] = field(default_factory=list)  # held-out prefixes; empty = eval_fraction of docs
     tokenizer: str = "byte"  # byte | tokenizer.json | tokenizer.model | a checkpoint dir holding one
-    cache_dir: str | None = None  # where prepared corpora go (default RUN_DIR/data)
+    # where prepared corpora go (default RUN_DIR/data); a resume may change it (stages.schema.setting)
+    cache_dir: str | None = field(default=None, metadata={"resume": "may_change"})
     eval_fraction: float = 0.02  # documents held out (by a seeded hash) when eval_paths is empty
     max_bytes: int = 8_000_000  # cap on the embedded corpus size
     jsonl_field: str = "text"  # jsonl field / parquet column of a document source
@@ -92,6 +93,9 @@ def validate(cfg: DataCfg) -> None:
         bad = [w for w in cfg.weights if not (float(w) > 0 and np.isfinite(float(w)))]
         if bad:
             raise DataError(f"data.weights must be positive finite numbers, got {bad[0]}")
+        if cfg.weights and not np.isfinite(sum(float(w) for w in cfg.weights)):
+            raise DataError(f"data.weights {list(cfg.weights)} sum to infinity; scale them down (only their "
+                            f"ratios matter)")
     elif cfg.paths or cfg.weights:
         raise DataError(f"data.paths / data.weights are for data=indexed; data.source is {cfg.source!r}")
 
@@ -165,7 +169,7 @@ def describe(prefix: str, full: bool = False) -> dict[str, Any]:
     prefix = str(Path(_strip(str(prefix))).expanduser().resolve())
     manifest = read_manifest(prefix)
     if manifest is not None:
-        shards = [str(Path(prefix).parent / name) for name in manifest["shards"]]
+        shards = [str(Path(prefix).parent / name) for name in manifest["shards"]]  # names checked: plain
     elif indexed.idx_path(prefix).is_file() or indexed.bin_path(prefix).is_file():
         shards = [prefix]  # IndexedDataset names the missing half, if any
     else:
@@ -202,6 +206,20 @@ def _vocab_facts(datasets: list[dict[str, Any]], cfg: DataCfg) -> dict[str, Any]
             "pad_id": None if tok.pad_id is None else int(tok.pad_id), "tokenizer": tok.name}
 
 
+def distinct(datasets: list[dict[str, Any]], field_name: str) -> None:
+    """Each dataset once: the same prefix (or a shard of it) twice would serve every row twice."""
+    seen: dict[str, str] = {}
+    for d in datasets:
+        if d["tokens"] == 0:
+            raise DataError(f"{d['prefix']}: holds no tokens (every document is empty); leave it out of "
+                            f"{field_name}")
+        for shard in d["shards"]:
+            if shard in seen:
+                raise DataError(f"{field_name}: {d['prefix']} and {seen[shard]} both read {shard}; name each "
+                                f"dataset once")
+            seen[shard] = d["prefix"]
+
+
 def _check_ids(d: dict[str, Any], vocab: int) -> None:
     ds = indexed.IndexedDataset(d["shards"][0])
     head = np.asarray(ds.tokens[:VOCAB_SAMPLE_TOKENS])
@@ -221,6 +239,8 @@ def check_data(cfg: DataCfg | dict[str, Any], usable_vocab: int | None = None,
     if cfg.source == "indexed":
         datasets = [describe(p, full=True) for p in cfg.paths]
         evals = [describe(p, full=True) for p in cfg.eval_paths]
+        distinct(datasets, "data.paths")
+        distinct(evals, "data.eval_paths")
         facts = _vocab_facts(datasets + evals, cfg)
         for d in datasets + evals:
             _check_ids(d, int(facts["vocab_size"]))
@@ -254,6 +274,8 @@ def prepare_corpus(cfg: DataCfg | dict[str, Any], cache_dir: str | Path, seed: i
         paths, weights = [_prepare_documents(cfg, cache)], []
     datasets = [describe(p) for p in paths]
     evals = [describe(p) for p in cfg.eval_paths]
+    distinct(datasets, "data.paths")
+    distinct(evals, "data.eval_paths")
     facts = _vocab_facts(datasets + evals, cfg)
     by_fraction = not evals
     seed_ = int(cfg.seed)

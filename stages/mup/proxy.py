@@ -1,9 +1,9 @@
 """A short stage in-process: the training path of ``train-stage`` without the processes.
 
 What it shares with a ``train-stage`` run: the model (``growth.model.build_model`` with the
-seeded μP init), the optimizer (``stages.engine.make_optimizer``: one AdamW group per μP LR
+seeded μP init), the optimizer (``stages.engines.common.make_optimizer``: one AdamW group per μP LR
 multiplier, decay on matrices only), the LR schedule (``stages.lr.stage_schedule``, set through
-``stages.engine.set_lr`` before every update), global-norm clipping at
+``stages.engines.common.set_lr`` before every update), global-norm clipping at
 ``DeepSpeedCfg.gradient_clipping``, the loss (``causal_lm_loss``) and the corpus batches
 (``stages.data.TrainStream`` / ``eval_batches``). What it leaves out: torchrun, DeepSpeed's
 engine wrapper (one fp32 rank: ZeRO-1 on one rank is plain AdamW), checkpoints and logs.
@@ -23,9 +23,9 @@ import torch
 
 from growth.config import ModelConfig
 from growth.model import TeleFLMForCausalLM, build_model, causal_lm_loss, init_state_dict
-from stages.config import DeepSpeedCfg, StageCfg
-from stages.engine import make_optimizer, set_lr
+from stages.engines.common import make_optimizer, set_lr
 from stages.lr import stage_schedule
+from stages.schema import DeepSpeedCfg, StageCfg
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 EMBEDDED = {"source": "embedded", "max_bytes": 2_000_000}  # ~2M byte tokens: plenty for short runs

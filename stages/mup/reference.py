@@ -59,6 +59,6 @@ def build(config: ModelConfig, seed: int, run: ProxyRun) -> ProxyRun:
     run.model = model
     run.optimizer = mup.MuAdamW(model.parameters(), lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps,
                                 weight_decay=stage.weight_decay)
-    for group in run.optimizer.param_groups:  # stages.engine.set_lr multiplies by lr_mult
+    for group in run.optimizer.param_groups:  # stages.engines.common.set_lr multiplies by lr_mult
         group["lr_mult"] = group["lr"] / stage.lr
     return run

@@ -1,0 +1,176 @@
+"""DeepSpeed for one stage: process group, config dict, μP param groups, the ZeRO engine.
+
+Both engines — :class:`StageEngine` (ZeRO 0–3 over the plain model) and
+``stages.engines.pipeline.PipeStageEngine`` — implement the :class:`Engine` protocol, so the
+trainer (``stages.rank.trainer.Trainer``) does not know which one it drives. DeepSpeed
+internals are confined to ``stages.engines.ds_compat``.
+
+Reference: DeepSpeed config JSON (deepspeed.ai/docs/config-json).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from growth.config import ModelConfig
+from growth.model import DecoderLayer
+from operators.mup import lr_multiplier
+from stages.engines import ds_compat, optim_state
+from stages.schema import DeepSpeedCfg, Precision, StageCfg
+from stages.validate import check_deepspeed
+
+LOG_LEVEL = logging.WARNING  # DeepSpeed logs every engine detail at INFO
+
+
+# ---------------------------------------------------------------------- process group
+def on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
+def init_distributed(timeout: float | None = None) -> None:
+    """torch.distributed through DeepSpeed: gloo on CPU, the accelerator's backend elsewhere."""
+    import deepspeed
+
+    ds_compat.check_version(deepspeed.__version__)
+    deepspeed.utils.logger.setLevel(LOG_LEVEL)
+    ds_compat.skip_muon_import()  # the optimizer is AdamW: no Muon kernels to compile (stages.engines.ds_compat)
+    backend = None
+    if on_cpu():
+        ds_compat.skip_cpu_shm_build()
+        backend = "gloo"
+    extra = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}  # collective_timeout
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **extra)
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+
+# ---------------------------------------------------------------------- config
+def ds_config(ds: DeepSpeedCfg, stage: StageCfg, dp_world: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of a stage (layout rules: ``stages.validate.check_deepspeed``)."""
+    check_deepspeed(ds, world=None)
+    mbs, accum = stage.micro_batch_size, stage.grad_accum
+    return {
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": mbs * accum * dp_world,
+        "gradient_clipping": float(ds.gradient_clipping),
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == Precision.bf16},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW, see make_optimizer
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ---------------------------------------------------------------------- optimizer
+def param_groups(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """One AdamW group per (μP LR multiplier, decay or not), in a fixed order.
+
+    Matrices decay, norm gains (1-D) do not. Each group carries ``lr_mult`` so the
+    worker sets ``lr = schedule(step) × lr_mult`` before every update; names may carry
+    any prefix (pipeline names start with the spec index).
+    """
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in named:
+        key = (lr_multiplier(config, name), p.ndim >= 2)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "lr_mult": mult, "weight_decay": weight_decay if decay else 0.0}
+            for (mult, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose next ``step()`` can be dropped (``on_nonfinite=skip``).
+
+    Note: DeepSpeed's ZeRO wrappers call this inner step and then copy its fp32 (master)
+    weights back into the module; a dropped step leaves both, and the moments and step
+    count, exactly as they were. ZeRO-0 in fp32 has no overflow check of its own.
+    """
+
+    skip_next = False  # set by StageEngine.train_step for the update it decided to drop
+
+    def step(self, closure=None):  # noqa: D102
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+def make_optimizer(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
+                   stage: StageCfg) -> torch.optim.AdamW:
+    """A plain ``torch.optim.AdamW`` (DeepSpeed's fused/CPU Adam need compiled ops)."""
+    return SkippableAdamW(param_groups(named, config, stage.weight_decay), lr=stage.lr,
+                          betas=tuple(stage.betas), eps=stage.eps)
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+def checkpoint_layers(layers: list[DecoderLayer]) -> None:
+    """Recompute each decoder layer in the backward pass (``torch.utils.checkpoint``).
+
+    Note: the forward is replaced per instance, so parameter names stay the HF ones.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        plain = layer.forward
+        layer.forward = (lambda *a, _f=plain: checkpoint(_f, *a, use_reentrant=False))
+
+
+# ---------------------------------------------------------------------- plain engine (ZeRO 0-3)
+class DeepSpeedEngine:
+    """What every engine answers the same way from ``self.engine`` (DeepSpeed's engine) and
+    ``self.optimizer`` (its optimizer wrapper): the checkpoint, LR and Adam-seed parts of
+    ``stages.engines.protocol.Engine``."""
+
+    skip_nonfinite = False  # on_nonfinite=skip (set by the trainer; validate: ZeRO engine only)
+    skipped = False  # the last train_step dropped its update (its loss was NaN/inf)
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def seed_adam_state(self, checkpoint: str | Path, config: ModelConfig) -> int:
+        return optim_state.seed_adam_state(self.optimizer, self.named_params(), checkpoint, config)
+
+    def save_checkpoint(self, directory: str | Path, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, directory: str | Path, tag: str) -> tuple[str | None, dict[str, Any]]:
+        with ds_compat.safe_checkpoint_loads():  # weights-only: nothing in the files runs
+            return self.engine.load_checkpoint(str(directory), tag=tag)
+
+
+class DeepSpeedModule(DeepSpeedEngine):
+    """What every non-pipeline engine answers the same way from ``self.model`` (the module it
+    built) and ``self.engine`` (DeepSpeed's engine around it)."""
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's current config (it carries the live MSG mask state)."""
+        return self.model.config
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    def named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from self.engine.module.named_parameters()
+
+

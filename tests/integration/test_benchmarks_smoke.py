@@ -1,0 +1,133 @@
+"""The benchmark scripts run: each in its tiny ``--smoke`` mode prints a table and ends
+with one JSON line. No timing assertions — these machines are noisy; the numbers live
+in docs/benchmarks.md.
+
+Three scripts run in this process (torch is imported once); gpu_stage runs as a
+subprocess because it sets up a process group and torchrun-style environment variables.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import their sibling _common
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def last_json(stdout: str) -> dict:
+    lines = stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert isinstance(result, dict)
+    return result
+
+
+def has_table(stdout: str) -> bool:
+    """A header row followed by a dashes rule, as _common.print_table writes it."""
+    lines = stdout.splitlines()
+    return any(line.startswith("---") and set(line) <= {"-", " "} for line in lines[1:])
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke(capsys):
+    load("train_throughput").main(["--smoke"])
+    out = capsys.readouterr().out
+    result = last_json(out)
+    assert has_table(out) and "ratio ours / transformers" in out
+    assert result["benchmark"] == "train_throughput" and result["smoke"] is True
+    assert result["ratio_vs_transformers"] > 0
+    assert result["step0_loss_diff"] < 1e-4  # both sides compute the same loss
+
+
+@pytest.mark.slow
+def test_plan_scale_smoke(capsys):
+    load("plan_scale").main(["--smoke"])
+    out = capsys.readouterr().out
+    result = last_json(out)
+    assert has_table(out) and "projected grow apply time" in out
+    assert [g["growth"] for g in result["growths"]] == ["tiny-s1 → tiny-s2", "tiny-s2 → tiny-s3"]
+    assert all(g["bytes_total"] > 0 and g["to_params"] > g["from_params"] for g in result["growths"])
+    assert {m["stage"] for m in result["memory"]} == {"tiny_s1", "tiny_s2", "tiny_s3"}
+
+
+@pytest.mark.slow
+def test_growth_payoff_smoke(capsys, tmp_path):
+    """Real train-stage runs (5 processes, a few seconds of training each): every arm at one
+    tiny budget and one seed; the zero growth is exact, the budgets are equal."""
+    png = tmp_path / "payoff.png"
+    mod = load("growth_payoff")
+    mod.main(["--smoke", "--png", str(png), "--run-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    result = last_json(out)
+    assert has_table(out) and png.stat().st_size > 0
+    assert list(result) == ["budgets"] and len(result["budgets"]) == 1
+    budget = result["budgets"][0]
+    assert sorted(budget["arms"]) == ["growth", "scratch_final", "scratch_small", "stack"]
+    assert all(len(v) == 1 and 0 < v[0] < 6 for v in budget["arms"].values())
+    full = json.loads((tmp_path / "runs" / "growth_payoff.json").read_text())
+    records = {r["arm"]: r for r in full["records"]}
+    for arm in records.values():  # equal training FLOPs, up to whole steps
+        assert arm["flops"] == pytest.approx(budget["flops"], rel=0.06)
+    # zero growth is function-preserving: the grown model starts at the small model's loss
+    assert records["growth"]["eval_loss_start"] == pytest.approx(records["growth"]["parent_eval_loss_end"], abs=1e-4)
+    assert records["growth"]["steps"][1] > 0 and records["stack"]["steps"][1] == records["growth"]["steps"][1]
+
+
+def test_growth_payoff_reading():
+    """The analysis on made-up losses: the crossover and a growth arm that beats both."""
+    mod = load("growth_payoff")
+    budgets = [1e12, 2e12, 4e12]
+    assert mod.crossover(budgets, [2.0, 1.8, 1.7], [2.2, 1.85, 1.65]) == pytest.approx(2e12 * 2 ** 0.5, rel=1e-3)
+    assert mod.crossover(budgets, [2.0, 1.8, 1.7], [2.2, 1.9, 1.8]) is None
+    table = {b: {"scratch_small": [s - 0.01, s, s + 0.01], "scratch_final": [f - 0.01, f, f + 0.01],
+                 "growth": [g - 0.01, g, g + 0.01], "stack": [k - 0.01, k, k + 0.01]}
+             for b, s, f, g, k in zip(budgets, [2.0, 1.8, 1.7], [2.2, 1.85, 1.6], [2.05, 1.7, 1.55],
+                                      [2.3, 1.9, 1.65], strict=True)}
+    read = {(r["budget"], r["arm"]): r for r in mod.reading(table)}
+    assert not read[(1e12, "growth")]["beats_both_beyond_spread"]  # worse than scratch_small there
+    win = read[(2e12, "growth")]
+    assert win["beats_both_beyond_spread"] and win["margin"] == pytest.approx(0.1)
+    ratio = win["flops_to_reach"]["scratch_final"]["ratio"]
+    assert 0 < ratio < 1 and win["flops_to_reach"]["scratch_final"]["where"] == "inside"
+    assert not any(read[(b, "stack")]["beats_both_beyond_spread"] for b in budgets)
+
+
+def test_growth_payoff_interpolation():
+    mod = load("growth_payoff")
+    curve = mod.Curve("c", [0.0, 10.0, 20.0], [4.0, 2.0, 1.0])
+    assert mod.flops_to_reach(curve, 3.0) == pytest.approx(5.0)
+    assert mod.flops_to_reach(curve, 1.0) == pytest.approx(20.0)
+    assert mod.flops_to_reach(curve, 0.5) is None
+    assert mod.loss_at(curve, 15.0) == pytest.approx(1.5)
+
+
+@pytest.mark.slow
+def test_gpu_stage_dry_run(capsys):
+    load("gpu_stage").main(["--dry-run"])  # the 1.3B plan: no process group, nothing trained
+    plan = last_json(capsys.readouterr().out)
+    assert 1.2e9 < plan["params"] < 1.5e9 and plan["dry_run"] is True and plan["mfu"] is None
+
+
+@pytest.mark.slow
+def test_gpu_stage_smoke(tmp_path):
+    smoke = subprocess.run([sys.executable, str(BENCH / "gpu_stage.py"), "--smoke", "--workdir", str(tmp_path / "w")],
+                           capture_output=True, text=True, timeout=300)
+    assert smoke.returncode == 0, smoke.stderr[-2000:]
+    result = last_json(smoke.stdout)
+    assert has_table(smoke.stdout) and result["smoke"] is True
+    assert result["tokens_per_s"] > 0 and result["grow"]["bytes_written"] > 0
+    assert result["mfu"] is None or result["mfu"] > 0  # None on a CPU (no known peak)
