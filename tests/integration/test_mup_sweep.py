@@ -4,13 +4,15 @@ benchmarks/mup_transfer.py --smoke prints its JSON (docs/mup.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from growth.config import get_flavor
-from stages.mup.proxy import proxy_stage
+from stages.data import as_data_cfg
+from stages.mup.proxy import EMBEDDED, proxy_stage
 from stages.schema import to_config
 from stages.train import CONF_DIR
 from stages.validate import validate
@@ -52,6 +54,8 @@ def test_proxy_stage_matches_the_in_process_runs(hydra_conf):
                   "min_lr_ratio", "weight_decay", "betas", "eps", "eval_batches", "seed"):
         ours, theirs = getattr(stage, field), getattr(mine, field)
         assert (tuple(ours) if field == "betas" else ours) == theirs, field
+    data, embedded = to_config(hydra_conf("stage=mup_proxy")).data, as_data_cfg(EMBEDDED)
+    assert data == dataclasses.replace(embedded, cache_dir=data.cache_dir)  # the same corpus
 
 
 @pytest.mark.slow
