@@ -11,7 +11,9 @@
 
 Every run is the stage's training path in-process (stages.mup.proxy). Writes
 docs/mup_transfer.png, docs/mup_coord.png and docs/mup_transfer.json (everything, with
-timings); the last line is the JSON object {"lr_grid", "widths", "mup", "sp", "grown"}.
+timings); the last line is the JSON object {"lr_grid", "widths", "mup", "sp", "grown"}:
+"mup"/"sp" map width → LR → final eval loss per seed; "grown" maps "64->128" (μP) and
+"sp:64->128" (SP) the same way.
 """
 
 from __future__ import annotations
