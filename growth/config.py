@@ -12,8 +12,8 @@ from pathlib import Path
 
 from flmcore.config import CONFIG_NAME, DTYPE_BYTES, MASK_KEYS, ConfigError, FrozenDict, ModelConfig
 
-__all__ = ["CONFIG_NAME", "DTYPE_BYTES", "FLAVORS", "MASK_KEYS", "ConfigError", "FrozenDict",
-           "ModelConfig", "get_flavor", "resolve_config"]
+__all__ = ["CONFIG_NAME", "DTYPE_BYTES", "FLAVORS", "MASK_KEYS", "PROXY_WIDTHS", "ConfigError", "FrozenDict",
+           "ModelConfig", "at_width", "get_flavor", "resolve_config"]
 
 
 def _teleflm(layers: int, heads: int, hidden: int, ffn: int, vocab: int, output_mult: float,
@@ -36,6 +36,25 @@ def _small(hidden: int, ffn: int, layers: int, heads: int, head_dim: int) -> Mod
     )
 
 
+def at_width(config: ModelConfig, hidden: int, use_mup: bool | None = None) -> ModelConfig:
+    """``config`` at another width: same depth, head_dim, FFN ratio and μP base width.
+
+    Heads = hidden / head_dim (KV heads keep their ratio); ``mup_scale_factor`` = hidden /
+    base width, the base being ``config.hidden_size / config.mup_scale_factor``. With
+    ``use_mup=False`` the standard parametrisation of the same shape (the μP proxy's SP twin).
+    """
+    base = config.hidden_size / config.mup_scale_factor
+    heads = hidden // config.head_dim
+    groups = config.num_key_value_groups
+    if heads * config.head_dim != hidden or heads % groups:
+        raise ConfigError(f"width {hidden} is not a multiple of head_dim {config.head_dim} × "
+                          f"{groups} query heads per KV head")
+    ffn = round(config.intermediate_size * hidden / config.hidden_size)
+    return config.replace(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+                          num_key_value_heads=heads // groups, mup_scale_factor=hidden / base,
+                          use_mup=config.use_mup if use_mup is None else use_mup)
+
+
 FLAVORS: dict[str, ModelConfig] = {
     # For tests: ~0.24M parameters, Tele-FLM style (MHA, μP multipliers, untied).
     "tiny": _small(hidden=64, ffn=176, layers=4, heads=4, head_dim=16),
@@ -55,6 +74,15 @@ FLAVORS: dict[str, ModelConfig] = {
     # output_mult 2.0 (effective logit scale 1/40).
     "1t": _teleflm(140, 160, 20480, 98304, 81920, output_mult=2.0, base_width=256),
 }
+# μP transfer proxies (docs/mup.md): tiny-s1's shape (depth 2, head_dim 16, FFN 2.75×, base
+# width 32) at width w, μP (mup-wW) and its standard-parametrisation twin (sp-wW). Their init
+# std is 0.1, tuned at the base width where μP and SP coincide (0.02 under-trains at width 32).
+PROXY_WIDTHS = (32, 64, 128, 256, 512, 1024)
+PROXY_INIT_STD = 0.1
+for _w in PROXY_WIDTHS:
+    _proxy = FLAVORS["tiny-s1"].replace(initializer_range=PROXY_INIT_STD)
+    FLAVORS[f"mup-w{_w}"] = at_width(_proxy, _w, use_mup=True)
+    FLAVORS[f"sp-w{_w}"] = at_width(_proxy, _w, use_mup=False)
 # The seed table counts 80,000 real tokens; the padded vocabs above keep every count
 # within 0.1% of it (52.82B / 102.21B / 1,083.81B vs 52.85B / 102.3B / 1,083.74B).
 

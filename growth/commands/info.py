@@ -41,6 +41,9 @@ def describe_config(config: ModelConfig) -> dict[str, Any]:
         "num_tensors": config.num_tensors,  # arithmetic: a 10⁹-layer config is not listed
         "bytes": {d: params * DTYPE_BYTES[d] for d in SIZE_DTYPES},
         "config": config.to_hf_dict(),
+        # Tele-FLM's releases change output_mult with the size: compare the product (docs/mup.md)
+        "mup": {"logit_scale": config.logit_scale, "base_width": config.hidden_size / config.mup_scale_factor}
+        if config.use_mup else None,
     }
 
 
@@ -111,9 +114,11 @@ def render(info: dict[str, Any]) -> str:
         f"tie_word_embeddings {str(c['tie_word_embeddings']).lower()}",
     ]
     if c["use_mup"]:
-        scale = c["output_mult"] / c["mup_scale_factor"]
+        scale, base = c["output_mult"] / c["mup_scale_factor"], c["hidden_size"] / c["mup_scale_factor"]
         lines.append(f"{'μP':<10} input_mult {c['input_mult']:g}, output_mult {c['output_mult']:g}, "
-                     f"mup_scale_factor {c['mup_scale_factor']:g} (logit scale {scale:.6g})")
+                     f"mup_scale_factor {c['mup_scale_factor']:g}")
+        lines.append(f"{'':<10} effective logit scale output_mult / mup_scale_factor = {scale:.6g} "
+                     f"(1/{1 / scale:.4g}); implied base width hidden / mup_scale_factor = {base:g}")
     if c.get("growth_mask"):
         lines.append(f"{'masks':<10} MSG growth masks live: {json.dumps(c['growth_mask'])}")
     lines.append(f"{'params':<10} {info['params']:,} ({human_params(info['params'])}, "
