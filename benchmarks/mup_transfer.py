@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, emit_json, print_table
+from _common import REPO, emit_json, git_commit, print_table
 
 from growth.config import get_flavor
 from stages.mup import coord
@@ -157,7 +157,7 @@ def run_study(args: argparse.Namespace, out: Path, tmp: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    wall, cpu, load0 = time.perf_counter(), cpu_seconds(), os.getloadavg()
+    wall, cpu, load0, commit = time.perf_counter(), cpu_seconds(), os.getloadavg(), git_commit()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else (Path(tmp) if args.smoke else REPO / "docs")
         out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"load average {load0[0]:.2f} → {timing['loadavg_end'][0]:.2f}; "
               f"quiet 2-core estimate ≈ CPU / {min(2, study['jobs'])} = "
               f"{timing['cpu_s'] / min(2, study['jobs']):.0f} s", flush=True)
-        (out / "mup_transfer.json").write_text(json.dumps({**study, "timing": timing}, indent=1) + "\n")
+        record = {"commit": commit, **study, "timing": timing}  # the code the numbers come from
+        (out / "mup_transfer.json").write_text(json.dumps(record, indent=1) + "\n")
     emit_json(study["result"])
     return study["result"]
 
