@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{timing['cpu_s'] / min(2, study['jobs']):.0f} s", flush=True)
         record = {"commit": commit, **study, "timing": timing}  # the code the numbers come from
         (out / "mup_transfer.json").write_text(json.dumps(record, indent=1) + "\n")
+        (out / "mup_transfer.partial.json").unlink(missing_ok=True)  # the progress file of this run
     emit_json(study["result"])
     return study["result"]
 
