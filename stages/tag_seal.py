@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from flmcore.safe_files import write_fresh
+from flmcore.io import write_text_atomic
 
 SEAL_NAME = ".complete"
 SEAL_FORMAT = 1
@@ -60,9 +60,8 @@ def write_seal(tag_dir: Path, files: dict[str, dict[str, Any]] | None = None) ->
     """Seal ``tag_dir`` with ``files`` (every rank's :func:`digests`, merged), or digest
     every file here when None; written last, atomically."""
     files = digests(tag_dir) if files is None else files
-    tmp = tag_dir / f"{SEAL_NAME}.tmp"
-    write_fresh(tmp, json.dumps({"format": SEAL_FORMAT, "files": files}, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, tag_dir / SEAL_NAME)
+    write_text_atomic(tag_dir / SEAL_NAME,
+                      json.dumps({"format": SEAL_FORMAT, "files": files}, indent=1, sort_keys=True) + "\n")
 
 
 def _legacy_problem(tag_dir: Path) -> str | None:
