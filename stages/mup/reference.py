@@ -9,7 +9,8 @@ sqrt(width_mult) for hidden matrices) and ``mup.MuAdamW`` sets the per-width LRs
 from ``operators.mup`` or ``flmcore.init`` is used, so agreement with the project's own μP
 is a check of both.
 
-Note: ``mup`` (pip install mup, 1.0.0) is a dev dependency; :func:`available` says whether
+Note: ``mup`` (1.0.0) is installed by the README and CI with ``pip install --no-deps`` (its torchvision
+requirement would replace a CPU torch with a CUDA build); :func:`available` says whether
 it is installed.
 """
 
