@@ -11,7 +11,8 @@ How it stays bounded, resumable and parallel:
 - **Memory.** Target tensors are produced one at a time by ``GrowthPlan.grow_tensor`` and
   streamed into a shard whose header was written first (:mod:`growth.tensor_io`); source
   tensors are read with plain reads, not a memory map. Peak ≈ one source tensor + a few
-  fp32 copies of one target tensor, whatever the model size (:func:`peak_memory_estimate`).
+  fp32 row blocks (the pipeline's pieces in flight and the tensors computed ahead), whatever
+  the model size (:func:`peak_memory_estimate`).
 - **Determinism.** The shard plan depends only on target shapes, dtype and
   ``--max-shard-size``; every tensor depends only on (seed, name) and its source. Shards
   are therefore byte-identical across runs, worker counts and interruptions.
@@ -36,7 +37,10 @@ is byte-identical to the uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +64,15 @@ from growth.checkpoint import (
     torch_dtype,
 )
 from growth.config import CONFIG_NAME, ModelConfig, resolve_config
+from growth.pipeline import CHUNK, DEPTH, add_profile
 from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_streaming
 from operators import GrowthPlan, GrowthSpec, make_plan
 from operators.plan import CHUNK_ELEMENTS
 
 GROW_EVENT = "grow"
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PRODUCERS = 2  # threads computing single-block tensors ahead of the writer
+LOOKAHEAD = 2  # tensors computed ahead of the one being written
 BASE_RSS = 300 * 1024**2  # python + torch + operators: 233 MB measured on a tiny apply
 
 
@@ -182,7 +189,15 @@ def prepare(request: ApplyRequest, check_out: bool = True) -> ApplyJob:
 
 # ---------------------------------------------------------------------- shard writing
 class ShardWriter:
-    """Produces the grown tensors of one job's shards (one instance per worker)."""
+    """Produces the grown tensors of one job's shards (one instance per worker).
+
+    Note: the tensors that fit one row block are computed up to ``LOOKAHEAD`` ahead in a
+    small thread pool (random-init fields are seeded per row block and drawn independently,
+    so several are drawn at once on several cores); bigger ones stream block by block in the
+    caller's thread. Source reads are serialised by a lock (the reader's files are shared).
+    A tensor the plan copies unchanged whose source already has the output dtype is passed
+    through in that dtype (no fp32 round trip).
+    """
 
     def __init__(self, job: ApplyJob, log: Callable[[str], None] | None = None):
         self.job = job
@@ -190,16 +205,57 @@ class ShardWriter:
         self.sources = {"weight": TensorSource(job.reader),
                         **{k: TensorSource(r) for k, r in job.moments.items()}}
         self.ops = {op.name: op for op in job.plan.tensor_ops()}
+        self.read_lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(PRODUCERS, thread_name_prefix="grow-produce")
 
-    def tensor(self, name: str, kind: str) -> Iterator[torch.Tensor]:
-        """The grown tensor as fp32 row blocks (the shard writer casts them while writing).
-        The source is read once, in its own dtype; each block is upcast on its own."""
+    def _get(self, kind: str) -> Callable[[str], torch.Tensor]:
         source = self.sources[kind]
+
+        def get(name: str) -> torch.Tensor:
+            with self.read_lock:
+                return source.get(name)
+        return get
+
+    def tensor(self, name: str, kind: str, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+        """The grown tensor as row blocks: fp32 (the shard writer casts them while writing),
+        or already in ``dtype`` when the plan copies it unchanged from a source in ``dtype``.
+        The source is read once, in its own dtype; each block is upcast on its own."""
+        op = self.ops[name]
         if self.log is not None:
-            op = self.ops[name]
             src = f"{op.src_name} {list(op.src_shape)}" if op.src_name else "(new)"
             self.log(f"{kind:<10} {name} {list(op.shape)} <- {src}: {op.operator}")
-        return self.job.plan.grow_tensor_chunks(name, source.get, kind=kind)
+        if (op.operator == "copy" and op.src_name and tuple(op.src_shape) == tuple(op.shape)
+                and self.sources[kind].reader.dtype(op.src_name) == dtype):
+            return self._passthrough(op.src_name, op.shape, kind)
+        return self.job.plan.grow_tensor_chunks(name, self._get(kind), kind=kind)
+
+    def _passthrough(self, src_name: str, shape: tuple[int, ...], kind: str) -> Iterator[torch.Tensor]:
+        src = self._get(kind)(src_name)
+        for r0, r1 in GrowthPlan.row_blocks(tuple(shape), CHUNK_ELEMENTS):
+            yield src[r0:r1] if src.dim() else src
+
+    def producer(self, task: ShardTask) -> Callable[[str], Iterable[torch.Tensor]]:
+        """``produce(name)`` for the shard writer: single-block tensors come from futures
+        submitted up to LOOKAHEAD tensors ahead, in order."""
+        ahead: dict[str, Future] = {}
+        order = [(n, tuple(s), d) for n, s, d in task.entries]
+        position = {n: i for i, (n, _, _) in enumerate(order)}
+
+        def compute(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
+            start = time.thread_time()
+            blocks = list(self.tensor(name, task.kind, dtype))
+            add_profile("produce", time.thread_time() - start)
+            return blocks
+
+        def produce(name: str) -> Iterable[torch.Tensor]:
+            i = position[name]
+            for n, shape, dtype in order[i:i + LOOKAHEAD + 1]:
+                if n not in ahead and len(GrowthPlan.row_blocks(shape, CHUNK_ELEMENTS)) == 1:
+                    ahead[n] = self.pool.submit(compute, n, dtype)
+            if name in ahead:
+                return ahead.pop(name).result()
+            return self.tensor(name, task.kind, order[i][2])
+        return produce
 
     def label(self, name: str, kind: str) -> str:
         """How errors name a target tensor: with the source tensor it is grown from."""
@@ -217,7 +273,7 @@ class ShardWriter:
                 progress(task.nbytes)
             return False
         try:
-            write_shard_streaming(path, task.entries, lambda n: self.tensor(n, task.kind),
+            write_shard_streaming(path, task.entries, self.producer(task),
                                   after_tensor=(lambda _n, size: progress(size)) if progress else None,
                                   label=lambda n: self.label(n, task.kind))
         except CheckpointError as err:
@@ -238,6 +294,7 @@ class ShardWriter:
                                       f"or inf; fix or replace the source checkpoint") from None
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
         for s in self.sources.values():
             s.close()
 
@@ -316,14 +373,19 @@ def _sha256(path: Path) -> str:
 def peak_memory_estimate(plan: GrowthPlan, src_dtype: torch.dtype, dtype: torch.dtype,
                          workers: int = 1) -> int:
     """Bytes of RAM ``grow apply`` needs, per worker: BASE_RSS; the worst tensor's source in
-    its own dtype; and the operator's row blocks (grow_tensor_chunks: at most
-    CHUNK_ELEMENTS fp32 elements each — a gathered block, its column gather, and the block
-    still being written by the shard writer). The cast to ``dtype`` happens in 64 MB pieces
-    while writing, so it adds nothing."""
-    block = 3 * nbytes_of((CHUNK_ELEMENTS,), torch.float32)
+    its own dtype plus the block being computed from it (grow_tensor_chunks: at most
+    CHUNK_ELEMENTS fp32 elements, a gathered block and its column gather); the pieces the
+    pipeline holds (up to DEPTH in flight and LOOKAHEAD single-block tensors computed
+    ahead, each at most one block) with the sources of the PRODUCERS pool's tensors; and
+    the reused cast buffers (DEPTH + 1 chunks of ``dtype``)."""
+    block = nbytes_of((CHUNK_ELEMENTS,), torch.float32)
+    ops = plan.tensor_ops()
 
     def cost(op: Any) -> int:
         src = nbytes_of(op.src_shape, src_dtype) if op.src_name else 0
-        rows = min(nbytes_of(op.shape, torch.float32), block)
-        return src + rows
-    return workers * (BASE_RSS + max(cost(op) for op in plan.tensor_ops()) + block // 3)
+        return src + min(nbytes_of(op.shape, torch.float32), 2 * block)
+    piece = min(block, max(nbytes_of(op.shape, torch.float32) for op in ops))
+    ahead = (DEPTH + LOOKAHEAD) * piece + PRODUCERS * min(block, max(
+        nbytes_of(op.src_shape, src_dtype) for op in ops if op.src_name) if any(o.src_name for o in ops) else 0)
+    casts = (DEPTH + 1) * nbytes_of((CHUNK,), dtype) if dtype != torch.float32 else 0
+    return workers * (BASE_RSS + max(cost(op) for op in ops) + ahead + casts)
