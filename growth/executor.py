@@ -36,6 +36,7 @@ is byte-identical to the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -65,7 +66,17 @@ from growth.checkpoint import (
 )
 from growth.config import CONFIG_NAME, ModelConfig, resolve_config
 from growth.pipeline import CHUNK, DEPTH, add_profile
-from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_streaming
+from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_part, write_shard_streaming
+from growth.workqueue import (
+    WorkItem,
+    claim,
+    clear_parts,
+    mark_part,
+    part_done,
+    remove_work_dir,
+    seal_if_complete,
+    work_items,
+)
 from operators import GrowthPlan, GrowthSpec, make_plan
 from operators.plan import CHUNK_ELEMENTS
 
@@ -207,6 +218,7 @@ class ShardWriter:
         self.ops = {op.name: op for op in job.plan.tensor_ops()}
         self.read_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(PRODUCERS, thread_name_prefix="grow-produce")
+        self.sealed: dict[Path, bool] = {}
 
     def _get(self, kind: str) -> Callable[[str], torch.Tensor]:
         source = self.sources[kind]
@@ -234,11 +246,12 @@ class ShardWriter:
         for r0, r1 in GrowthPlan.row_blocks(tuple(shape), CHUNK_ELEMENTS):
             yield src[r0:r1] if src.dim() else src
 
-    def producer(self, task: ShardTask) -> Callable[[str], Iterable[torch.Tensor]]:
-        """``produce(name)`` for the shard writer: single-block tensors come from futures
-        submitted up to LOOKAHEAD tensors ahead, in order."""
+    def producer(self, task: ShardTask, first: int = 0, last: int | None = None
+                 ) -> Callable[[str], Iterable[torch.Tensor]]:
+        """``produce(name)`` for the shard writer over ``task.entries[first:last]``:
+        single-block tensors come from futures submitted up to LOOKAHEAD tensors ahead."""
         ahead: dict[str, Future] = {}
-        order = [(n, tuple(s), d) for n, s, d in task.entries]
+        order = [(n, tuple(s), d) for n, s, d in task.entries[first:last]]
         position = {n: i for i, (n, _, _) in enumerate(order)}
 
         def compute(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -272,15 +285,45 @@ class ShardWriter:
             if progress is not None:
                 progress(task.nbytes)
             return False
-        try:
+        clear_parts(root, task.path)  # written whole: the partial file is replaced
+        with self._blaming(task):
             write_shard_streaming(path, task.entries, self.producer(task),
                                   after_tensor=(lambda _n, size: progress(size)) if progress else None,
                                   label=lambda n: self.label(n, task.kind))
+        return True
+
+    def write_part(self, task: ShardTask, item: WorkItem, root: Path,
+                   progress: Callable[[int], None] | None = None) -> bool:
+        """Write one part of a split shard (workqueue) unless it is done; seal the shard
+        when this was its last part. True if written."""
+        path = root / task.path
+        if self._sealed(path, task) or part_done(root, task.path, task.entries, item.first, item.last):
+            if progress is not None:
+                progress(item.nbytes)
+            return False
+        with self._blaming(task):
+            digest = write_shard_part(path, task.entries, item.first, item.last,
+                                      self.producer(task, item.first, item.last),
+                                      after_tensor=(lambda _n, size: progress(size)) if progress else None,
+                                      label=lambda n: self.label(n, task.kind))
+        mark_part(root, task.path, item.first, item.last, digest)
+        seal_if_complete(root, task.path, task.entries)
+        return True
+
+    def _sealed(self, path: Path, task: ShardTask) -> bool:
+        """A sealed shard is whole and intact (its data re-hashed once per worker)."""
+        if path not in self.sealed:
+            self.sealed[path] = path.is_file() and shard_complete(path, task.entries) is not None
+        return self.sealed[path]
+
+    @contextlib.contextmanager
+    def _blaming(self, task: ShardTask) -> Iterator[None]:
+        try:
+            yield
         except CheckpointError as err:
             if "NaN or inf" in str(err):
                 self._blame_source(task)
             raise
-        return True
 
     def _blame_source(self, task: ShardTask) -> None:
         """A non-finite output whose source already holds NaN/inf is the source's fault:
@@ -302,13 +345,20 @@ class ShardWriter:
 def write_shards(job: ApplyJob, rank: int = 0, world: int = 1,
                  progress: Callable[[int], None] | None = None,
                  log: Callable[[str], None] | None = None) -> int:
-    """Write this worker's shards (task i for i % world == rank); returns how many."""
+    """Write the work items this worker claims (growth.workqueue: items by bytes, largest
+    first, each taken by the first of the ``world`` workers to claim it; one worker takes
+    them all); returns how many it wrote. ``rank`` only names the worker."""
     writer = ShardWriter(job, log)
     written = 0
     try:
-        for i, task in enumerate(job.tasks):
-            if i % world == rank:
+        for item in work_items(job.tasks, world):
+            if world > 1 and not claim(job.staging, item.key):
+                continue
+            task = job.tasks[item.task]
+            if item.whole:
                 written += writer.write(task, job.staging, progress)
+            else:
+                written += writer.write_part(task, item, job.staging, progress)
     finally:
         writer.close()
     return written
@@ -336,10 +386,13 @@ def finalize(job: ApplyJob, writer: CheckpointWriter) -> Path:
     """Check every shard, write indexes, config, history, optimizer state and the
     release's files; publish."""
     staging = writer.staging
-    for task in job.tasks:
+    for task in job.tasks:  # shards whose parts were all written before a kill are sealed here
+        if not (staging / task.path).is_file():
+            seal_if_complete(staging, task.path, task.entries, once=False, verify=True)
         if shard_complete(staging / task.path, task.entries, verify_data=False) is None:
             raise CheckpointError(f"{staging / task.path}: shard missing or incomplete after all "
                                   f"workers finished; rerun the same command to resume")
+    remove_work_dir(staging)
     roots = {"weight": ""} | {k: f"{OPTIMIZER_DIR}/{k}/" for k in job.moments}
     for kind, root in roots.items():
         tasks = [t for t in job.tasks if t.kind == kind]

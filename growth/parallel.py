@@ -1,7 +1,9 @@
 """Running one ``grow apply`` job in one process, N spawned workers, or torchrun ranks.
 
-All three call the same :func:`growth.executor.write_shards` with a (rank, world) pair,
-so their output is identical. The coordinator (the parent, or rank 0) validates, opens
+All three call the same :func:`growth.executor.write_shards` with a (rank, world) pair:
+the workers take items (whole shards, or parts of big ones) from one queue by claiming
+them (growth.workqueue), so the bytes each writes even out and the output is identical
+for any worker count. The coordinator (the parent, or rank 0) validates, opens
 the staging dir, and finalises once every worker reported; workers rebuild the job from
 the picklable :class:`~growth.executor.ApplyRequest` (headers and plan only, cheap).
 
@@ -31,6 +33,8 @@ from flmcore.process import die_with_parent
 from growth.checkpoint import CheckpointError
 from growth.config import ConfigError
 from growth.executor import ApplyJob, ApplyRequest, finalize, open_staging, prepare, write_shards
+from growth.pipeline import dump_profile
+from growth.workqueue import reset_claims, work_items
 from operators import GrowthError
 
 PASSED_ERRORS = {e.__name__: e for e in (CheckpointError, ConfigError, GrowthError, OSError)}
@@ -55,13 +59,14 @@ def apply_growth(request: ApplyRequest, workers: int = 1, progress: bool = False
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CheckpointError(f"--workers must be at least 1, got {workers}")
     job = prepare(request)
-    workers = min(workers, len(job.tasks))  # more processes than shards would only idle
+    workers = min(workers, len(work_items(job.tasks, workers)))  # more processes than items would idle
     bar = _bar(job, progress or log_tensors)
     log = bar.write if log_tensors else None
     try:
         # The writer keeps the staging dir on OSError / interrupt (resumable), removes it
         # on anything else, and holds OUT's lock throughout.
         with open_staging(job) as writer:
+            reset_claims(job.staging)
             try:
                 if workers == 1:
                     write_shards(job, 0, 1, bar.update, log)
@@ -173,6 +178,7 @@ def _worker_main(request: ApplyRequest, rank: int, world: int, messages: Any, pa
         job = prepare(request, check_out=False)
         log = (lambda line: messages.put(("log", rank, line))) if log_tensors else None
         write_shards(job, rank, world, lambda n: messages.put(("bytes", rank, n)), log)
+        dump_profile()  # a spawned worker leaves by os._exit: no atexit
         messages.put(("done", rank, None))
     except BaseException as err:  # reported to the coordinator, raised there
         messages.put(("error", rank, _describe(err)))
@@ -200,6 +206,12 @@ def _rebuild(error: tuple[str, str]) -> BaseException:
 
 
 # ---------------------------------------------------------------------- torchrun ranks
+def _open_and_reset(job: ApplyJob) -> Any:
+    writer = open_staging(job)
+    reset_claims(job.staging)
+    return writer
+
+
 def _apply_distributed(request: ApplyRequest, rank: int, world: int, progress: bool,
                        log_tensors: bool) -> Path | None:
     """Every rank validates and writes its shards; rank 0 opens staging and finalises.
@@ -228,7 +240,7 @@ def _apply_distributed(request: ApplyRequest, rank: int, world: int, progress: b
 
     try:
         job = phase(lambda: prepare(request, check_out=True))
-        writer = phase(lambda: open_staging(job) if rank == 0 else None)
+        writer = phase(lambda: _open_and_reset(job) if rank == 0 else None)
         bar = _bar(job, (progress or log_tensors) and rank == 0)
         try:
             phase(lambda: write_shards(job, rank, world, bar.update, bar.write if log_tensors else None))

@@ -47,7 +47,7 @@ def add_profile(stage: str, seconds: float) -> None:
         PROFILE[stage] = PROFILE.get(stage, 0.0) + seconds
 
 
-def _dump_profile() -> None:
+def dump_profile() -> None:
     target = os.environ.get("FLM_GROW_PROFILE")
     if target:
         with _PROFILE_LOCK:
@@ -56,7 +56,7 @@ def _dump_profile() -> None:
             json.dump(data, fh)
 
 
-atexit.register(_dump_profile)
+atexit.register(dump_profile)
 
 
 class BufferPool:

@@ -280,6 +280,77 @@ def _stream_entries(fh: BinaryIO, digest: Any, path: Path,
         raise
 
 
+def write_shard_part(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                     first: int, last: int,
+                     produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
+                     after_tensor: Callable[[str, int], None] | None = None,
+                     label: Callable[[str], str] = lambda name: f"tensor '{name}'",
+                     check_finite: bool = True) -> str:
+    """Write ``entries[first:last]`` of a shard at their place in ``<name>.partial`` (shared
+    by the workers writing the other parts; created and sized by whichever comes first,
+    never through a symlink) and fdatasync it; returns the sha256 of the bytes written.
+    :func:`seal_shard` finishes the file once every part is there."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    header = shard_header(entries, {"format": "pt", DIGEST_KEY: _PLACEHOLDER})
+    offset = len(header) + sum(nbytes_of(s, d) for _, s, d in entries[:first])
+    size = len(header) + sum(nbytes_of(s, d) for _, s, d in entries)
+    digest = hashlib.sha256()
+    try:
+        fd = open_nofollow(tmp, os.O_RDWR | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "r+b") as fh:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)  # every part sizes it the same: never cuts another's bytes
+            fh.seek(offset)
+            _stream_entries(fh, digest, path, entries[first:last], produce, after_tensor, label, check_finite)
+            fh.flush()
+            os.fdatasync(fd)
+    except OSError as err:
+        if str(path) in str(err):
+            raise
+        wrapped = OSError(f"{path}: {err.strerror or err}")
+        wrapped.errno = err.errno
+        raise wrapped from None
+    return digest.hexdigest()
+
+
+def part_digest(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                first: int, last: int) -> str | None:
+    """sha256 of what ``<name>.partial`` holds where ``entries[first:last]`` go (None: no file)."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    start = len(shard_header(entries, {"format": "pt", DIGEST_KEY: _PLACEHOLDER})) + sum(
+        nbytes_of(s, d) for _, s, d in entries[:first])
+    left = sum(nbytes_of(s, d) for _, s, d in entries[first:last])
+    h = hashlib.sha256()
+    try:
+        fd = open_nofollow(tmp, os.O_RDONLY)
+    except (FileNotFoundError, OSError):
+        return None
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        fh.seek(start)
+        while left > 0 and (chunk := fh.read(min(READ_CHUNK, left))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest() if left == 0 else None
+
+
+def seal_shard(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> str:
+    """Finish a shard written in parts: hash its data section, write the header with the
+    digest, fsync, rename into place. Returns the digest."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    placeholder = shard_header(entries, {"format": "pt", DIGEST_KEY: _PLACEHOLDER})
+    hexdigest = data_digest(tmp, len(placeholder))
+    header = shard_header(entries, {"format": "pt", DIGEST_KEY: hexdigest})
+    fd = open_nofollow(tmp, os.O_RDWR)
+    with os.fdopen(fd, "r+b") as fh:
+        fh.write(header)
+        fh.flush()
+        os.fsync(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    return hexdigest
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
