@@ -43,6 +43,7 @@ from flmcore.safe_load import guarded_torch_load, load
 from growth.checkpoint import CheckpointError
 from growth.config import CONFIG_NAME, ConfigError, ModelConfig, resolve_config
 from growth.import_source import Source, TensorInfo, canonical
+from stages.engines.ds_compat import zero_merge_moments
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +171,8 @@ def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], di
         for kind in KINDS:
             flats = [[s["state"][g][kind] for g in range(groups)] for s in inner]
             merged: dict[str, Any] = {}
-            if stage <= 2:
-                z._zero2_merge_trainable_params(merged, world, flats, model_states,
-                                                optim[0].get("param_alignment_paddings"))
-            else:
-                z._zero3_merge_trainable_params(merged, world, flats, model_states)
+            zero_merge_moments(stage, merged, world, flats, model_states,
+                               optim[0].get("param_alignment_paddings") if stage <= 2 else None)
             moments[kind] = merged
     return weights, moments, state
 
