@@ -36,12 +36,9 @@ is byte-identical to the uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,25 +62,16 @@ from growth.checkpoint import (
     torch_dtype,
 )
 from growth.config import CONFIG_NAME, ModelConfig, resolve_config
-from growth.pipeline import CHUNK, DEPTH, add_profile
-from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_part, write_shard_streaming
-from growth.workqueue import (
-    WorkItem,
-    claim,
-    clear_parts,
-    mark_part,
-    part_done,
-    remove_work_dir,
-    seal_if_complete,
-    work_items,
-)
+from growth.pipeline import CHUNK, DEPTH
+from growth.shardwork import ShardTask, ShardWorker, complete_shards, write_items
+from growth.tensor_io import TensorSource, nbytes_of
 from operators import GrowthPlan, GrowthSpec, make_plan
 from operators.plan import CHUNK_ELEMENTS
 
 GROW_EVENT = "grow"
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-PRODUCERS = 2  # threads computing single-block tensors ahead of the writer
-LOOKAHEAD = 2  # tensors computed ahead of the one being written
+PRODUCERS = ShardWorker.producers  # threads computing single-block tensors ahead of the writer
+LOOKAHEAD = ShardWorker.lookahead  # tensors computed ahead of the one being written
 BASE_RSS = 300 * 1024**2  # python + torch + operators: 233 MB measured on a tiny apply
 
 
@@ -98,17 +86,6 @@ class ApplyRequest:
     dtype: str | None = None  # None: the source's dtype (it must have exactly one)
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     optimizer_state: bool = True  # grow SRC/optimizer/ moments too, when present
-
-
-@dataclass
-class ShardTask:
-    path: str  # relative to the output root
-    entries: list[tuple[str, tuple[int, ...], torch.dtype]]
-    kind: str  # weight | exp_avg | exp_avg_sq
-
-    @property
-    def nbytes(self) -> int:
-        return sum(nbytes_of(s, d) for _, s, d in self.entries)
 
 
 @dataclass
@@ -131,6 +108,12 @@ class ApplyJob:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tasks)
+
+    def worker(self, log: Callable[[str], None] | None = None) -> ShardWriter:
+        return ShardWriter(self, log)
+
+    def open_staging(self) -> CheckpointWriter:
+        return open_staging(self)
 
 
 # ---------------------------------------------------------------------- preparation
@@ -199,7 +182,7 @@ def prepare(request: ApplyRequest, check_out: bool = True) -> ApplyJob:
 
 
 # ---------------------------------------------------------------------- shard writing
-class ShardWriter:
+class ShardWriter(ShardWorker):
     """Produces the grown tensors of one job's shards (one instance per worker).
 
     Note: the tensors that fit one row block are computed up to ``LOOKAHEAD`` ahead in a
@@ -211,14 +194,13 @@ class ShardWriter:
     """
 
     def __init__(self, job: ApplyJob, log: Callable[[str], None] | None = None):
+        super().__init__()
         self.job = job
         self.log = log
         self.sources = {"weight": TensorSource(job.reader),
                         **{k: TensorSource(r) for k, r in job.moments.items()}}
         self.ops = {op.name: op for op in job.plan.tensor_ops()}
         self.read_lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(PRODUCERS, thread_name_prefix="grow-produce")
-        self.sealed: dict[Path, bool] = {}
 
     def _get(self, kind: str) -> Callable[[str], torch.Tensor]:
         source = self.sources[kind]
@@ -246,30 +228,6 @@ class ShardWriter:
         for r0, r1 in GrowthPlan.row_blocks(tuple(shape), CHUNK_ELEMENTS):
             yield src[r0:r1] if src.dim() else src
 
-    def producer(self, task: ShardTask, first: int = 0, last: int | None = None
-                 ) -> Callable[[str], Iterable[torch.Tensor]]:
-        """``produce(name)`` for the shard writer over ``task.entries[first:last]``:
-        single-block tensors come from futures submitted up to LOOKAHEAD tensors ahead."""
-        ahead: dict[str, Future] = {}
-        order = [(n, tuple(s), d) for n, s, d in task.entries[first:last]]
-        position = {n: i for i, (n, _, _) in enumerate(order)}
-
-        def compute(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
-            start = time.thread_time()
-            blocks = list(self.tensor(name, task.kind, dtype))
-            add_profile("produce", time.thread_time() - start)
-            return blocks
-
-        def produce(name: str) -> Iterable[torch.Tensor]:
-            i = position[name]
-            for n, shape, dtype in order[i:i + LOOKAHEAD + 1]:
-                if n not in ahead and len(GrowthPlan.row_blocks(shape, CHUNK_ELEMENTS)) == 1:
-                    ahead[n] = self.pool.submit(compute, n, dtype)
-            if name in ahead:
-                return ahead.pop(name).result()
-            return self.tensor(name, task.kind, order[i][2])
-        return produce
-
     def label(self, name: str, kind: str) -> str:
         """How errors name a target tensor: with the source tensor it is grown from."""
         what = "tensor" if kind == "weight" else f"{kind} of"
@@ -277,55 +235,7 @@ class ShardWriter:
         origin = f" (grown from '{src}' in {self.sources[kind].directory})" if src else " (new)"
         return f"{what} '{name}'{origin}"
 
-    def write(self, task: ShardTask, root: Path,
-              progress: Callable[[int], None] | None = None) -> bool:
-        """Write ``task`` under ``root`` unless a complete copy exists; True if written."""
-        path = root / task.path
-        if shard_complete(path, task.entries) is not None:
-            if progress is not None:
-                progress(task.nbytes)
-            return False
-        clear_parts(root, task.path)  # written whole: the partial file is replaced
-        with self._blaming(task):
-            write_shard_streaming(path, task.entries, self.producer(task),
-                                  after_tensor=(lambda _n, size: progress(size)) if progress else None,
-                                  label=lambda n: self.label(n, task.kind))
-        return True
-
-    def write_part(self, task: ShardTask, item: WorkItem, root: Path,
-                   progress: Callable[[int], None] | None = None) -> bool:
-        """Write one part of a split shard (workqueue) unless it is done; seal the shard
-        when this was its last part. True if written."""
-        path = root / task.path
-        if self._sealed(path, task) or part_done(root, task.path, task.entries, item.first, item.last):
-            if progress is not None:
-                progress(item.nbytes)
-            return False
-        with self._blaming(task):
-            digest = write_shard_part(path, task.entries, item.first, item.last,
-                                      self.producer(task, item.first, item.last),
-                                      after_tensor=(lambda _n, size: progress(size)) if progress else None,
-                                      label=lambda n: self.label(n, task.kind))
-        mark_part(root, task.path, item.first, item.last, digest)
-        seal_if_complete(root, task.path, task.entries)
-        return True
-
-    def _sealed(self, path: Path, task: ShardTask) -> bool:
-        """A sealed shard is whole and intact (its data re-hashed once per worker)."""
-        if path not in self.sealed:
-            self.sealed[path] = path.is_file() and shard_complete(path, task.entries) is not None
-        return self.sealed[path]
-
-    @contextlib.contextmanager
-    def _blaming(self, task: ShardTask) -> Iterator[None]:
-        try:
-            yield
-        except CheckpointError as err:
-            if "NaN or inf" in str(err):
-                self._blame_source(task)
-            raise
-
-    def _blame_source(self, task: ShardTask) -> None:
+    def blame(self, task: ShardTask) -> None:
         """A non-finite output whose source already holds NaN/inf is the source's fault:
         say so, naming the source file and tensor."""
         source = self.sources[task.kind]
@@ -337,7 +247,7 @@ class ShardWriter:
                                       f"or inf; fix or replace the source checkpoint") from None
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        super().close()
         for s in self.sources.values():
             s.close()
 
@@ -345,23 +255,10 @@ class ShardWriter:
 def write_shards(job: ApplyJob, rank: int = 0, world: int = 1,
                  progress: Callable[[int], None] | None = None,
                  log: Callable[[str], None] | None = None) -> int:
-    """Write the work items this worker claims (growth.workqueue: items by bytes, largest
-    first, each taken by the first of the ``world`` workers to claim it; one worker takes
-    them all); returns how many it wrote. ``rank`` only names the worker."""
-    writer = ShardWriter(job, log)
-    written = 0
-    try:
-        for item in work_items(job.tasks, world):
-            if world > 1 and not claim(job.staging, item.key):
-                continue
-            task = job.tasks[item.task]
-            if item.whole:
-                written += writer.write(task, job.staging, progress)
-            else:
-                written += writer.write_part(task, item, job.staging, progress)
-    finally:
-        writer.close()
-    return written
+    """Write the work items this worker claims (growth.shardwork.write_items: items by
+    bytes, largest first, each taken by the first of ``world`` workers to claim it);
+    returns how many it wrote. ``rank`` only names the worker."""
+    return write_items(job.tasks, job.staging, ShardWriter(job, log), world, progress)
 
 
 # ---------------------------------------------------------------------- staging
@@ -386,13 +283,7 @@ def finalize(job: ApplyJob, writer: CheckpointWriter) -> Path:
     """Check every shard, write indexes, config, history, optimizer state and the
     release's files; publish."""
     staging = writer.staging
-    for task in job.tasks:  # shards whose parts were all written before a kill are sealed here
-        if not (staging / task.path).is_file():
-            seal_if_complete(staging, task.path, task.entries, once=False, verify=True)
-        if shard_complete(staging / task.path, task.entries, verify_data=False) is None:
-            raise CheckpointError(f"{staging / task.path}: shard missing or incomplete after all "
-                                  f"workers finished; rerun the same command to resume")
-    remove_work_dir(staging)
+    complete_shards(job.tasks, staging)
     roots = {"weight": ""} | {k: f"{OPTIMIZER_DIR}/{k}/" for k in job.moments}
     for kind, root in roots.items():
         tasks = [t for t in job.tasks if t.kind == kind]

@@ -106,7 +106,7 @@ def test_split_shards_resume_part_by_part(source, tmp_path, monkeypatch):
     """Workers stopped after half the items (as if killed): the rerun writes only the rest,
     keeps every finished part (and seals shards whose parts were all done), and the output
     is byte-identical to an uninterrupted run."""
-    from growth import executor
+    from growth import shardwork as executor
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     request = request_for(source, tmp_path / "out")
