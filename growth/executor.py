@@ -22,9 +22,14 @@ How it stays bounded, resumable and parallel:
   after a kill the same command skips the shards that exist whole with a matching digest
   and writes the rest. The manifest beside the staging dir records the request and the
   source's *content* fingerprint; a different request or a changed source starts afresh.
-- **Workers.** Shard i goes to worker ``i % N``: ``--workers N`` spawns N processes, and
-  under ``torchrun`` each rank (RANK / WORLD_SIZE, gloo) takes its share; rank 0 (or the
-  parent) sets up and finalises. Across nodes the output must be on a shared filesystem.
+- **Workers.** Work is dealt by bytes (growth.workqueue): whole shards, or tensor-boundary
+  parts of big ones, claimed largest first from one queue of ``O_EXCL`` files in the
+  staging dir. ``--workers N`` spawns N processes, and under ``torchrun`` each rank
+  (RANK / WORLD_SIZE, gloo) claims its share; rank 0 (or the parent) sets up and
+  finalises. Across nodes the output must be on a shared filesystem.
+- **Writing.** Each shard goes through growth.pipeline (cast ‖ sha256 ‖ write threads, a
+  few pieces in flight, fsync before the rename); growth.shardwork is the loop apply
+  and ``grow import`` share.
 - **Errors.** Input errors are raised by :func:`prepare` before anything is written. An
   OSError (disk full, I/O) or an interrupt keeps the staging dir for a resume; any other
   error removes it. OUT appears only at the final rename.
