@@ -15,8 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("zero", "masked", "clone", "split", "copy")
 SHARD = 20_000
@@ -42,7 +40,8 @@ def make_source(root: Path) -> Path:
 
 def shard_hashes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".index.json"))}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".index.json"))}
 
 
 def apply_case(src: Path, out: Path, strategy: str, dtype: str, workers: int = 1) -> dict[str, str]:
