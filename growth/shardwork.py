@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 
 from growth.pipeline import add_profile
-from growth.tensor_io import CheckpointError, nbytes_of, shard_complete, write_shard_part, write_shard_streaming
+from growth.tensor_io import (
+    CheckpointError,
+    Closer,
+    nbytes_of,
+    shard_complete,
+    write_shard_part,
+    write_shard_streaming,
+)
 from growth.workqueue import (
     WorkItem,
     claim,
@@ -63,6 +70,7 @@ class ShardWorker:
         self.pool = ThreadPoolExecutor(self.producers, thread_name_prefix="grow-produce") \
             if self.lookahead else None
         self.sealed: dict[Path, bool] = {}
+        self.closer = Closer()  # a shard's fsync + rename overlap the next one's production
 
     # ---------------------------------------------------------- what subclasses say
     def tensor(self, name: str, kind: str, dtype: torch.dtype) -> Iterable[torch.Tensor]:
@@ -80,8 +88,12 @@ class ShardWorker:
             progress(size)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        """Wait for the last shard's publish (raising its error); stop the threads."""
+        try:
+            self.closer.close()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
 
     # ---------------------------------------------------------- producing
     def producer(self, task: ShardTask, first: int = 0, last: int | None = None
@@ -121,7 +133,7 @@ class ShardWorker:
         with self._blaming(task):
             write_shard_streaming(path, task.entries, self.producer(task),
                                   after_tensor=lambda n, size: self.piece_written(n, size, progress),
-                                  label=lambda n: self.label(n, task.kind))
+                                  label=lambda n: self.label(n, task.kind), closer=self.closer)
         return True
 
     def write_part(self, task: ShardTask, item: WorkItem, root: Path,

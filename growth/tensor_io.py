@@ -24,6 +24,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -196,7 +197,7 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
                           produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
                           after_tensor: Callable[[str, int], None] | None = None,
                           label: Callable[[str], str] = lambda name: f"tensor '{name}'",
-                          check_finite: bool = True) -> str:
+                          check_finite: bool = True, closer: Closer | None = None) -> str:
     """Write a safetensors shard whose tensors ``produce(name)`` returns one at a time;
     returns the sha256 of its data section (also stored in its ``__metadata__``).
 
@@ -209,7 +210,9 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
 
     Note: the pieces go through a :class:`growth.pipeline.WritePipeline` — cast, sha256
     and write on their own threads, up to three pieces in flight — while ``produce``
-    computes the next ones (torch, hashlib and file writes release the GIL).
+    computes the next ones (torch, hashlib and file writes release the GIL). With a
+    ``closer`` the fsync and rename run on its thread while the caller goes on to the next
+    shard (the caller waits for it with ``closer.wait()`` before relying on the file).
     """
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -223,20 +226,65 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
             fh.seek(header.index(_PLACEHOLDER.encode()))
             fh.write(hexdigest.encode())
             fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if closer is None:
+            _publish(tmp, path)
+        else:
+            closer.submit(lambda: _publish(tmp, path))
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        if str(path) in str(err):
-            raise
-        wrapped = OSError(f"{path}: {err.strerror or err}")
-        wrapped.errno = err.errno
-        raise wrapped from None
+        raise _naming(err, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return hexdigest
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    if str(path) in str(err):
+        return err
+    wrapped = OSError(f"{path}: {err.strerror or err}")
+    wrapped.errno = err.errno
+    return wrapped
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """fsync the finished ``tmp`` and rename it to ``path`` (removed on failure)."""
+    try:
+        fd = open_nofollow(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _naming(err, path) from None
+
+
+class Closer:
+    """Publishes finished shards (fsync + rename) on one background thread, at most one
+    behind the writer, so a shard's flush to disk overlaps the next shard's production.
+    Errors surface at the next :meth:`submit` or at :meth:`wait` / :meth:`close`."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-close")
+        self.pending: Future | None = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.wait()
+        self.pending = self.pool.submit(fn)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _open_new(path: Path) -> BinaryIO:
