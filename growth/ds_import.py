@@ -43,7 +43,6 @@ from flmcore.safe_load import guarded_torch_load, load
 from growth.checkpoint import CheckpointError
 from growth.config import CONFIG_NAME, ConfigError, ModelConfig, resolve_config
 from growth.import_source import Source, TensorInfo, canonical
-from stages.engines.ds_compat import zero_merge_moments
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +140,21 @@ def _hparams(optimizer_state: dict[str, Any]) -> dict[str, Any]:
         return {}
     return {"betas": [float(b) for b in group0["betas"]], "eps": float(group0.get("eps", 1e-8)),
             "weight_decay": float(group0.get("weight_decay", 0.0))}
+
+
+def zero_merge_moments(stage: int, merged: dict[str, Any], world: int, flats: Any, model_states: Any,
+                       paddings: Any = None) -> None:
+    """Merge the ZeRO flat partitions ``flats`` of one Adam moment into ``merged`` (name →
+    tensor) with zero_to_fp32's private mergers, the ones its own fp32 consolidation uses.
+    The one place grow import calls them; they are listed, with the version verified, in
+    the DeepSpeed-privates table of stages/engines/ds_compat.py (growth sits below stages
+    and cannot import it)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    if stage <= 2:
+        z._zero2_merge_trainable_params(merged, world, flats, model_states, paddings)
+    else:
+        z._zero3_merge_trainable_params(merged, world, flats, model_states)
 
 
 def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:

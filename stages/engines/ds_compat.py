@@ -17,8 +17,8 @@ attribute / call                               class (module)                   
 ``engine.grid.data_parallel_id``,              PipelineEngine (runtime/pipe/engine)         0.19.8
 ``grid.stage_to_global``, ``stage_owner``      PipelineModule (runtime/pipe/module)         0.19.8
 ``_zero2_merge_trainable_params``,             module deepspeed.utils.zero_to_fp32          0.19.8
-``_zero3_merge_trainable_params`` (grow import  (merge ZeRO flat partitions of the Adam
-of ZeRO moments: :func:`zero_merge_moments`)   moments into per-parameter tensors)
+``_zero3_merge_trainable_params`` (called only  (merge ZeRO flat partitions of the Adam
+by ``growth.ds_import.zero_merge_moments``)    moments into per-parameter tensors)
 ``torch.load(weights_only=False)`` calls       TorchCheckpointEngine.load, engine            0.19.8
 (replaced by ``flmcore.safe_load.load``         ``_get_all_zero_checkpoint_state_dicts``,
 while a checkpoint is loaded)                  utils/zero_to_fp32 (grow import)
@@ -201,17 +201,3 @@ def estimate_zero3_model_states_mem_needs(*args: Any, **kwargs: Any) -> Any:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as estimate
 
     return estimate(*args, **kwargs)
-
-
-# ---------------------------------------------------------------------- grow import (ZeRO moments)
-def zero_merge_moments(stage: int, merged: dict[str, Any], world: int, flats: Any, model_states: Any,
-                       paddings: Any = None) -> None:
-    """Merge the ZeRO flat partitions ``flats`` of one Adam moment into ``merged`` (name →
-    tensor): zero_to_fp32's private mergers, the ones its own fp32 consolidation uses
-    (``growth.ds_import``; the table above lists them)."""
-    from deepspeed.utils import zero_to_fp32 as z
-
-    if stage <= 2:
-        z._zero2_merge_trainable_params(merged, world, flats, model_states, paddings)
-    else:
-        z._zero3_merge_trainable_params(merged, world, flats, model_states)
