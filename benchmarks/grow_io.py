@@ -17,16 +17,21 @@ Import row: the 1× source written as an HF pickle release (``pytorch_model-0000
 write the same tensors as safetensors shards). Memory row: importing one ~340 MB
 ``pytorch_model.bin`` peaks within 150 MB + 2 × its largest tensor of a tiny import's peak.
 
-Interpreter start-up (a child that imports torch and growth and exits) is measured in the
-same run and subtracted from both sides of every ratio (``*_startup_subtracted``).
+Start-up is measured as a *tiny run of the same command* (``grow apply`` tiny-s1 → tiny-s2,
+``grow import`` of a tiny pickle release, and each floor child on the same tiny input),
+fastest of ``--repeat``, and each side's own tiny run is subtracted from it before the
+ratio (``*_startup_subtracted``): what is left is the time spent on the bytes. Every
+written file is fsynced on both sides (``grow`` fsyncs each shard before its rename).
 
-    python benchmarks/grow_io.py [--dtype bfloat16] [--workdir DIR] [--keep]
+    python benchmarks/grow_io.py [--dtype bfloat16] [--workdir DIR] [--repeat 3]
 
-The last line printed is one JSON object with ``ratio_to_io_floor`` and
-``peak_rss_bytes`` (the worst of the two sizes). Both child processes start a Python
-with torch, so interpreter start-up is on both sides. Floor and apply runs are interleaved
-``--repeat`` times and the fastest of each is compared (the usual defence against
-background load); CPU seconds (user + system) are reported next to wall time. Note: on a machine whose RAM holds
+Floor and apply runs are interleaved ``--repeat`` times and the fastest of each is
+compared (the usual defence against background load); CPU seconds (user + system) are
+reported next to wall time, with the per-thread CPU profile of the fastest ``grow`` run
+(``FLM_GROW_PROFILE``: produce, cast, hash, write; growth.pipeline) and each stage's
+share of the wall time. The last line printed is one JSON object with
+``ratio_to_io_floor_startup_subtracted`` (apply), ``import_ratio_to_io_floor_startup_subtracted``
+and ``peak_rss_bytes`` (the worst of the two sizes). Note: on a machine whose RAM holds
 the files, reads come from the page cache; both sides see the same cache state (each
 measurement starts after ``sync``).
 """
@@ -46,6 +51,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import git_commit  # noqa: E402
 
 from growth.config import ModelConfig  # noqa: E402
 
@@ -66,19 +74,40 @@ def env() -> dict[str, str]:
     return e
 
 
-def measured(argv: list[str]) -> tuple[float, int, float]:
+def measured(argv: list[str], profile: Path | None = None) -> tuple[float, int, float, dict]:
     """Run argv; (wall seconds, the child's own peak RSS in bytes, its user + system CPU
-    seconds). Raises on failure."""
+    seconds, its per-thread CPU profile summed over its processes). Raises on failure."""
     os.sync()
+    e = env()
+    if profile is not None:
+        shutil.rmtree(profile, ignore_errors=True)
+        profile.mkdir(parents=True)
+        e["FLM_GROW_PROFILE"] = str(profile / "p")
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(argv, env=e, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{out}{err}")
-    return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+    prof: dict[str, float] = {}
+    for f in sorted(profile.iterdir()) if profile is not None else []:
+        for k, v in json.loads(f.read_text()).items():
+            if k != "pid":
+                prof[k] = round(prof.get(k, 0.0) + v, 3)
+    return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, prof
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file written under ``root`` (the floor pays what ``grow`` pays)."""
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def floor_child(src: str, target_config: str, out: str, dtype: str, shard: str) -> None:
@@ -98,19 +127,43 @@ def floor_child(src: str, target_config: str, out: str, dtype: str, shard: str) 
     Path(out).mkdir(parents=True)
     for fname, names in zip(shard_file_names(len(groups)), groups, strict=True):
         save_file({n: torch.empty(shapes[n], dtype=cast) for n in names}, str(Path(out) / fname))
+    fsync_tree(out)
 
 
-def startup_child() -> None:
-    """What every measured child pays before its first byte: Python, torch, growth."""
-    import safetensors.torch  # noqa: F401
+def tiny_runs(work: Path, dtype: str, workers: int, repeat: int) -> dict[str, float]:
+    """Start-up of each measured command: the fastest of ``repeat`` tiny runs of it
+    (tiny-s1 → tiny-s2 for apply and its floor; a tiny pickle release for import and its floor)."""
+    grow = [sys.executable, "-m", "growth.cli"]
+    tiny = work / "tiny"
+    subprocess.run([*grow, "init", "tiny-s1", "--out", str(tiny / "src"), "--dtype", dtype, "--quiet"],
+                   env=env(), check=True, stdout=subprocess.DEVNULL)
+    from growth.config import get_flavor
 
-    import growth.cli  # noqa: F401
-    import growth.executor  # noqa: F401
-    import growth.importer  # noqa: F401
+    (tiny / "dst").mkdir()
+    get_flavor("tiny-s2").save(tiny / "dst")
+    subprocess.run([sys.executable, __file__, "--write-release", str(tiny / "src"), str(tiny / "rel"), SHARD],
+                   env=env(), check=True)
+    commands = {
+        "apply": [*grow, "apply", "--from", str(tiny / "src"), "--to", str(tiny / "dst"), "--out",
+                  str(tiny / "out"), "--quiet", "--workers", str(workers)],
+        "floor": [sys.executable, __file__, "--floor-child", str(tiny / "src"), str(tiny / "dst" / "config.json"),
+                  str(tiny / "out"), dtype],
+        "import": [*grow, "import", str(tiny / "rel"), "--out", str(tiny / "out"), "--quiet", "--workers",
+                   str(workers)],
+        "import_floor": [sys.executable, __file__, "--import-floor-child", str(tiny / "rel"), str(tiny / "out")],
+    }
+    best = dict.fromkeys(commands, math.inf)
+    for _ in range(repeat):
+        for name, argv in commands.items():
+            best[name] = min(best[name], measured(argv)[0])
+            shutil.rmtree(tiny / "out")
+    shutil.rmtree(tiny)
+    return best
 
 
-def startup_seconds(repeat: int) -> float:
-    return min(measured([sys.executable, __file__, "--startup-child"])[0] for _ in range(repeat))
+def profile_shares(prof: dict[str, float], seconds: float) -> str:
+    """'produce 1.2 s (40 %), …': each stage's CPU seconds and share of the wall time."""
+    return ", ".join(f"{k} {v:.2f} s ({100 * v / seconds:.0f} %)" for k, v in prof.items())
 
 
 def write_pickle_release(src: Path, out: Path, shard: str) -> None:
@@ -158,9 +211,10 @@ def import_floor_child(src: str, out: str, shard: str) -> None:
     Path(out).mkdir(parents=True)
     for fname, names in zip(shard_file_names(len(groups)), groups, strict=True):
         save_file({n: torch.empty(shapes[n], dtype=dtype) for n in names}, str(Path(out) / fname))
+    fsync_tree(out)
 
 
-def run_import(work: Path, layers: int, dtype: str, workers: int, repeat: int, startup: float) -> dict:
+def run_import(work: Path, layers: int, dtype: str, workers: int, repeat: int, startup: dict) -> dict:
     src_cfg, _ = bench_configs(layers)
     cfg_dir = work / "import-config"
     cfg_dir.mkdir(parents=True)
@@ -181,15 +235,18 @@ def run_import(work: Path, layers: int, dtype: str, workers: int, repeat: int, s
         floors.append(measured([sys.executable, __file__, "--import-floor-child", str(release), str(floor_out)]))
         shutil.rmtree(floor_out)
         imports.append(measured([*grow, "import", str(release), "--out", str(out), "--max-shard-size", SHARD,
-                                 "--quiet", "--workers", str(workers)]))
+                                 "--quiet", "--workers", str(workers)], work / "profile"))
         shutil.rmtree(out)
     floor_s, import_s = min(f[0] for f in floors), min(a[0] for a in imports)
     shutil.rmtree(release)
+    net_import, net_floor = import_s - startup["import"], floor_s - startup["import_floor"]
     return {"kind": "import", "layers": layers, "dtype": dtype, "workers": workers,
             "source_bytes": src_cfg.params * (4 if dtype == "float32" else 2),
             "floor_seconds": round(floor_s, 3), "import_seconds": round(import_s, 3),
+            "startup_seconds": {"import": round(startup["import"], 3), "floor": round(startup["import_floor"], 3)},
             "ratio_to_io_floor": round(import_s / floor_s, 3),
-            "ratio_to_io_floor_startup_subtracted": round((import_s - startup) / (floor_s - startup), 3),
+            "ratio_to_io_floor_startup_subtracted": round(net_import / net_floor, 3),
+            "profile_cpu_seconds": min(imports)[3],
             "import_cpu_seconds": round(min(a[2] for a in imports), 2),
             "floor_cpu_seconds": round(min(f[2] for f in floors), 2),
             "peak_rss_bytes": max(a[1] for a in imports)}
@@ -214,7 +271,7 @@ def run_import_memory(work: Path) -> dict:
         subprocess.run([sys.executable, __file__, "--write-release", str(init), str(src), "single"], env=env(),
                        check=True)
         shutil.rmtree(init)
-        _, peak, _ = measured([*grow, "import", str(src), "--out", str(work / f"mem-{tag}-out"), "--quiet"])
+        _, peak, _, _ = measured([*grow, "import", str(src), "--out", str(work / f"mem-{tag}-out"), "--quiet"])
         peaks[tag] = (peak, (src / "pytorch_model.bin").stat().st_size,
                       max(math.prod(s) for s in cfg.tensor_shapes().values()) * 2)
         shutil.rmtree(src)
@@ -226,7 +283,7 @@ def run_import_memory(work: Path) -> dict:
             "within_limit": big_peak <= limit}
 
 
-def run_size(work: Path, layers: int, dtype: str, workers: int, repeat: int, startup: float = 0.0) -> dict:
+def run_size(work: Path, layers: int, dtype: str, workers: int, repeat: int, startup: dict) -> dict:
     src_cfg, dst_cfg = bench_configs(layers)
     tag = f"L{layers}"
     cfg_dir = work / f"{tag}-configs"
@@ -245,7 +302,7 @@ def run_size(work: Path, layers: int, dtype: str, workers: int, repeat: int, sta
         shutil.rmtree(floor_out)
         applies.append(measured([*grow, "apply", "--from", str(src), "--to", str(cfg_dir / "dst"),
                                  "--out", str(out), "--max-shard-size", SHARD, "--quiet",
-                                 "--workers", str(workers)]))
+                                 "--workers", str(workers)], work / "profile"))
         shutil.rmtree(out)
     floor_s, apply_s = min(f[0] for f in floors), min(a[0] for a in applies)
     floor_rss, apply_rss = max(f[1] for f in floors), max(a[1] for a in applies)
@@ -257,8 +314,9 @@ def run_size(work: Path, layers: int, dtype: str, workers: int, repeat: int, sta
         "largest_target_tensor_bytes": largest,
         "floor_seconds": round(floor_s, 3), "apply_seconds": round(apply_s, 3),
         "ratio_to_io_floor": round(apply_s / floor_s, 3),
-        "ratio_to_io_floor_startup_subtracted": round((apply_s - startup) / (floor_s - startup), 3),
-        "startup_seconds": round(startup, 3),
+        "ratio_to_io_floor_startup_subtracted": round((apply_s - startup["apply"]) / (floor_s - startup["floor"]), 3),
+        "startup_seconds": {"apply": round(startup["apply"], 3), "floor": round(startup["floor"], 3)},
+        "profile_cpu_seconds": min(applies)[3],
         "floor_samples": [round(f[0], 2) for f in floors], "apply_samples": [round(a[0], 2) for a in applies],
         "floor_cpu_seconds": round(min(f[2] for f in floors), 2),
         "apply_cpu_seconds": round(min(a[2] for a in applies), 2),
@@ -270,6 +328,32 @@ def run_size(work: Path, layers: int, dtype: str, workers: int, repeat: int, sta
     return result
 
 
+def report_size(r: dict) -> None:
+    print(f"{r['source_bytes'] / 1e9:.2f} GB → {r['target_bytes'] / 1e9:.2f} GB {r['dtype']}: "
+          f"apply {r['apply_seconds']:.2f} s, I/O floor {r['floor_seconds']:.2f} s "
+          f"(ratio {r['ratio_to_io_floor']:.2f}, {r['ratio_to_io_floor_startup_subtracted']:.2f} "
+          f"start-up subtracted, target ≤ 1.2; CPU {r['apply_cpu_seconds']:.1f} s vs "
+          f"{r['floor_cpu_seconds']:.1f} s); peak RSS "
+          f"{r['peak_rss_bytes'] / 1e9:.2f} GB (limit {r['peak_rss_limit_bytes'] / 1e9:.2f} GB; "
+          f"floor child {r['floor_peak_rss_bytes'] / 1e9:.2f} GB)", flush=True)
+    print(f"  apply threads (CPU s, share of wall): "
+          f"{profile_shares(r['profile_cpu_seconds'], r['apply_seconds'])}", flush=True)
+
+
+def report_import(r: dict, m: dict) -> None:
+    print(f"import {r['source_bytes'] / 1e9:.2f} GB pickle release {r['dtype']}: import "
+          f"{r['import_seconds']:.2f} s, I/O floor {r['floor_seconds']:.2f} s (ratio "
+          f"{r['ratio_to_io_floor']:.2f}, {r['ratio_to_io_floor_startup_subtracted']:.2f} start-up "
+          f"subtracted, target ≤ 1.2; CPU {r['import_cpu_seconds']:.1f} s vs {r['floor_cpu_seconds']:.1f} s)",
+          flush=True)
+    print(f"  import threads (CPU s, share of wall): "
+          f"{profile_shares(r['profile_cpu_seconds'], r['import_seconds'])}", flush=True)
+    print(f"import memory: one {m['shard_bytes'] / 1e6:.0f} MB pytorch_model.bin peaks at "
+          f"{m['peak_rss_bytes'] / 1e6:.0f} MB; limit {m['limit_bytes'] / 1e6:.0f} MB (tiny import "
+          f"{m['tiny_peak_rss_bytes'] / 1e6:.0f} MB + 150 MB + 2 × {m['largest_tensor_bytes'] / 1e6:.0f} MB)"
+          f" {'ok' if m['within_limit'] else 'MISSED'}", flush=True)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--floor-child":
         floor_child(*sys.argv[2:6], SHARD)
@@ -279,9 +363,6 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--write-release":
         write_pickle_release(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "--startup-child":
-        startup_child()
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -295,50 +376,34 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grow_io-", dir=args.workdir))
     extra = []
+    load_before = os.getloadavg()
     try:
-        startup = startup_seconds(args.repeat)
-        print(f"interpreter start-up (python + torch + growth): {startup:.2f} s, subtracted below", flush=True)
+        startup = tiny_runs(work, args.dtype, args.workers, args.repeat)
+        print("start-up (tiny runs of the same commands, subtracted below): "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in startup.items()), flush=True)
         results = []
         base = bench_configs(args.layers)[0].params
         double = next(n for n in range(args.layers, 8 * args.layers) if bench_configs(n)[0].params >= 2 * base)
         for layers in (args.layers, double):
-            r = run_size(work, layers, args.dtype, args.workers, args.repeat, startup)
-            results.append(r)
-            print(f"{r['source_bytes'] / 1e9:.2f} GB → {r['target_bytes'] / 1e9:.2f} GB {r['dtype']}: "
-                  f"apply {r['apply_seconds']:.2f} s, I/O floor {r['floor_seconds']:.2f} s "
-                  f"(ratio {r['ratio_to_io_floor']:.2f}, {r['ratio_to_io_floor_startup_subtracted']:.2f} "
-                  f"start-up subtracted, target ≤ 1.2; CPU {r['apply_cpu_seconds']:.1f} s vs "
-                  f"{r['floor_cpu_seconds']:.1f} s); peak RSS "
-                  f"{r['peak_rss_bytes'] / 1e9:.2f} GB (limit {r['peak_rss_limit_bytes'] / 1e9:.2f} GB; "
-                  f"floor child {r['floor_peak_rss_bytes'] / 1e9:.2f} GB)", flush=True)
+            results.append(run_size(work, layers, args.dtype, args.workers, args.repeat, startup))
+            report_size(results[-1])
         if args.with_import:
-            r = run_import(work, args.layers, args.dtype, args.workers, args.repeat, startup)
-            extra.append(r)
-            print(f"import {r['source_bytes'] / 1e9:.2f} GB pickle release {r['dtype']}: import "
-                  f"{r['import_seconds']:.2f} s, I/O floor {r['floor_seconds']:.2f} s (ratio "
-                  f"{r['ratio_to_io_floor']:.2f}, {r['ratio_to_io_floor_startup_subtracted']:.2f} start-up "
-                  f"subtracted, target ≤ 1.2; CPU {r['import_cpu_seconds']:.1f} s vs {r['floor_cpu_seconds']:.1f} s)",
-                  flush=True)
-            m = run_import_memory(work)
-            extra.append(m)
-            print(f"import memory: one {m['shard_bytes'] / 1e6:.0f} MB pytorch_model.bin peaks at "
-                  f"{m['peak_rss_bytes'] / 1e6:.0f} MB; limit {m['limit_bytes'] / 1e6:.0f} MB (tiny import "
-                  f"{m['tiny_peak_rss_bytes'] / 1e6:.0f} MB + 150 MB + 2 × {m['largest_tensor_bytes'] / 1e6:.0f} MB)"
-                  f" {'ok' if m['within_limit'] else 'MISSED'}", flush=True)
+            extra.append(run_import(work, args.layers, args.dtype, args.workers, args.repeat, startup))
+            extra.append(run_import_memory(work))
+            report_import(*extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    worst = max(results, key=lambda r: r["ratio_to_io_floor"])
     print(json.dumps({
-        "ratio_to_io_floor": worst["ratio_to_io_floor"],
         "ratio_to_io_floor_startup_subtracted": max(r["ratio_to_io_floor_startup_subtracted"] for r in results),
         "import_ratio_to_io_floor_startup_subtracted": next(
             (r["ratio_to_io_floor_startup_subtracted"] for r in extra if r["kind"] == "import"), None),
+        "ratio_to_io_floor": max(r["ratio_to_io_floor"] for r in results),
         "import_memory_within_limit": next((r["within_limit"] for r in extra if r["kind"] == "import-memory"), None),
-        "extra": extra,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
         "peak_rss_limit_bytes": results[0]["peak_rss_limit_bytes"],
         "rss_growth_at_2x": round(results[1]["peak_rss_bytes"] / results[0]["peak_rss_bytes"], 3),
-        "sizes": results,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "commit": git_commit(),
+        "extra": extra, "sizes": results,
     }))
 
 

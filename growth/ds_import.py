@@ -142,6 +142,21 @@ def _hparams(optimizer_state: dict[str, Any]) -> dict[str, Any]:
             "weight_decay": float(group0.get("weight_decay", 0.0))}
 
 
+def zero_merge_moments(stage: int, merged: dict[str, Any], world: int, flats: Any, model_states: Any,
+                       paddings: Any = None) -> None:
+    """Merge the ZeRO flat partitions ``flats`` of one Adam moment into ``merged`` (name →
+    tensor) with zero_to_fp32's private mergers, the ones its own fp32 consolidation uses.
+    The one place grow import calls them; they are listed, with the version verified, in
+    the DeepSpeed-privates table of stages/engines/ds_compat.py (growth sits below stages
+    and cannot import it)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    if stage <= 2:
+        z._zero2_merge_trainable_params(merged, world, flats, model_states, paddings)
+    else:
+        z._zero3_merge_trainable_params(merged, world, flats, model_states)
+
+
 def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     from deepspeed.utils import zero_to_fp32 as z
 
@@ -170,11 +185,8 @@ def _read_zero(tag: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], di
         for kind in KINDS:
             flats = [[s["state"][g][kind] for g in range(groups)] for s in inner]
             merged: dict[str, Any] = {}
-            if stage <= 2:
-                z._zero2_merge_trainable_params(merged, world, flats, model_states,
-                                                optim[0].get("param_alignment_paddings"))
-            else:
-                z._zero3_merge_trainable_params(merged, world, flats, model_states)
+            zero_merge_moments(stage, merged, world, flats, model_states,
+                               optim[0].get("param_alignment_paddings") if stage <= 2 else None)
             moments[kind] = merged
     return weights, moments, state
 

@@ -11,7 +11,8 @@ How it stays bounded, resumable and parallel:
 - **Memory.** Target tensors are produced one at a time by ``GrowthPlan.grow_tensor`` and
   streamed into a shard whose header was written first (:mod:`growth.tensor_io`); source
   tensors are read with plain reads, not a memory map. Peak ≈ one source tensor + a few
-  fp32 copies of one target tensor, whatever the model size (:func:`peak_memory_estimate`).
+  fp32 row blocks (the pipeline's pieces in flight and the tensors computed ahead), whatever
+  the model size (:func:`peak_memory_estimate`).
 - **Determinism.** The shard plan depends only on target shapes, dtype and
   ``--max-shard-size``; every tensor depends only on (seed, name) and its source. Shards
   are therefore byte-identical across runs, worker counts and interruptions.
@@ -21,9 +22,14 @@ How it stays bounded, resumable and parallel:
   after a kill the same command skips the shards that exist whole with a matching digest
   and writes the rest. The manifest beside the staging dir records the request and the
   source's *content* fingerprint; a different request or a changed source starts afresh.
-- **Workers.** Shard i goes to worker ``i % N``: ``--workers N`` spawns N processes, and
-  under ``torchrun`` each rank (RANK / WORLD_SIZE, gloo) takes its share; rank 0 (or the
-  parent) sets up and finalises. Across nodes the output must be on a shared filesystem.
+- **Workers.** Work is dealt by bytes (growth.workqueue): whole shards, or tensor-boundary
+  parts of big ones, claimed largest first from one queue of ``O_EXCL`` files in the
+  staging dir. ``--workers N`` spawns N processes, and under ``torchrun`` each rank
+  (RANK / WORLD_SIZE, gloo) claims its share; rank 0 (or the parent) sets up and
+  finalises. Across nodes the output must be on a shared filesystem.
+- **Writing.** Each shard goes through growth.pipeline (cast ‖ sha256 ‖ write threads, a
+  few pieces in flight, fsync before the rename); growth.shardwork is the loop apply
+  and ``grow import`` share.
 - **Errors.** Input errors are raised by :func:`prepare` before anything is written. An
   OSError (disk full, I/O) or an interrupt keeps the staging dir for a resume; any other
   error removes it. OUT appears only at the final rename.
@@ -36,6 +42,7 @@ is byte-identical to the uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,12 +67,16 @@ from growth.checkpoint import (
     torch_dtype,
 )
 from growth.config import CONFIG_NAME, ModelConfig, resolve_config
-from growth.tensor_io import TensorSource, nbytes_of, shard_complete, write_shard_streaming
+from growth.pipeline import CHUNK, DEPTH
+from growth.shardwork import ShardTask, ShardWorker, complete_shards, write_items
+from growth.tensor_io import TensorSource, nbytes_of
 from operators import GrowthPlan, GrowthSpec, make_plan
 from operators.plan import CHUNK_ELEMENTS
 
 GROW_EVENT = "grow"
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PRODUCERS = ShardWorker.producers  # threads computing single-block tensors ahead of the writer
+LOOKAHEAD = ShardWorker.lookahead  # tensors computed ahead of the one being written
 BASE_RSS = 300 * 1024**2  # python + torch + operators: 233 MB measured on a tiny apply
 
 
@@ -80,17 +91,6 @@ class ApplyRequest:
     dtype: str | None = None  # None: the source's dtype (it must have exactly one)
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     optimizer_state: bool = True  # grow SRC/optimizer/ moments too, when present
-
-
-@dataclass
-class ShardTask:
-    path: str  # relative to the output root
-    entries: list[tuple[str, tuple[int, ...], torch.dtype]]
-    kind: str  # weight | exp_avg | exp_avg_sq
-
-    @property
-    def nbytes(self) -> int:
-        return sum(nbytes_of(s, d) for _, s, d in self.entries)
 
 
 @dataclass
@@ -113,6 +113,12 @@ class ApplyJob:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tasks)
+
+    def worker(self, log: Callable[[str], None] | None = None) -> ShardWriter:
+        return ShardWriter(self, log)
+
+    def open_staging(self) -> CheckpointWriter:
+        return open_staging(self)
 
 
 # ---------------------------------------------------------------------- preparation
@@ -181,25 +187,51 @@ def prepare(request: ApplyRequest, check_out: bool = True) -> ApplyJob:
 
 
 # ---------------------------------------------------------------------- shard writing
-class ShardWriter:
-    """Produces the grown tensors of one job's shards (one instance per worker)."""
+class ShardWriter(ShardWorker):
+    """Produces the grown tensors of one job's shards (one instance per worker).
+
+    Note: the tensors that fit one row block are computed up to ``LOOKAHEAD`` ahead in a
+    small thread pool (random-init fields are seeded per row block and drawn independently,
+    so several are drawn at once on several cores); bigger ones stream block by block in the
+    caller's thread. Source reads are serialised by a lock (the reader's files are shared).
+    A tensor the plan copies unchanged whose source already has the output dtype is passed
+    through in that dtype (no fp32 round trip).
+    """
 
     def __init__(self, job: ApplyJob, log: Callable[[str], None] | None = None):
+        super().__init__()
         self.job = job
         self.log = log
         self.sources = {"weight": TensorSource(job.reader),
                         **{k: TensorSource(r) for k, r in job.moments.items()}}
         self.ops = {op.name: op for op in job.plan.tensor_ops()}
+        self.read_lock = threading.Lock()
 
-    def tensor(self, name: str, kind: str) -> Iterator[torch.Tensor]:
-        """The grown tensor as fp32 row blocks (the shard writer casts them while writing).
-        The source is read once, in its own dtype; each block is upcast on its own."""
+    def _get(self, kind: str) -> Callable[[str], torch.Tensor]:
         source = self.sources[kind]
+
+        def get(name: str) -> torch.Tensor:
+            with self.read_lock:
+                return source.get(name)
+        return get
+
+    def tensor(self, name: str, kind: str, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+        """The grown tensor as row blocks: fp32 (the shard writer casts them while writing),
+        or already in ``dtype`` when the plan copies it unchanged from a source in ``dtype``.
+        The source is read once, in its own dtype; each block is upcast on its own."""
+        op = self.ops[name]
         if self.log is not None:
-            op = self.ops[name]
             src = f"{op.src_name} {list(op.src_shape)}" if op.src_name else "(new)"
             self.log(f"{kind:<10} {name} {list(op.shape)} <- {src}: {op.operator}")
-        return self.job.plan.grow_tensor_chunks(name, source.get, kind=kind)
+        if (op.operator == "copy" and op.src_name and tuple(op.src_shape) == tuple(op.shape)
+                and self.sources[kind].reader.dtype(op.src_name) == dtype):
+            return self._passthrough(op.src_name, op.shape, kind)
+        return self.job.plan.grow_tensor_chunks(name, self._get(kind), kind=kind)
+
+    def _passthrough(self, src_name: str, shape: tuple[int, ...], kind: str) -> Iterator[torch.Tensor]:
+        src = self._get(kind)(src_name)
+        for r0, r1 in GrowthPlan.row_blocks(tuple(shape), CHUNK_ELEMENTS):
+            yield src[r0:r1] if src.dim() else src
 
     def label(self, name: str, kind: str) -> str:
         """How errors name a target tensor: with the source tensor it is grown from."""
@@ -208,25 +240,7 @@ class ShardWriter:
         origin = f" (grown from '{src}' in {self.sources[kind].directory})" if src else " (new)"
         return f"{what} '{name}'{origin}"
 
-    def write(self, task: ShardTask, root: Path,
-              progress: Callable[[int], None] | None = None) -> bool:
-        """Write ``task`` under ``root`` unless a complete copy exists; True if written."""
-        path = root / task.path
-        if shard_complete(path, task.entries) is not None:
-            if progress is not None:
-                progress(task.nbytes)
-            return False
-        try:
-            write_shard_streaming(path, task.entries, lambda n: self.tensor(n, task.kind),
-                                  after_tensor=(lambda _n, size: progress(size)) if progress else None,
-                                  label=lambda n: self.label(n, task.kind))
-        except CheckpointError as err:
-            if "NaN or inf" in str(err):
-                self._blame_source(task)
-            raise
-        return True
-
-    def _blame_source(self, task: ShardTask) -> None:
+    def blame(self, task: ShardTask) -> None:
         """A non-finite output whose source already holds NaN/inf is the source's fault:
         say so, naming the source file and tensor."""
         source = self.sources[task.kind]
@@ -238,6 +252,7 @@ class ShardWriter:
                                       f"or inf; fix or replace the source checkpoint") from None
 
     def close(self) -> None:
+        super().close()
         for s in self.sources.values():
             s.close()
 
@@ -245,16 +260,10 @@ class ShardWriter:
 def write_shards(job: ApplyJob, rank: int = 0, world: int = 1,
                  progress: Callable[[int], None] | None = None,
                  log: Callable[[str], None] | None = None) -> int:
-    """Write this worker's shards (task i for i % world == rank); returns how many."""
-    writer = ShardWriter(job, log)
-    written = 0
-    try:
-        for i, task in enumerate(job.tasks):
-            if i % world == rank:
-                written += writer.write(task, job.staging, progress)
-    finally:
-        writer.close()
-    return written
+    """Write the work items this worker claims (growth.shardwork.write_items: items by
+    bytes, largest first, each taken by the first of ``world`` workers to claim it);
+    returns how many it wrote. ``rank`` only names the worker."""
+    return write_items(job.tasks, job.staging, ShardWriter(job, log), world, progress)
 
 
 # ---------------------------------------------------------------------- staging
@@ -279,10 +288,7 @@ def finalize(job: ApplyJob, writer: CheckpointWriter) -> Path:
     """Check every shard, write indexes, config, history, optimizer state and the
     release's files; publish."""
     staging = writer.staging
-    for task in job.tasks:
-        if shard_complete(staging / task.path, task.entries, verify_data=False) is None:
-            raise CheckpointError(f"{staging / task.path}: shard missing or incomplete after all "
-                                  f"workers finished; rerun the same command to resume")
+    complete_shards(job.tasks, staging)
     roots = {"weight": ""} | {k: f"{OPTIMIZER_DIR}/{k}/" for k in job.moments}
     for kind, root in roots.items():
         tasks = [t for t in job.tasks if t.kind == kind]
@@ -316,14 +322,19 @@ def _sha256(path: Path) -> str:
 def peak_memory_estimate(plan: GrowthPlan, src_dtype: torch.dtype, dtype: torch.dtype,
                          workers: int = 1) -> int:
     """Bytes of RAM ``grow apply`` needs, per worker: BASE_RSS; the worst tensor's source in
-    its own dtype; and the operator's row blocks (grow_tensor_chunks: at most
-    CHUNK_ELEMENTS fp32 elements each — a gathered block, its column gather, and the block
-    still being written by the shard writer). The cast to ``dtype`` happens in 64 MB pieces
-    while writing, so it adds nothing."""
-    block = 3 * nbytes_of((CHUNK_ELEMENTS,), torch.float32)
+    its own dtype plus the block being computed from it (grow_tensor_chunks: at most
+    CHUNK_ELEMENTS fp32 elements, a gathered block and its column gather); the pieces the
+    pipeline holds (up to DEPTH in flight and LOOKAHEAD single-block tensors computed
+    ahead, each at most one block) with the sources of the PRODUCERS pool's tensors; and
+    the reused cast buffers (DEPTH + 1 chunks of ``dtype``)."""
+    block = nbytes_of((CHUNK_ELEMENTS,), torch.float32)
+    ops = plan.tensor_ops()
 
     def cost(op: Any) -> int:
         src = nbytes_of(op.src_shape, src_dtype) if op.src_name else 0
-        rows = min(nbytes_of(op.shape, torch.float32), block)
-        return src + rows
-    return workers * (BASE_RSS + max(cost(op) for op in plan.tensor_ops()) + block // 3)
+        return src + min(nbytes_of(op.shape, torch.float32), 2 * block)
+    piece = min(block, max(nbytes_of(op.shape, torch.float32) for op in ops))
+    ahead = (DEPTH + LOOKAHEAD) * piece + PRODUCERS * min(block, max(
+        nbytes_of(op.src_shape, src_dtype) for op in ops if op.src_name) if any(o.src_name for o in ops) else 0)
+    casts = (DEPTH + 1) * nbytes_of((CHUNK,), dtype) if dtype != torch.float32 else 0
+    return workers * (BASE_RSS + max(cost(op) for op in ops) + ahead + casts)

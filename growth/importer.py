@@ -19,7 +19,11 @@ runs before the first byte is written. Output goes through
 :class:`growth.checkpoint.CheckpointWriter`: HF-named shards with digests, index,
 config.json (the release's dict with every field kept, ``torch_dtype`` updated), the
 release's files (tokenizer, ``*.py``), and growth.json with an ``import`` event listing
-the source files and what was carried. ``--workers N`` writes output shards in N processes.
+the source files and what was carried. The writing is ``grow apply``'s
+(growth.parallel.run_job, growth.shardwork): the same pipelined shard writer, staging dir
+keyed by the request and the source files' names, sizes and mtimes (a rerun after a kill
+keeps the finished shards; growth.json keeps the first attempt's time), and ``--workers
+N`` processes taking shards from the same byte-balanced queue.
 """
 
 from __future__ import annotations
@@ -27,18 +31,15 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import multiprocessing as mp
 import os
 import pickle
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from growth.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -50,8 +51,8 @@ from growth.checkpoint import (
     CheckpointReader,
     CheckpointWriter,
     append_event,
+    check_output_dir,
     confined,
-    event_time,
     plan_entries,
     read_history,
     staging_dir,
@@ -59,7 +60,8 @@ from growth.checkpoint import (
 )
 from growth.config import CONFIG_NAME, ConfigError, ModelConfig
 from growth.import_source import Source, TensorInfo, canonical
-from growth.tensor_io import nbytes_of, shard_complete, write_shard_streaming
+from growth.parallel import check_workers, run_job
+from growth.shardwork import ShardTask, ShardWorker, complete_shards
 
 log = logging.getLogger(__name__)
 
@@ -277,44 +279,48 @@ def output_dtype(source: Source, requested: str | None) -> torch.dtype:
     return dtype
 
 
-def plan_tasks(source: Source, dtype: torch.dtype, max_shard_size: int) -> list[tuple[str, str, list]]:
-    """(kind, relative path, entries) of every output shard."""
+def plan_tasks(source: Source, dtype: torch.dtype, max_shard_size: int) -> list[ShardTask]:
+    """Every output shard: weights in ``dtype``, then the Adam moments (fp32) when present."""
     shapes = source.config.tensor_shapes()
-    tasks = [("weight", path, group) for path, group in
+    tasks = [ShardTask(path, group, "weight") for path, group in
              plan_entries([(n, shapes[n], dtype) for n in shapes], max_shard_size)]
     if source.moments:
         for kind in ("exp_avg", "exp_avg_sq"):
-            tasks += [(kind, path, group) for path, group in
+            tasks += [ShardTask(path, group, kind) for path, group in
                       plan_entries([(n, shapes[n], torch.float32) for n in shapes], max_shard_size,
                                    f"optimizer/{kind}/")]
     return tasks
 
 
-def write_tasks(source: Source, tasks: list[tuple[str, str, list]], staging: Path, rank: int, world: int,
-                progress: Callable[[int], None] | None = None) -> None:
-    feed = TensorFeed(source)
-    try:
-        for i, (kind, path, entries) in enumerate(tasks):
-            if i % world != rank:
-                continue
-            pending: dict[str, torch.Tensor] = {}
+class ImportWorker(ShardWorker):
+    """Streams a source's tensors into shards. One reading thread (the feed keeps pickle
+    shards mmap'ed; a tensor's pages are dropped once it is hashed and written)."""
 
-            def produce(name: str, kind: str = kind, pending: dict = pending) -> torch.Tensor:
-                t = feed.get(name, kind)
-                pending[name] = t
-                return t
+    lookahead = 0
 
-            def after(name: str, size: int, pending: dict = pending) -> None:
-                t = pending.pop(name, None)
-                if t is not None:
-                    feed.done(t)
-                if progress is not None:
-                    progress(size)
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+        self.feed = TensorFeed(source)
+        self.pending: dict[str, torch.Tensor] = {}
 
-            write_shard_streaming(staging / path, entries, produce, after_tensor=after,
-                                  label=lambda n, kind=kind: source_label(source, n, kind))
-    finally:
-        feed.close()
+    def tensor(self, name: str, kind: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        t = self.feed.get(name, kind)
+        self.pending[name] = t
+        return [t]
+
+    def label(self, name: str, kind: str) -> str:
+        return source_label(self.source, name, kind)
+
+    def piece_written(self, name: str, size: int, progress: Callable[[int], None] | None) -> None:
+        t = self.pending.pop(name, None)
+        if t is not None:
+            self.feed.done(t)
+        super().piece_written(name, size, progress)
+
+    def close(self) -> None:
+        super().close()
+        self.feed.close()
 
 
 def source_label(source: Source, name: str, kind: str) -> str:
@@ -323,74 +329,89 @@ def source_label(source: Source, name: str, kind: str) -> str:
     return f"tensor '{name}' (from {where})" if kind == "weight" else f"{kind} of '{name}' (from {where})"
 
 
-def _worker(request: ImportRequest, rank: int, world: int) -> None:
-    torch.set_num_threads(1)
-    source = open_source(Path(request.src), request.config)
-    dtype = output_dtype(source, request.dtype)
-    write_tasks(source, plan_tasks(source, dtype, request.max_shard_size), staging_dir(Path(request.out)),
-                rank, world)
+@dataclass
+class ImportJob:
+    request: ImportRequest
+    source: Source
+    dtype: torch.dtype
+    tasks: list[ShardTask]
+
+    @property
+    def out(self) -> Path:
+        return Path(self.request.out)
+
+    @property
+    def staging(self) -> Path:
+        return staging_dir(self.out)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tasks)
+
+    def worker(self, log: Callable[[str], None] | None = None) -> ImportWorker:
+        return ImportWorker(self.source)
+
+    def open_staging(self) -> CheckpointWriter:
+        """Lock and create or resume the staging dir, keyed by the request and the source
+        files' names, sizes and modification times (a changed source starts afresh)."""
+        r = self.request
+        files = {f: self._stamp(f) for f in sorted(self.source.files, key=str)}
+        key = {"import": str(Path(r.src).resolve()), "format": self.source.format, "files": files,
+               "dtype": DTYPE_NAMES[self.dtype], "max_shard_size": r.max_shard_size, "config": r.config}
+        return CheckpointWriter(self.out, key=key)
 
 
-def import_checkpoint(request: ImportRequest, workers: int = 1, progress: bool = False) -> Path:
-    """Import ``request.src`` into ``request.out`` (new or empty); returns OUT."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise CheckpointError(f"--workers must be at least 1, got {workers}")
+    def _stamp(self, fname: str) -> list[int | None]:
+        """[size, mtime_ns] of a source file (DeepSpeed names are relative to the tag dir)."""
+        first = next(iter(self.source.tensors.values()), None)
+        for base in (self.source.directory, *([Path(first.file)] if first else [])):
+            try:
+                st = (base / fname).stat()
+            except OSError:
+                continue
+            return [st.st_size, st.st_mtime_ns]
+        return [self.source.files[fname], None]
+
+
+def prepare_import(request: ImportRequest, check_out: bool = True) -> ImportJob:
+    """Open and check the source and plan the shards; writes nothing (one-line errors)."""
     if request.max_shard_size <= 0:
         raise CheckpointError(f"--max-shard-size must be positive, got {request.max_shard_size}")
     src, out = Path(request.src), Path(request.out)
     if src.resolve() == out.resolve() or out.resolve().is_relative_to(src.resolve()) and out.exists():
         raise CheckpointError(f"{out}: --out must be a new directory outside {src}")
-    from growth.checkpoint import check_output_dir
-
-    check_output_dir(out)
+    if check_out:
+        check_output_dir(out)
     source = open_source(src, request.config)
     dtype = output_dtype(source, request.dtype)
-    tasks = plan_tasks(source, dtype, request.max_shard_size)
-    workers = min(workers, len(tasks))
-    total = sum(nbytes_of(s, d) for _, _, entries in tasks for _, s, d in entries)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="import",
-               disable=not progress, dynamic_ncols=True)
-    try:
-        with CheckpointWriter(out) as writer:
-            if workers == 1:
-                write_tasks(source, tasks, writer.staging, 0, 1, bar.update)
-            else:
-                _run_workers(request, workers)
-            for kind, root in [("weight", "")] + ([(k, f"optimizer/{k}/") for k in ("exp_avg", "exp_avg_sq")]
-                                                    if source.moments else []):
-                group = [(p, e) for k, p, e in tasks if k == kind]
-                for p, e in group:
-                    if shard_complete(writer.staging / p, e, verify_data=False) is None:
-                        raise CheckpointError(f"{writer.staging / p}: shard missing after the workers finished")
-                writer.write_index(root, {n: Path(p).name for p, e in group for n, _, _ in e},
-                                   sum(nbytes_of(s, d) for _, e in group for _, s, d in e))
-            if source.moments:
-                writer.write_optimizer_state(source.optimizer_state or {"step": 0})
-            writer.write_config(source.config, raw=source.raw_config, dtype=dtype)
-            carried = writer.carry(src)
-            event = {"kind": IMPORT_EVENT, "time": event_time(), "format": source.format,
-                     "source": {"path": str(src.resolve()), "files": source.files},
-                     "dtype": DTYPE_NAMES[dtype], "optimizer_state": source.moments, "carried": carried}
-            writer.write_history(append_event(source.history, event))
-            return writer.publish()
-    finally:
-        bar.close()
+    return ImportJob(request, source, dtype, plan_tasks(source, dtype, request.max_shard_size))
 
 
-def _run_workers(request: ImportRequest, workers: int) -> None:
-    from growth.parallel import ignoring_sigint
+def finalize_import(job: ImportJob, writer: CheckpointWriter) -> Path:
+    """Check every shard; write indexes, optimizer state, config, carried files and the
+    history (event time: the first attempt's, so a resumed import is byte-identical); publish."""
+    source, src = job.source, Path(job.request.src)
+    complete_shards(job.tasks, writer.staging)
+    for kind, root in [("weight", "")] + ([(k, f"optimizer/{k}/") for k in ("exp_avg", "exp_avg_sq")]
+                                         if source.moments else []):
+        group = [t for t in job.tasks if t.kind == kind]
+        writer.write_index(root, {n: Path(t.path).name for t in group for n, _, _ in t.entries},
+                           sum(t.nbytes for t in group))
+    if source.moments:
+        writer.write_optimizer_state(source.optimizer_state or {"step": 0})
+    writer.write_config(source.config, raw=source.raw_config, dtype=job.dtype)
+    carried = writer.carry(src)
+    event = {"kind": IMPORT_EVENT, "time": writer.time, "format": source.format,
+             "source": {"path": str(src.resolve()), "files": source.files},
+             "dtype": DTYPE_NAMES[job.dtype], "optimizer_state": source.moments, "carried": carried}
+    writer.write_history(append_event(source.history, event))
+    return writer.publish()
 
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-    try:
-        with ignoring_sigint():  # the workers start with SIGINT ignored; Ctrl-C stops them here
-            futures = [pool.submit(_worker, request, rank, workers) for rank in range(workers)]
-            pool._adjust_process_count()  # start them all now, inside the SIG_IGN window
-        for f in futures:
-            f.result()
-    except BaseException:
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
 
+def import_checkpoint(request: ImportRequest, workers: int = 1, progress: bool = False) -> Path:
+    """Import ``request.src`` into ``request.out`` (new or empty); returns OUT. The same
+    staging, queue, workers and resume as ``grow apply`` (growth.parallel.run_job): rerun
+    the same command after a kill and the finished shards are kept."""
+    check_workers(workers)
+    job = prepare_import(request)
+    return run_job(job, prepare_import, request, finalize_import, workers, progress, desc="import")

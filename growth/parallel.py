@@ -1,7 +1,9 @@
 """Running one ``grow apply`` job in one process, N spawned workers, or torchrun ranks.
 
-All three call the same :func:`growth.executor.write_shards` with a (rank, world) pair,
-so their output is identical. The coordinator (the parent, or rank 0) validates, opens
+All three call the same :func:`growth.executor.write_shards` with a (rank, world) pair:
+the workers take items (whole shards, or parts of big ones) from one queue by claiming
+them (growth.workqueue), so the bytes each writes even out and the output is identical
+for any worker count. The coordinator (the parent, or rank 0) validates, opens
 the staging dir, and finalises once every worker reported; workers rebuild the job from
 the picklable :class:`~growth.executor.ApplyRequest` (headers and plan only, cheap).
 
@@ -31,6 +33,9 @@ from flmcore.process import die_with_parent
 from growth.checkpoint import CheckpointError
 from growth.config import ConfigError
 from growth.executor import ApplyJob, ApplyRequest, finalize, open_staging, prepare, write_shards
+from growth.pipeline import dump_profile
+from growth.shardwork import write_items
+from growth.workqueue import reset_claims, work_items
 from operators import GrowthError
 
 PASSED_ERRORS = {e.__name__: e for e in (CheckpointError, ConfigError, GrowthError, OSError)}
@@ -52,22 +57,34 @@ def apply_growth(request: ApplyRequest, workers: int = 1, progress: bool = False
         if workers != 1:
             raise CheckpointError("--workers cannot be combined with torchrun: the ranks are the workers")
         return _apply_distributed(request, rank, world, progress, log_tensors)
+    check_workers(workers)
+    return run_job(prepare(request), prepare, request, finalize, workers, progress, log_tensors)
+
+
+def check_workers(workers: Any) -> None:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CheckpointError(f"--workers must be at least 1, got {workers}")
-    job = prepare(request)
-    workers = min(workers, len(job.tasks))  # more processes than shards would only idle
-    bar = _bar(job, progress or log_tensors)
+
+
+def run_job(job: Any, prepare_fn: Callable[..., Any], request: Any, finalize_fn: Callable[[Any, Any], Path],
+            workers: int = 1, progress: bool = False, log_tensors: bool = False, desc: str = "grow") -> Path:
+    """Open (or resume) ``job``'s staging dir, write its shards in this process or in
+    ``workers`` spawned ones (each rebuilds the job with ``prepare_fn(request,
+    check_out=False)``), then ``finalize_fn(job, writer)``. Shared by apply and import."""
+    workers = min(workers, len(work_items(job.tasks, workers)))  # more processes than items would idle
+    bar = _bar(job, progress or log_tensors, desc)
     log = bar.write if log_tensors else None
     try:
         # The writer keeps the staging dir on OSError / interrupt (resumable), removes it
         # on anything else, and holds OUT's lock throughout.
-        with open_staging(job) as writer:
+        with job.open_staging() as writer:
+            reset_claims(job.staging)
             try:
                 if workers == 1:
-                    write_shards(job, 0, 1, bar.update, log)
+                    write_items(job.tasks, job.staging, job.worker(log), 1, bar.update)
                 else:
-                    _run_spawned(request, workers, bar.update, log)
-                return finalize(job, writer)
+                    _run_spawned(prepare_fn, request, workers, bar.update, log)
+                return finalize_fn(job, writer)
             except OSError as err:  # disk full, I/O, a lost worker: keep the finished shards
                 raise _resumable(err, job) from None
     finally:
@@ -84,18 +101,18 @@ def _resumable(err: OSError, job: ApplyJob) -> OSError:
     return wrapped
 
 
-def _bar(job: ApplyJob, enabled: bool) -> tqdm:
-    return tqdm(total=job.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="grow",
+def _bar(job: Any, enabled: bool, desc: str = "grow") -> tqdm:
+    return tqdm(total=job.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------- spawned workers
-def _run_spawned(request: ApplyRequest, workers: int, progress: Callable[[int], None],
+def _run_spawned(prepare_fn: Callable[..., Any], request: Any, workers: int, progress: Callable[[int], None],
                  log: Callable[[str], None] | None) -> None:
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     procs = [ctx.Process(target=_worker_main, daemon=True,
-                         args=(request, rank, workers, messages, os.getpid(), log is not None))
+                         args=(prepare_fn, request, rank, workers, messages, os.getpid(), log is not None))
              for rank in range(workers)]
     try:
         with ignoring_sigint():  # workers inherit SIG_IGN: a Ctrl-C is handled here, once
@@ -164,15 +181,16 @@ def ignoring_sigint() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _worker_main(request: ApplyRequest, rank: int, world: int, messages: Any, parent: int,
-                 log_tensors: bool) -> None:
+def _worker_main(prepare_fn: Callable[..., Any], request: Any, rank: int, world: int, messages: Any,
+                 parent: int, log_tensors: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C and stops us
     _die_with_parent(parent)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        job = prepare(request, check_out=False)
+        job = prepare_fn(request, check_out=False)
         log = (lambda line: messages.put(("log", rank, line))) if log_tensors else None
-        write_shards(job, rank, world, lambda n: messages.put(("bytes", rank, n)), log)
+        write_items(job.tasks, job.staging, job.worker(log), world, lambda n: messages.put(("bytes", rank, n)))
+        dump_profile()  # a spawned worker leaves by os._exit: no atexit
         messages.put(("done", rank, None))
     except BaseException as err:  # reported to the coordinator, raised there
         messages.put(("error", rank, _describe(err)))
@@ -200,6 +218,12 @@ def _rebuild(error: tuple[str, str]) -> BaseException:
 
 
 # ---------------------------------------------------------------------- torchrun ranks
+def _open_and_reset(job: ApplyJob) -> Any:
+    writer = open_staging(job)
+    reset_claims(job.staging)
+    return writer
+
+
 def _apply_distributed(request: ApplyRequest, rank: int, world: int, progress: bool,
                        log_tensors: bool) -> Path | None:
     """Every rank validates and writes its shards; rank 0 opens staging and finalises.
@@ -228,7 +252,7 @@ def _apply_distributed(request: ApplyRequest, rank: int, world: int, progress: b
 
     try:
         job = phase(lambda: prepare(request, check_out=True))
-        writer = phase(lambda: open_staging(job) if rank == 0 else None)
+        writer = phase(lambda: _open_and_reset(job) if rank == 0 else None)
         bar = _bar(job, (progress or log_tensors) and rank == 0)
         try:
             phase(lambda: write_shards(job, rank, world, bar.update, bar.write if log_tensors else None))

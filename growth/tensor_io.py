@@ -22,6 +22,7 @@ import json
 import math
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any, BinaryIO
 import torch
 
 from flmcore.errors import FlmError
+from flmcore.safe_files import open_nofollow
+from growth.pipeline import CHUNK, WritePipeline, add_profile
 
 
 class CheckpointError(FlmError):
@@ -41,7 +44,6 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
 PARTIAL_SUFFIX = ".partial"
-CHUNK = 1 << 24  # elements cast and written at a time (64 MB of fp32)
 READ_CHUNK = 1 << 26  # bytes per read call when hashing or reading
 MAX_HEADER = 100 * 1024**2  # safetensors' own limit
 DIGEST_KEY = "sha256"  # __metadata__ key holding the data section's sha256
@@ -195,65 +197,205 @@ def write_shard_streaming(path: Path, entries: Sequence[tuple[str, Sequence[int]
                           produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
                           after_tensor: Callable[[str, int], None] | None = None,
                           label: Callable[[str], str] = lambda name: f"tensor '{name}'",
-                          check_finite: bool = True) -> str:
+                          check_finite: bool = True, closer: Closer | None = None) -> str:
     """Write a safetensors shard whose tensors ``produce(name)`` returns one at a time;
     returns the sha256 of its data section (also stored in its ``__metadata__``).
 
     ``produce`` returns the tensor, or an iterable of its consecutive row blocks (so a
     tensor bigger than memory can be streamed). Together they must have the announced shape;
     it is cast to the announced dtype piece by piece as it is written. The file is written as
-    ``<name>.partial`` and renamed when complete; on any error the partial file is removed.
-    ``after_tensor(name, nbytes)`` is called after each piece is written; ``label(name)``
-    names a tensor in error messages (e.g. with the source it came from).
+    ``<name>.partial`` (a new file: a symlink there is never followed), fsynced and renamed
+    when complete; on any error the partial file is removed. ``after_tensor(name, nbytes)``
+    is called after each piece is written; ``label(name)`` names a tensor in error messages.
 
-    Note: one background thread casts, hashes and writes tensor k while ``produce``
-    computes tensor k + 1 (torch, hashlib and file writes release the GIL), so I/O, the
-    digest and growth math overlap; one finished piece is in flight at a time, never more.
+    Note: the pieces go through a :class:`growth.pipeline.WritePipeline` — cast, sha256
+    and write on their own threads, up to three pieces in flight — while ``produce``
+    computes the next ones (torch, hashlib and file writes release the GIL). With a
+    ``closer`` the fsync and rename run on its thread while the caller goes on to the next
+    shard (the caller waits for it with ``closer.wait()`` before relying on the file).
     """
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     header = shard_header(entries, {"format": "pt", DIGEST_KEY: _PLACEHOLDER})
     digest = hashlib.sha256()
     try:
-        with open(tmp, "wb") as fh, ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as pool:
+        with _open_new(tmp) as fh:
             fh.write(header)
-            pending: tuple[Future, str, int] | None = None
-            for name, shape, dtype in entries:
-                produced = produce(name)
-                pieces = [produced] if isinstance(produced, torch.Tensor) else produced
-                rows = 0
-                for piece in pieces:
-                    if tuple(piece.shape[1:]) != tuple(shape[1:]) or (
-                            len(shape) == 0 and piece.dim() != 0):
-                        raise CheckpointError(f"{path}: {label(name)} came out {list(piece.shape)}, "
-                                              f"expected {list(shape)}")
-                    rows += piece.shape[0] if piece.dim() else 1
-                    if pending is not None:
-                        _finish(pending, after_tensor)
-                    pending = (pool.submit(_write_tensor, fh, digest, piece, dtype, path, label(name),
-                                           check_finite), name, nbytes_of(piece.shape, dtype))
-                    del piece
-                if rows != (shape[0] if len(shape) else 1):
-                    raise CheckpointError(f"{path}: {label(name)} came out with {rows} rows, "
-                                          f"expected {list(shape)}")
-            if pending is not None:
-                _finish(pending, after_tensor)
+            _stream_entries(fh, digest, path, entries, produce, after_tensor, label, check_finite)
             hexdigest = digest.hexdigest()
-            at = header.index(_PLACEHOLDER.encode())
-            fh.seek(at)
+            fh.seek(header.index(_PLACEHOLDER.encode()))
             fh.write(hexdigest.encode())
+            fh.flush()
+        if closer is None:
+            _publish(tmp, path)
+        else:
+            closer.submit(lambda: _publish(tmp, path))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _naming(err, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hexdigest
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    if str(path) in str(err):
+        return err
+    wrapped = OSError(f"{path}: {err.strerror or err}")
+    wrapped.errno = err.errno
+    return wrapped
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """fsync the finished ``tmp`` and rename it to ``path`` (removed on failure)."""
+    try:
+        fd = open_nofollow(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
+        raise _naming(err, path) from None
+
+
+class Closer:
+    """Publishes finished shards (fsync + rename) on one background thread, at most one
+    behind the writer, so a shard's flush to disk overlaps the next shard's production.
+    Errors surface at the next :meth:`submit` or at :meth:`wait` / :meth:`close`."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-close")
+        self.pending: Future | None = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.wait()
+        self.pending = self.pool.submit(fn)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _open_new(path: Path) -> BinaryIO:
+    """``path`` opened for writing as a new file (whatever was there removed, a symlink never
+    followed: ``O_EXCL | O_NOFOLLOW``)."""
+    path.unlink(missing_ok=True)
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "w+b")
+
+
+def _stream_entries(fh: BinaryIO, digest: Any, path: Path,
+                    entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                    produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
+                    after_tensor: Callable[[str, int], None] | None,
+                    label: Callable[[str], str], check_finite: bool) -> None:
+    """Produce ``entries`` in order and hand every piece to a write pipeline (checking each
+    piece's shape); returns when every byte is hashed and written."""
+    pipe = WritePipeline(fh, digest, path, CheckpointError, check_finite, after_tensor)
+    try:
+        for name, shape, dtype in entries:
+            start = time.thread_time()
+            produced = produce(name)
+            pieces = iter([produced] if isinstance(produced, torch.Tensor) else produced)
+            rows = 0
+            while (piece := next(pieces, None)) is not None:
+                add_profile("produce", time.thread_time() - start)
+                if tuple(piece.shape[1:]) != tuple(shape[1:]) or (len(shape) == 0 and piece.dim() != 0):
+                    raise CheckpointError(f"{path}: {label(name)} came out {list(piece.shape)}, "
+                                          f"expected {list(shape)}")
+                rows += piece.shape[0] if piece.dim() else 1
+                pipe.submit(piece, dtype, name, label(name), nbytes_of(piece.shape, dtype))
+                del piece
+                start = time.thread_time()
+            add_profile("produce", time.thread_time() - start)
+            if rows != (shape[0] if len(shape) else 1):
+                raise CheckpointError(f"{path}: {label(name)} came out with {rows} rows, "
+                                      f"expected {list(shape)}")
+        pipe.close()
+    except BaseException:
+        pipe.abort()
+        raise
+
+
+def write_shard_part(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                     first: int, last: int,
+                     produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
+                     after_tensor: Callable[[str, int], None] | None = None,
+                     label: Callable[[str], str] = lambda name: f"tensor '{name}'",
+                     check_finite: bool = True) -> str:
+    """Write ``entries[first:last]`` of a shard at their place in ``<name>.partial`` (shared
+    by the workers writing the other parts; created and sized by whichever comes first,
+    never through a symlink) and fdatasync it; returns the sha256 of the bytes written.
+    :func:`seal_shard` finishes the file once every part is there."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    header = shard_header(entries, {"format": "pt", DIGEST_KEY: _PLACEHOLDER})
+    offset = len(header) + sum(nbytes_of(s, d) for _, s, d in entries[:first])
+    size = len(header) + sum(nbytes_of(s, d) for _, s, d in entries)
+    digest = hashlib.sha256()
+    try:
+        fd = open_nofollow(tmp, os.O_RDWR | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "r+b") as fh:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)  # every part sizes it the same: never cuts another's bytes
+            fh.seek(offset)
+            _stream_entries(fh, digest, path, entries[first:last], produce, after_tensor, label, check_finite)
+            fh.flush()
+            os.fdatasync(fd)
+    except OSError as err:
         if str(path) in str(err):
             raise
         wrapped = OSError(f"{path}: {err.strerror or err}")
         wrapped.errno = err.errno
         raise wrapped from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return digest.hexdigest()
+
+
+def part_digest(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                first: int, last: int) -> str | None:
+    """sha256 of what ``<name>.partial`` holds where ``entries[first:last]`` go (None: no file)."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    start = len(shard_header(entries, {"format": "pt", DIGEST_KEY: _PLACEHOLDER})) + sum(
+        nbytes_of(s, d) for _, s, d in entries[:first])
+    left = sum(nbytes_of(s, d) for _, s, d in entries[first:last])
+    h = hashlib.sha256()
+    try:
+        fd = open_nofollow(tmp, os.O_RDONLY)
+    except (FileNotFoundError, OSError):
+        return None
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        fh.seek(start)
+        while left > 0 and (chunk := fh.read(min(READ_CHUNK, left))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest() if left == 0 else None
+
+
+def seal_shard(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> str:
+    """Finish a shard written in parts: hash its data section, write the header with the
+    digest, fsync, rename into place. Returns the digest."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    placeholder = shard_header(entries, {"format": "pt", DIGEST_KEY: _PLACEHOLDER})
+    hexdigest = data_digest(tmp, len(placeholder))
+    header = shard_header(entries, {"format": "pt", DIGEST_KEY: hexdigest})
+    fd = open_nofollow(tmp, os.O_RDWR)
+    with os.fdopen(fd, "r+b") as fh:
+        fh.write(header)
+        fh.flush()
+        os.fsync(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
     return hexdigest
 
 
@@ -261,37 +403,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _finish(pending: tuple[Future, str, int], after_tensor: Callable[[str, int], None] | None) -> None:
-    future, name, size = pending
-    future.result()
-    if after_tensor is not None:
-        after_tensor(name, size)
-
-
-def _write_tensor(fh: BinaryIO, digest: Any, tensor: torch.Tensor, dtype: torch.dtype, path: Path,
-                  label: str, check_finite: bool = True) -> None:
-    """Cast to ``dtype``, hash and write in CHUNK-element pieces (no full-size cast copy),
-    refusing NaN/inf so that an overflowing cast (e.g. to float16) or a broken source is caught."""
-    flat = tensor.contiguous().reshape(-1)
-    for chunk in flat.split(CHUNK):
-        out = chunk if chunk.dtype == dtype else chunk.to(dtype)
-        # A sum is finite iff every element is (torch accumulates in fp32; a sum too big for
-        # the dtype only sends us to the exact check), and it is ~10× cheaper than
-        # isfinite().all(), which materialises a bool tensor.
-        if check_finite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-            raise CheckpointError(f"{path}: {label} holds NaN or inf as "
-                                  f"{str(dtype).replace('torch.', '')} (values out of the dtype's "
-                                  f"range, or NaN/inf in the source)")
-        data = _as_bytes(out)
-        digest.update(data)
-        try:
-            fh.write(data)
-        except OSError as err:  # disk full, file size limit, I/O error
-            wrapped = OSError(f"{path}: {err.strerror or err} while writing {label}")
-            wrapped.errno = err.errno
-            raise wrapped from None
 
 
 def shard_complete(path: Path, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],

@@ -16,6 +16,9 @@ attribute / call                               class (module)                   
 ``MuonWithAuxAdam`` (placeholder module)      module deepspeed.runtime.zero.muon.muon_opt. 0.19.8
 ``engine.grid.data_parallel_id``,              PipelineEngine (runtime/pipe/engine)         0.19.8
 ``grid.stage_to_global``, ``stage_owner``      PipelineModule (runtime/pipe/module)         0.19.8
+``_zero2_merge_trainable_params``,             module deepspeed.utils.zero_to_fp32          0.19.8
+``_zero3_merge_trainable_params`` (called only  (merge ZeRO flat partitions of the Adam
+by ``growth.ds_import.zero_merge_moments``)    moments into per-parameter tensors)
 ``torch.load(weights_only=False)`` calls       TorchCheckpointEngine.load, engine            0.19.8
 (replaced by ``flmcore.safe_load.load``         ``_get_all_zero_checkpoint_state_dicts``,
 while a checkpoint is loaded)                  utils/zero_to_fp32 (grow import)

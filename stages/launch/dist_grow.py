@@ -5,7 +5,9 @@ Node 0 (the coordinator, ``stages.launch.multinode``) decides the job once: the
 layer indices (the distance rule reads every layer matrix of the parent; resolved here
 once, the ranks only read the tensors they grow). It publishes the job; every node then
 runs ``torchrun --nnodes N --nproc-per-node nproc -m stages.launch.dist_grow JOB.json`` with a
-rendezvous on ``master_port + 2``; each rank writes its own shards and global rank 0
+rendezvous on ``master_port + 2``; the ranks of all nodes take the work items (whole
+shards, or parts of big ones, largest first) from one queue of claims in the shared staging
+dir (``growth.workqueue``), so each writes about the same bytes, and global rank 0
 finalises STAGE_DIR/init (``growth.parallel``, the executor's torchrun mode). Afterwards
 ``stages.launch.prepare.grow_into`` finds the complete init/ grown from this parent and
 reuses it.

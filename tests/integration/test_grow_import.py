@@ -189,6 +189,50 @@ def test_import_workers_identical_and_single_bin(tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "o1" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
+@pytest.mark.slow
+def test_import_resumes_after_sigkill_byte_identical(tmp_path, capsys, monkeypatch):
+    """An import SIGKILLed once 4 shards are staged: the same command keeps them (writes only
+    the rest) and the output equals an uninterrupted import's, byte for byte."""
+    import signal
+    import time
+
+    from growth import shardwork
+    from tests.conftest import tree_hashes
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    src = write_release(tmp_path / "rel", release_weights(2), shards=3)
+    args = ["import", str(src), "--out", str(tmp_path / "out"), "--max-shard-size", "20KB"]
+    env = {**_env(), "SOURCE_DATE_EPOCH": "1700000000"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.workers.grow_slow", "0.2", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = staging_dir(tmp_path / "out")
+    deadline = time.monotonic() + 60
+    while len(list(staging.glob("model-*.safetensors"))) < 4:
+        assert proc.poll() is None, "import finished before it could be killed"
+        assert time.monotonic() < deadline, "import made no progress"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p.name for p in staging.glob("model-*.safetensors")}
+    total = int(next(iter(kept)).split("-of-")[1].split(".")[0])
+    assert 4 <= len(kept) < total and not (tmp_path / "out").exists()
+    written: list[str] = []
+    real = shardwork.ShardWorker.write
+
+    def counting(self, task, *a, **kw):  # noqa: ANN001, ANN202
+        done = real(self, task, *a, **kw)
+        if done:
+            written.append(Path(task.path).name)
+        return done
+    monkeypatch.setattr(shardwork.ShardWorker, "write", counting)
+    rc, _, err = grow(capsys, *args)
+    assert rc == 0, err
+    assert not staging.exists() and set(written).isdisjoint(kept) and len(written) == total - len(kept)
+    rc, _, err = grow(capsys, *args[:3], str(tmp_path / "clean"), *args[4:])
+    assert rc == 0, err
+    assert tree_hashes(tmp_path / "out") == tree_hashes(tmp_path / "clean")
+
+
 def test_import_hf_safetensors(tmp_path, capsys):
     hf = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,

@@ -315,7 +315,7 @@ def test_workers_capped_at_the_shard_count(tmp_path, capsys, s1, monkeypatch):
 
     seen = []
     real = par._run_spawned
-    monkeypatch.setattr(par, "_run_spawned", lambda req, n, *a: (seen.append(n), real(req, n, *a)))
+    monkeypatch.setattr(par, "_run_spawned", lambda fn, req, n, *a: (seen.append(n), real(fn, req, n, *a)))
     rc, _, err = grow(capsys, "apply", "--from", s1, "--to", "tiny-s2", "--out", tmp_path / "o",
                       "--max-shard-size", "400KB", "--workers", "12")
     assert rc == 0, err

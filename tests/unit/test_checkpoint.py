@@ -329,25 +329,27 @@ def test_init_failure_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_init_streams_one_shard_at_a_time(tmp_path, monkeypatch):
-    """When a shard is written, at most one tensor beyond it has been generated (the writer
-    streams tensor by tensor, so this holds for every tensor written)."""
+    """When a piece is written, at most DEPTH pieces beyond it have been generated (the
+    writer streams tensor by tensor through a pipeline holding at most DEPTH pieces, so this
+    holds for every tensor written)."""
     import growth.init
-    import growth.tensor_io as tio
+    from growth import pipeline
 
     generated: list[str] = []
     written: list[str] = []
-    real_init, real_write = growth.init.init_tensor, tio._write_tensor
+    real_init, real_write = growth.init.init_tensor, pipeline.WritePipeline._write
 
     def counting_init(config, name, *args, **kwargs):
         generated.append(name)
         return real_init(config, name, *args, **kwargs)
 
-    def checking_write(fh, digest, tensor, dtype, path, label, *args):
-        written.append(label.split("'")[1])
-        assert len(generated) - len(written) <= 1
-        return real_write(fh, digest, tensor, dtype, path, label, *args)
+    def checking_write(self, item):
+        if item.last:
+            written.append(item.piece.name)
+            assert len(generated) - len(written) <= pipeline.DEPTH
+        return real_write(self, item)
 
     monkeypatch.setattr(growth.init, "init_tensor", counting_init)
-    monkeypatch.setattr(tio, "_write_tensor", checking_write)
+    monkeypatch.setattr(pipeline.WritePipeline, "_write", checking_write)
     init_checkpoint(TINY, tmp_path / "c", max_shard_size=100_000)
     assert written == generated == list(TINY.tensor_shapes())

@@ -226,7 +226,7 @@ def write_moments(src: Path, seed: int) -> None:
 def test_apply_resume_redoes_moments_when_the_source_moments_changed(tmp_path, capsys, s1, monkeypatch):
     """Killed once 5 exp_avg shards are staged; the source's exp_avg then changes (weights
     unchanged): the rerun must equal a fresh apply, not mix in stale moments."""
-    import growth.executor as executor
+    import growth.shardwork as executor
 
     write_moments(s1, seed=10)
     args = ["apply", "--from", s1, "--to", "tiny-s2", "--max-shard-size", "20KB"]

@@ -1,6 +1,6 @@
 """``python -m tests.workers.grow_slow SECONDS ARGS...``: the real ``grow`` CLI, each shard write
 followed by a sleep — the seam the kill/resume and lock tests use to catch ``grow apply``
-mid-job (production code has no such hook). With ``--workers N`` the spawned workers run
+or ``grow import`` mid-job (production code has no such hook). With ``--workers N`` the spawned workers run
 unpatched; the tests that kill mid-job use one process."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 import time
 
-from growth import executor
+from growth import shardwork
 from growth.cli import main
 
 
 def slow_down(seconds: float) -> None:
-    write = executor.ShardWriter.write
+    write = shardwork.ShardWorker.write
 
     def write_then_sleep(self, *args, **kwargs):  # noqa: ANN001, ANN202
         written = write(self, *args, **kwargs)
@@ -21,7 +21,7 @@ def slow_down(seconds: float) -> None:
             time.sleep(seconds)
         return written
 
-    executor.ShardWriter.write = write_then_sleep
+    shardwork.ShardWorker.write = write_then_sleep
 
 
 if __name__ == "__main__":
