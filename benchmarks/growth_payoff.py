@@ -30,7 +30,8 @@ Procedure:
    scratch_small's; the main budgets are then the two grid budgets around it and their
    geometric mean. By default the main budgets are the preset's (cpu: 4e11, 8e11, 1.6e12);
 2. **LR sweep**: every arm at the smallest main budget, seed 0, LR × ``--lr-mults``
-   (default 1, 2); each arm then uses its own best peak LR everywhere;
+   (default 0.5, 1: ×2 was 0.18-0.31 worse for every arm on 48c50fc and 0.23 worse for
+   scratch_small on this data); each arm then uses its own best peak LR everywhere;
 3. **main grid**: the budgets × ``--seeds`` seeds × the arms.
 
 The reading, unpaired: per budget, the grown arm's mean against the better control's,
@@ -39,7 +40,7 @@ reach its mean loss (interpolated along each control's budget frontier, log-FLOP
 "beyond" when outside the budgets run). Paired: per seed, the grown arm's loss minus the
 better control's *at that seed* (and minus each control): mean, sd, sign count, t.
 
-    python benchmarks/growth_payoff.py                  # CPU: LR check + 3 budgets × 3 seeds × 3 arms (~23 min, 2 quiet cores)
+    python benchmarks/growth_payoff.py                  # CPU: 3 budgets × 3 seeds × 3 arms (~25 min, 2 quiet cores)
     python benchmarks/growth_payoff.py --budgets 1e12,2e12,4e12 --arms growth,stack,scratch_final,scratch_small
     python benchmarks/growth_payoff.py --coarse preset  # find the crossover first (the old default)
     python benchmarks/growth_payoff.py --smoke          # one tiny budget, one seed, all four arms (tests, ~1 min)
@@ -94,9 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated arms of the main grid, from {', '.join(ARMS)} (default: the preset's; "
                         "cpu: all but stack)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm and budget (default 3)")
-    p.add_argument("--lr-mults", default="1,2",
-                   help="the LR sweep, as multiples of the preset's peak LR, run for every arm (default 1,2: "
-                        "×0.5 was never best on 48c50fc, docs/benchmarks.md)")
+    p.add_argument("--lr-mults", default="0.5,1",
+                   help="the LR sweep, as multiples of the preset's peak LR, run for every arm (default 0.5,1: "
+                        "×2 was never best and 0.18-0.31 worse for every arm, docs/benchmarks.md)")
     p.add_argument("--grow-fraction", type=float, default=0.25,
                    help="fraction of the budget spent on the small model before growing (default 0.25)")
     p.add_argument("--jobs", type=int, default=0, help="train-stage processes at once (default 4 on cpu, 1 on cuda)")

@@ -146,7 +146,8 @@ class Runner:
 
         print(f"\n{label}: {len(pending)} train-stage runs, {self.jobs} at a time", flush=True)
         self.bar = tqdm(total=len(pending), desc=label, unit="run", file=sys.stderr, dynamic_ncols=True)
-        data_ready = (self.root / "data").is_dir() and any((self.root / "data").iterdir())
+        # a document source is tokenized by the first run, alone; prepared datasets are ready
+        data_ready = bool(self.data) or ((self.root / "data").is_dir() and any((self.root / "data").iterdir()))
         running: dict[Future, str] = {}
         with ThreadPoolExecutor(max_workers=self.jobs) as pool, self.stop_on_exit():
             while pending or running:
