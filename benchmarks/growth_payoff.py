@@ -28,8 +28,8 @@ Procedure:
 1. (``--coarse``, opt-in) **coarse sweep**: scratch_small and scratch_final, seed 0, base
    LR, up a ×2 grid of budgets until scratch_final's final loss drops below
    scratch_small's; the main budgets are then the two grid budgets around it and their
-   geometric mean. By default the main budgets are the preset's (cpu: 4e11, 8e11, 1.6e12);
-2. **LR sweep**: every arm at the smallest main budget, seed 0, LR × ``--lr-mults``
+   geometric mean. By default the main budgets are the preset's (cpu: 2e11, 4e11, 8e11);
+2. **LR sweep**: every arm at the middle main budget, seed 0, LR × ``--lr-mults``
    (default 0.5, 1: ×2 was 0.18-0.31 worse for every arm on 48c50fc and 0.23 worse for
    scratch_small on this data); each arm then uses its own best peak LR everywhere;
 3. **main grid**: the budgets × ``--seeds`` seeds × the arms.
@@ -40,7 +40,7 @@ reach its mean loss (interpolated along each control's budget frontier, log-FLOP
 "beyond" when outside the budgets run). Paired: per seed, the grown arm's loss minus the
 better control's *at that seed* (and minus each control): mean, sd, sign count, t.
 
-    python benchmarks/growth_payoff.py                  # CPU: 3 budgets × 3 seeds × 3 arms (~25 min, 2 quiet cores)
+    python benchmarks/growth_payoff.py                  # CPU: 3 budgets × 3 seeds × 3 arms (~15 min, 2 quiet cores)
     python benchmarks/growth_payoff.py --budgets 1e12,2e12,4e12 --arms growth,stack,scratch_final,scratch_small
     python benchmarks/growth_payoff.py --coarse preset  # find the crossover first (the old default)
     python benchmarks/growth_payoff.py --smoke          # one tiny budget, one seed, all four arms (tests, ~1 min)

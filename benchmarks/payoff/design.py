@@ -56,7 +56,7 @@ PRESETS: dict[str, Preset] = {
     # until it saturates, which the 1-layer model does soonest (docs/benchmarks.md).
     "cpu": Preset(small=_shape(32, 88, 1, 2, 16), final=_shape(32, 88, 2, 2, 16), seq_len=128,
                   micro_batch_size=8, coarse=(2e11, 4e11, 8e11, 1.6e12), lr=3e-3, warmup_steps=20,
-                  eval_batches=128, budgets=(4e11, 8e11, 1.6e12), arms=("growth", "scratch_final", "scratch_small"),
+                  eval_batches=128, budgets=(2e11, 4e11, 8e11), arms=("growth", "scratch_final", "scratch_small"),
                   jobs=2),
     # One GPU, the same design ~100× in parameters (1 → 2 layers at width 320: 1.24M → 2.48M
     # non-embedding) and ~100× in tokens (10× the batch, 10× the steps), so ~1e4× the FLOPs,

@@ -43,7 +43,7 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
           f"batch {preset.micro_batch_size} × {preset.seq_len} tokens; grow at {args.grow_fraction:.0%} of the budget; "
           f"{jobs} runs at a time; run dir {root}", flush=True)
     budgets, coarse, coarse_cross = coarse_sweep(args, runner, preset, jobs)
-    mid = budgets[0]  # the LR sweep runs at the smallest main budget (the cheapest)
+    mid = budgets[len(budgets) // 2]  # the LR sweep runs at the middle main budget
     best_lr, sweep = lr_sweep(runner, preset, mid, lr_mults, arms)
     records, table, cross = main_grid(runner, budgets, best_lr, seeds, arms)
     return {"table": table, "arms": list(arms), "data": data, "lr_mults": lr_mults,
