@@ -103,3 +103,32 @@ def choose_budgets(grid: list[float], cross: float | None, small: list[float], f
     lo = max(g for g in grid if g <= cross)
     hi = min(g for g in grid if g > cross)
     return [lo, math.sqrt(lo * hi), hi]
+
+
+def paired(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per budget and grown arm, the seeds paired: d = arm − best control *of that seed*
+    (the lower of the two controls' losses at that seed; every arm of a seed shares its
+    init and data order), and d against each control. Negative d: the arm is better.
+    mean, sd, the sign count (seeds with d < 0 of n) and t = mean / (sd / √n)."""
+    loss = {(r["budget"], r["arm"], r["seed"]): r["eval_loss"] for r in records}
+    out = []
+    for b in sorted({r["budget"] for r in records}):
+        for arm in GROWN:
+            seeds = sorted(s for (bb, a, s) in loss if bb == b and a == arm
+                           and all((b, c, s) in loss for c in CONTROLS))
+            if not seeds:
+                continue
+            mine = [loss[(b, arm, s)] for s in seeds]
+            ref = {c: [loss[(b, c, s)] for s in seeds] for c in CONTROLS}
+            ref["best"] = [min(v) for v in zip(*(ref[c] for c in CONTROLS), strict=True)]
+            out.append({"budget": b, "arm": arm, "seeds": seeds,
+                        **{k: diff_stats([m - r for m, r in zip(mine, v, strict=True)]) for k, v in ref.items()}})
+    return out
+
+
+def diff_stats(d: list[float]) -> dict[str, Any]:
+    n = len(d)
+    mean = statistics.fmean(d)
+    sd = statistics.stdev(d) if n > 1 else 0.0
+    return {"diffs": d, "mean": mean, "sd": sd, "wins": sum(x < 0 for x in d), "n": n,
+            "t": mean / (sd / math.sqrt(n)) if n > 1 and sd > 1e-9 else None}

@@ -34,8 +34,15 @@ class Preset:
     lr: float  # base peak LR (μP: hidden matrices get lr / mup_scale_factor)
     warmup_steps: int
     eval_batches: int
+    budgets: tuple[float, ...] = ()  # the main grid's budgets (the coarse sweep is opt-in: --coarse)
+    arms: tuple[str, ...] = ARMS  # the arms run by default (--arms)
     overrides: tuple[str, ...] = ()  # device-specific train-stage overrides
     jobs: int = 2
+    # the data (benchmarks/payoff/corpus.py): the embedded corpus's files cut into documents of
+    # ≤ chunk_bytes; the eval set is the next eval_bytes of the standard library, never trained on
+    max_bytes: int = 8_000_000
+    eval_bytes: int = 1_000_000
+    chunk_bytes: int = 2048
 
 
 def _shape(hidden: int, ffn: int, layers: int, heads: int, head_dim: int) -> dict[str, int]:
@@ -49,17 +56,19 @@ PRESETS: dict[str, Preset] = {
     # until it saturates, which the 1-layer model does soonest (docs/benchmarks.md).
     "cpu": Preset(small=_shape(32, 88, 1, 2, 16), final=_shape(32, 88, 2, 2, 16), seq_len=128,
                   micro_batch_size=8, coarse=(2e11, 4e11, 8e11, 1.6e12), lr=3e-3, warmup_steps=20,
-                  eval_batches=16, jobs=4),
+                  eval_batches=128, budgets=(2e11, 4e11, 8e11), arms=("growth", "scratch_final", "scratch_small"),
+                  jobs=2),
     # One GPU, the same design ~100× in parameters (1 → 2 layers at width 320: 1.24M → 2.48M
     # non-embedding) and ~100× in tokens (10× the batch, 10× the steps), so ~1e4× the FLOPs,
     # bf16. Such budgets read ~1e8-1e9 tokens: far more than the embedded corpus (8 MB), so
     # pass a real corpus, e.g. --override data.source=/data/corpus.jsonl.
     "cuda": Preset(small=_shape(320, 864, 1, 5, 64), final=_shape(320, 864, 2, 5, 64), seq_len=128,
                    micro_batch_size=80, coarse=(2e15, 4e15, 8e15, 1.6e16), lr=3e-3, warmup_steps=200,
-                   eval_batches=16, overrides=("deepspeed.precision=bf16",), jobs=1),
+                   eval_batches=16, budgets=(4e15, 8e15, 1.6e16), overrides=("deepspeed.precision=bf16",), jobs=1),
     # The test suite: the smallest shapes that still grow 2 → 4 layers; one budget of ~30 steps.
     "smoke": Preset(small=_shape(32, 88, 2, 2, 16), final=_shape(32, 88, 4, 2, 16), seq_len=64,
-                    micro_batch_size=4, coarse=(2e9,), lr=3e-3, warmup_steps=4, eval_batches=2),
+                    micro_batch_size=4, coarse=(2e9,), lr=3e-3, warmup_steps=4, eval_batches=2,
+                    budgets=(2e9,), max_bytes=300_000, eval_bytes=50_000),
 }
 
 

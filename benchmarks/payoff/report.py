@@ -8,7 +8,7 @@ from typing import Any
 
 from _common import fmt_seconds, print_table
 
-from payoff.analysis import reading, stats
+from payoff.analysis import paired, reading, stats
 from payoff.design import ARMS, CONTROLS
 from payoff.runner import _secs
 
@@ -16,13 +16,14 @@ COLORS = {"growth": "tab:blue", "stack": "tab:green", "scratch_final": "tab:gray
 
 
 def plot(table: dict[float, dict[str, list[float]]], coarse: dict[float, dict[str, list[float]]],
-         cross: float | None, title: str, path: Path) -> None:
+         cross: float | None, title: str, path: Path, pairs: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    plot_paired(bx, pairs)
     budgets = sorted(table)
     for arm in ARMS:
         xs = [b for b in budgets if arm in table[b]]
@@ -44,14 +45,42 @@ def plot(table: dict[float, dict[str, list[float]]], coarse: dict[float, dict[st
                     fontsize=8, color="tab:red", va="top")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs per run (6N + attention per token; every arm spends the same)")
-    ax.set_ylabel("final eval loss (nats/byte, fixed held-out batches)")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("final eval loss (nats/byte, fixed eval set, never trained on)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_paired(ax: Any, pairs: list[dict[str, Any]]) -> None:
+    """Right panel: per seed, the grown arm's loss minus the best control's of the same seed."""
+    for arm in sorted({p["arm"] for p in pairs}):
+        rows = [p for p in pairs if p["arm"] == arm]
+        xs = [p["budget"] for p in rows]
+        for p in rows:
+            ax.plot([p["budget"]] * p["best"]["n"], p["best"]["diffs"], "o", ms=4, color=COLORS[arm], alpha=0.5)
+        ax.plot(xs, [p["best"]["mean"] for p in rows], "-", color=COLORS[arm], label=f"{arm} − best control (per seed)")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs per run")
+    ax.set_ylabel("paired loss difference (nats/byte; < 0: growth pays)")
+    ax.set_title("paired by seed (same init and data order)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+
+
+def print_paired(pairs: list[dict[str, Any]]) -> None:
+    def cell(d: dict[str, Any]) -> str:
+        t = "" if d["t"] is None else f", t {d['t']:+.1f}"
+        return f"{d['mean']:+.4f} ± {d['sd']:.4f} ({d['wins']}/{d['n']} seeds < 0{t})"
+
+    print_table(["budget", "arm", "− best control of each seed", *(f"− {c}" for c in CONTROLS), "per seed (− best)"],
+                [[f"{p['budget']:.3g}", p["arm"], cell(p["best"]), *(cell(p[c]) for c in CONTROLS),
+                  " ".join(f"{x:+.4f}" for x in p["best"]["diffs"])] for p in pairs],
+                title="paired reading: arm − control at the same seed (mean ± sd over seeds; < 0: the arm is better)")
 
 
 def report(res: dict[str, Any], png: Path, device: str) -> list[dict[str, Any]]:
@@ -60,7 +89,7 @@ def report(res: dict[str, Any], png: Path, device: str) -> list[dict[str, Any]]:
           for r in records}
     rows = []
     for b in res["budgets"]:
-        for arm in ARMS:
+        for arm in res["arms"]:
             rs = by.get((b, arm), [])
             if not rs:
                 continue
@@ -83,7 +112,10 @@ def report(res: dict[str, Any], png: Path, device: str) -> list[dict[str, Any]]:
         lines.append([f"{r['budget']:.3g}", r["arm"], f"{r['margin']:+.4f}", r["better_control"],
                       "yes" if r["beats_both_beyond_spread"] else "no", reach])
     print_table(["budget", "arm", "margin over better control", "better control", "beats both beyond spread",
-                 "control FLOPs to reach the arm's mean loss (budget ÷ that)"], lines, title="reading")
+                 "control FLOPs to reach the arm's mean loss (budget ÷ that)"], lines, title="unpaired reading (means)")
+    pairs = paired(records)
+    print_paired(pairs)
+    res["paired"] = pairs
     if res["missing_runs"]:
         print(f"NOT in this report ({len(res['missing_runs'])} runs never trained): "
               + ", ".join(res["missing_runs"]))
@@ -100,9 +132,9 @@ def report(res: dict[str, Any], png: Path, device: str) -> list[dict[str, Any]]:
               f"{fmt_seconds(runs['process_seconds'])} process wall, {fmt_seconds(runs['train_seconds'])} of it "
               f"training, {fmt_seconds(runs['cpu_seconds'])} CPU (≈ {fmt_seconds(runs['cpu_seconds'] / 2)} on 2 "
               f"quiet cores); start-up (process − training wall) median {runs['startup_seconds_median']:.1f} s")
-    title = (f"growth payoff ({device}): small {res['params']['small'] / 1e6:.2f}M → final "
-             f"{res['params']['final'] / 1e6:.2f}M params, {len(res['seeds'])} seeds, grow at "
+    title = (f"growth payoff ({device}, commit {res['commit']}): small {res['params']['small'] / 1e6:.3f}M → final "
+             f"{res['params']['final'] / 1e6:.3f}M params, {len(res['seeds'])} seeds, grow at "
              f"{res['grow_fraction']:.0%} of the budget")
-    plot(table, res["coarse"], cross, title, png)
+    plot(table, res["coarse"], cross, title, png, pairs)
     print(f"plot: {png}")
     return read

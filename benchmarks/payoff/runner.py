@@ -66,6 +66,7 @@ class Runner:
     def __init__(self, root: Path, preset: Preset, grow_fraction: float, jobs: int, keep: bool):
         self.root, self.preset, self.grow_fraction, self.jobs, self.keep = root, preset, grow_fraction, jobs, keep
         self.extra: list[str] = []  # --override: passed to every train-stage run
+        self.data: list[str] = []  # the data overrides (benchmarks/payoff/corpus.py)
         self.no_train = False  # --no-train: report from finished runs only
         self.missing: set[str] = set()  # stage keys left untrained under no_train
         self.models = root / "models"
@@ -97,9 +98,9 @@ class Runner:
             out[f"{k}/grow_base"] = Stage("grow_base", "small", base_steps, cell.lr, cell.seed, decay="constant")
             rest = _steps(c - base_steps * fps["small"], fps["final"])
             for arm in grown:
-                # a different data seed: the grown stage restarts at step 0 and must not replay
-                # the base stage's batches (scratch runs see fresh batches all along)
-                out[f"{k}/{arm}"] = Stage(arm, "final", rest, cell.lr, cell.seed + 7919, parent="grow_base",
+                # the same seed: the grown stage continues its parent's data stream (same order,
+                # from where the parent stopped); its weights come from the parent
+                out[f"{k}/{arm}"] = Stage(arm, "final", rest, cell.lr, cell.seed, parent="grow_base",
                                           strategy=GROWN[arm], deps=(f"{k}/grow_base",))
         return out
 
@@ -111,7 +112,7 @@ class Runner:
                 f"stage.seq_len={p.seq_len}", f"stage.lr={stage.lr}", f"stage.warmup_steps={p.warmup_steps}",
                 f"stage.decay={stage.decay}", "stage.min_lr_ratio=0.0", f"stage.eval_batches={p.eval_batches}",
                 "stage.eval_every=0", "stage.save_every=0", "stage.log_every=10", f"stage.seed={stage.seed}",
-                *p.overrides, *self.extra]
+                f"data.seed={stage.seed}", *self.data, *p.overrides, *self.extra]
         if stage.parent is None:
             args.append("stage.parent=null")
         else:  # re-warm to the parent's peak (ratio 1) over warmup_steps, then cosine to 0
@@ -145,7 +146,8 @@ class Runner:
 
         print(f"\n{label}: {len(pending)} train-stage runs, {self.jobs} at a time", flush=True)
         self.bar = tqdm(total=len(pending), desc=label, unit="run", file=sys.stderr, dynamic_ncols=True)
-        data_ready = (self.root / "data").is_dir() and any((self.root / "data").iterdir())
+        # a document source is tokenized by the first run, alone; prepared datasets are ready
+        data_ready = bool(self.data) or ((self.root / "data").is_dir() and any((self.root / "data").iterdir()))
         running: dict[Future, str] = {}
         with ThreadPoolExecutor(max_workers=self.jobs) as pool, self.stop_on_exit():
             while pending or running:

@@ -85,6 +85,14 @@ def test_growth_payoff_smoke(capsys, tmp_path):
     # zero growth is function-preserving: the grown model starts at the small model's loss
     assert records["growth"]["eval_loss_start"] == pytest.approx(records["growth"]["parent_eval_loss_end"], abs=1e-4)
     assert records["growth"]["steps"][1] > 0 and records["stack"]["steps"][1] == records["growth"]["steps"][1]
+    # the fixed eval set (never trained on) and the paired reading are recorded with the commit
+    assert full["data"]["eval"]["documents"] > 0 and full["commit"] and full["arms"] == sorted(budget["arms"], key=(
+        ["growth", "stack", "scratch_final", "scratch_small"].index))
+    assert {p["arm"] for p in full["paired"]} == {"growth", "stack"}
+    best = full["paired"][0]["best"]
+    assert best["n"] == 1 and best["diffs"][0] == pytest.approx(
+        records[full["paired"][0]["arm"]]["eval_loss"] - min(records[c]["eval_loss"] for c in
+                                                             ("scratch_small", "scratch_final")))
 
 
 def test_growth_payoff_reading():
@@ -104,6 +112,51 @@ def test_growth_payoff_reading():
     ratio = win["flops_to_reach"]["scratch_final"]["ratio"]
     assert 0 < ratio < 1 and win["flops_to_reach"]["scratch_final"]["where"] == "inside"
     assert not any(read[(b, "stack")]["beats_both_beyond_spread"] for b in budgets)
+
+
+def test_growth_payoff_paired():
+    """The paired reading on made-up records: per seed, the arm minus the better control of that seed."""
+    mod = load("growth_payoff")
+    from payoff.analysis import paired
+
+    losses = {"growth": [1.90, 2.00, 1.80], "stack": [1.95, 2.05, 1.85],
+              "scratch_small": [1.92, 1.99, 1.83], "scratch_final": [1.93, 2.03, 1.79]}
+    records = [{"budget": 1e12, "arm": a, "seed": s, "eval_loss": v[s]} for a, v in losses.items() for s in range(3)]
+    records.pop()  # scratch_final seed 2 missing: that seed is not paired
+    rows = {r["arm"]: r for r in paired(records)}
+    g = rows["growth"]
+    assert g["seeds"] == [0, 1] and g["best"]["diffs"] == pytest.approx([-0.02, 0.01])
+    assert g["best"]["wins"] == 1 and g["best"]["n"] == 2 and g["best"]["mean"] == pytest.approx(-0.005)
+    assert g["scratch_final"]["diffs"] == pytest.approx([-0.03, -0.03]) and g["scratch_final"]["wins"] == 2
+    assert g["scratch_final"]["t"] is None  # no spread: no t
+    assert rows["stack"]["best"]["wins"] == 0
+    assert mod.paired is paired
+
+
+def test_growth_payoff_refuses_dirty_docs(monkeypatch, tmp_path, capsys):
+    """Writing docs/ from a checkout with uncommitted changes is refused unless --allow-dirty."""
+    mod = load("growth_payoff")
+    monkeypatch.setattr(mod, "dirty_files", lambda: ["benchmarks/growth_payoff.py"])
+    with pytest.raises(SystemExit) as exc:
+        mod.check_docs(mod.parse_args([]))
+    assert exc.value.code == 2 and "uncommitted changes" in capsys.readouterr().err
+    assert mod.check_docs(mod.parse_args(["--allow-dirty"])) is True
+    assert "+dirty" in capsys.readouterr().out
+    assert mod.check_docs(mod.parse_args(["--png", str(tmp_path / "p.png")])) is False  # not docs/: allowed
+    monkeypatch.setattr(mod, "dirty_files", lambda: [])
+    assert mod.check_docs(mod.parse_args([])) is True
+
+
+def test_growth_payoff_corpus_chunks():
+    """Documents are cut at line ends into pieces of at most the limit; nothing is lost."""
+    load("growth_payoff")
+    from payoff.corpus import chunks
+
+    text = "".join(f"line {i} " + "x" * (i % 7) + "\n" for i in range(200)) + "y" * 130 + "\nend"
+    out = chunks(text, 64)
+    assert "".join(out) == text and all(len(c) <= 64 for c in out)
+    assert all(c.endswith("\n") for c in out[:-3])  # cut at line ends except inside the 130-char line
+    assert chunks("  \n\n", 8) == []
 
 
 def test_growth_payoff_interpolation():
