@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.mask: torch.Tensor | None = None  # MSG hidden mask, set by set_growth_mask
+        self.register_buffer("mask", None, persistent=False)  # MSG hidden mask, set by set_growth_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
-        self.head_mask: torch.Tensor | None = None  # (num_heads,) MSG head mask
+        self.register_buffer("head_mask", None, persistent=False)  # (num_heads,) MSG head mask
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -125,7 +125,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=False)
         self.up_proj = nn.Linear(h, f, bias=False)
         self.down_proj = nn.Linear(f, h, bias=False)
-        self.ffn_mask: torch.Tensor | None = None  # (f,) MSG FFN mask
+        self.register_buffer("ffn_mask", None, persistent=False)  # (f,) MSG FFN mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -141,8 +141,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.hidden_mask: torch.Tensor | None = None  # (h,) multiplies residual writes
-        self.layer_c: torch.Tensor | None = None  # scalar c for a layer added by MSG depth
+        self.register_buffer("hidden_mask", None, persistent=False)  # (h,) multiplies residual writes
+        self.register_buffer("layer_c", None, persistent=False)  # scalar c for a layer added by MSG depth
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(h), cos, sin)
@@ -181,7 +181,7 @@ class TeleFLMModel(nn.Module):
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.hidden_mask: torch.Tensor | None = None
+        self.register_buffer("hidden_mask", None, persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -244,15 +244,10 @@ class TeleFLMForCausalLM(nn.Module):
         self.config = self.model.config = self.config.replace(growth_mask=record)  # validates
         device = self.lm_head.weight.device
         masks = build_masks(self.config, device)
-        self.model.hidden_mask = masks["hidden"]
-        self.model.norm.mask = masks["hidden"]
+        put_mask(self.model, "hidden_mask", masks["hidden"])
+        put_mask(self.model.norm, "mask", masks["hidden"])
         for i, layer in enumerate(self.model.layers):
-            layer.hidden_mask = masks["hidden"]
-            layer.input_layernorm.mask = masks["hidden"]
-            layer.post_attention_layernorm.mask = masks["hidden"]
-            layer.self_attn.head_mask = masks["heads"]
-            layer.mlp.ffn_mask = masks["ffn"]
-            layer.layer_c = masks["c"] if i in masks["new_layers"] else None
+            put_layer_masks(layer, masks, masks["heads"], masks["ffn"], i in masks["new_layers"])
 
     @property
     def growth_c(self) -> float | None:
@@ -282,7 +277,7 @@ def build_masks(config: ModelConfig, device: torch.device | str) -> dict[str, An
     if record is None:
         return out
     c = float(record["c"])
-    out["c"] = torch.tensor(c, device=device)
+    out["c"] = torch.full((), c, device=device)  # a fill kernel: no host-to-device copy (no sync)
 
     def vec(full: int, old: int | None) -> torch.Tensor | None:
         if old is None or old >= full:
@@ -298,6 +293,30 @@ def build_masks(config: ModelConfig, device: torch.device | str) -> dict[str, An
         out["heads"] = vec(config.num_attention_heads, kv_old * config.num_key_value_groups)
     out["new_layers"] = set(record.get("new_layers") or [])
     return out
+
+
+def put_mask(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Set MSG mask buffer ``name`` of ``module``: in place when one of the same shape is
+    installed (a ramp step: the buffer keeps its identity, so a compiled layer is not
+    recompiled and a ``.to()``-moved copy is updated where it is), else (install, remove)
+    the buffer itself. No host sync: ``copy_`` between tensors of one device."""
+    current = getattr(module, name)
+    if current is not None and value is not None and current.shape == value.shape:
+        with torch.no_grad():
+            current.copy_(value)
+    else:
+        setattr(module, name, value)
+
+
+def put_layer_masks(layer: DecoderLayer, masks: dict[str, Any], heads: torch.Tensor | None,
+                    ffn: torch.Tensor | None, new_layer: bool) -> None:
+    """One decoder layer's MSG masks (``heads``/``ffn``: this rank's slices under TP)."""
+    for module, name in ((layer, "hidden_mask"), (layer.input_layernorm, "mask"),
+                         (layer.post_attention_layernorm, "mask")):
+        put_mask(module, name, masks["hidden"])
+    put_mask(layer.self_attn, "head_mask", heads)
+    put_mask(layer.mlp, "ffn_mask", ffn)
+    put_mask(layer, "layer_c", masks["c"] if new_layer else None)
 
 
 def _on_meta(module: nn.Module) -> bool:

@@ -98,6 +98,10 @@ def check_deepspeed(ds: DeepSpeedCfg, world: int | None) -> None:
                                f"got {ds.precision!r}") from None
     if not 0 <= ds.zero_stage <= 3:
         raise StageConfigError(f"field 'deepspeed.zero_stage' must be 0..3, got {ds.zero_stage}")
+    if ds.zero_stage == 0 and Precision(ds.precision) == Precision.bf16:
+        raise StageConfigError("field 'deepspeed.zero_stage' is 0 with deepspeed.precision=bf16: DeepSpeed 0.19 "
+                               "accumulates ZeRO-0 bf16 gradients in bf16 only (fp32 accumulation needs ZeRO >= 1); "
+                               "use deepspeed.zero_stage=1 or precision fp32")
     if not ds.pipeline:
         return
     if ds.zero_stage > 1:

@@ -35,6 +35,8 @@ from growth.model import (
     causal_lm_loss,
     embedding,
     init_tensor,
+    put_layer_masks,
+    put_mask,
     rope_cos_sin,
     scale_logits,
 )
@@ -99,7 +101,7 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
-        self.hidden_mask: torch.Tensor | None = None
+        self.register_buffer("hidden_mask", None, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return TeleFLMModel.embed(self, input_ids)  # the plain model's own code path
@@ -180,16 +182,11 @@ def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[st
             continue
         idx = int(name)
         if isinstance(layer, EmbeddingPipe):
-            layer.hidden_mask = masks["hidden"]
+            put_mask(layer, "hidden_mask", masks["hidden"])
         elif isinstance(layer, HeadPipe):
-            layer.norm.mask = masks["hidden"]
+            put_mask(layer.norm, "mask", masks["hidden"])
         elif isinstance(layer, DecoderLayerPipe) and 1 <= idx <= num_layers:
-            layer.hidden_mask = masks["hidden"]
-            layer.input_layernorm.mask = masks["hidden"]
-            layer.post_attention_layernorm.mask = masks["hidden"]
-            layer.self_attn.head_mask = cut(masks["heads"])
-            layer.mlp.ffn_mask = cut(masks["ffn"])
-            layer.layer_c = masks["c"] if idx - 1 in masks["new_layers"] else None
+            put_layer_masks(layer, masks, cut(masks["heads"]), cut(masks["ffn"]), idx - 1 in masks["new_layers"])
     return config
 
 
@@ -216,8 +213,9 @@ class PipeStageEngine(DeepSpeedEngine):
             p.tensor_model_parallel = self.counts_in_grad_norm(hf)
         optimizer = make_optimizer(list(self.module.named_parameters()), config, stage)
         self.dp_world = self.module.mpu().get_data_parallel_world_size()
+        self.ds_config = self.deepspeed_config(ds, stage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=self.deepspeed_config(ds, stage))
+            model=self.module, optimizer=optimizer, config=self.ds_config)
         self.dp_rank = ds_compat.pipe_dp_rank(self.engine)
 
     # ------------------------------------------------------------------ what a TP subclass changes

@@ -31,38 +31,38 @@ class StageEngine(DeepSpeedModule):
         self.dp_rank = dist.get_rank()
         named = list(model.named_parameters())
         self.adam = make_optimizer(named, model.config, stage)  # the torch optimizer inside DeepSpeed's
+        self.ds_config = ds_config(ds, stage, self.dp_world)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.adam, config=ds_config(ds, stage, self.dp_world))
+            model=model, optimizer=self.adam, config=self.ds_config)
 
     def train_step(self, batches: list[Batch]) -> torch.Tensor:
-        """With ``skip_nonfinite`` the step's loss is summed over the ranks BEFORE the last
-        micro batch's ``engine.step()`` (the one that updates), so every rank sees the same
-        NaN/inf and drops the same update; DeepSpeed still zeroes the gradients."""
+        """The step's loss is summed over the ranks BEFORE the last micro batch's
+        ``engine.step()`` (the one that updates), so every rank sees the same NaN/inf and drops
+        the same update (``SkippableAdamW.drop_if``: on the device with the fused kernel, no
+        host sync); DeepSpeed still zeroes the gradients. A NaN is never applied to the
+        weights, under ``on_nonfinite`` stop or skip; the trainer reads the flag at log steps."""
         import torch.distributed as dist
 
         self.engine.train()
         # On the engine's device: with NCCL (GPU) a CPU tensor cannot be all-reduced.
         total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        self.skipped = False
         for i, (x, y) in enumerate(batches):
-            loss = causal_lm_loss(self.engine(x.to(self.engine.device)), y.to(self.engine.device))
+            loss = causal_lm_loss(self.engine(x), y)
             self.engine.backward(loss)
             total += loss.detach().double()
             if i == len(batches) - 1:  # one all-reduce per step, before the update
                 total /= len(batches)
                 dist.all_reduce(total)
-                self.skipped = self.skip_nonfinite and not bool(torch.isfinite(total))  # a host sync (skip only)
-                self.adam.skip_next = self.skipped
+                self.adam.drop_if(~torch.isfinite(total))
             self.engine.step()
-        self.adam.skip_next = False
+        self.adam.drop_if(None)
         return total / self.dp_world
 
     @torch.no_grad()
     def eval_loss(self, batches: list[Batch]) -> float:
         """Every rank runs every batch (ZeRO-3 forwards are collective), so all agree."""
         self.engine.eval()
-        losses = [causal_lm_loss(self.engine(x.to(self.engine.device)), y.to(self.engine.device))
-                  for x, y in batches]
+        losses = [causal_lm_loss(self.engine(x), y) for x, y in batches]
         return float(torch.stack(losses).double().mean())
 
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:

@@ -126,6 +126,22 @@ def test_ds_config_sizes_and_refusals():
         ds_config(DeepSpeedCfg(precision="fp16"), STAGE, 1)
 
 
+@pytest.mark.parametrize("zero,pipeline", [(1, False), (2, False), (3, False), (1, True)])
+def test_bf16_accumulates_and_reduces_gradients_in_fp32(zero, pipeline):
+    cfg = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="bf16"), STAGE, dp_world=2)
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["communication_data_type"] == "fp32"
+    fp32 = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="fp32"), STAGE, dp_world=2)
+    assert "data_types" not in fp32 and "communication_data_type" not in fp32  # fp32 runs: as before
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_zero0_bf16_is_refused_in_one_line(pipeline):
+    """DeepSpeed 0.19 raises NotImplementedError on fp32 accumulation at ZeRO-0 (measured)."""
+    with pytest.raises(ValueError, match=r"deepspeed.zero_stage.*bf16.*use deepspeed.zero_stage=1") as info:
+        ds_config(DeepSpeedCfg(zero_stage=0, pipeline=pipeline, precision="bf16"), STAGE, 1)
+    assert "\n" not in str(info.value)
+
+
 def test_param_groups_carry_mup_multipliers():
     config = get_flavor("tiny-s3")  # mup_scale_factor 4
     model = build_model(config)

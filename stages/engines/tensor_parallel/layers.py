@@ -55,6 +55,8 @@ from growth.model import (
     build_masks,
     causal_lm_loss,
     embedding,
+    put_layer_masks,
+    put_mask,
 )
 from stages.layout import check_model_split
 
@@ -265,7 +267,7 @@ class TPModel(TeleFLMModel):
         self.embed_tokens = embedding(local.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(tp_decoder_layer(local, group, tp, sp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.hidden_mask: torch.Tensor | None = None
+        self.register_buffer("hidden_mask", None, persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return tp_embed(self, input_ids)
@@ -302,13 +304,10 @@ class TPForCausalLM(nn.Module):
         masks = build_masks(self.config, self.lm_head.weight.device)
         heads = slice_mask(masks["heads"], self.rank, self.tp)
         ffn = slice_mask(masks["ffn"], self.rank, self.tp)
-        self.model.hidden_mask = self.model.norm.mask = masks["hidden"]
+        put_mask(self.model, "hidden_mask", masks["hidden"])
+        put_mask(self.model.norm, "mask", masks["hidden"])
         for i, layer in enumerate(self.model.layers):
-            layer.hidden_mask = masks["hidden"]
-            layer.input_layernorm.mask = layer.post_attention_layernorm.mask = masks["hidden"]
-            layer.self_attn.head_mask = heads
-            layer.mlp.ffn_mask = ffn
-            layer.layer_c = masks["c"] if i in masks["new_layers"] else None
+            put_layer_masks(layer, masks, heads, ffn, i in masks["new_layers"])
 
     def set_growth_c(self, c: float) -> None:
         if self.config.growth_mask is None:
@@ -364,4 +363,5 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
     picked = reduce_from_tp(torch.where(mine, picked, torch.zeros_like(picked)), group, tp)
     keep = target != -100
     losses = torch.log(sum_exp) - picked
-    return losses[keep].sum() / keep.sum().clamp(min=1)
+    # torch.where, not losses[keep]: boolean indexing has a data-dependent shape (a host sync)
+    return torch.where(keep, losses, torch.zeros_like(losses)).sum() / keep.sum().clamp(min=1)

@@ -74,7 +74,7 @@ class TPEmbeddingPipe(EmbeddingPipe):
         self.config, self.tp, self.sp, self.group = config, tp, sp, None
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
         self.embed_tokens = embedding(config.vocab_size // tp, config.hidden_size)
-        self.hidden_mask: torch.Tensor | None = None
+        self.register_buffer("hidden_mask", None, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return tp_embed(self, input_ids)  # the TP model's own code path
