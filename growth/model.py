@@ -33,7 +33,7 @@ from flmcore.init import param_init_std, seeded_generator
 from flmcore.params import is_norm
 from growth.config import ModelConfig
 
-__all__ = ["TeleFLMForCausalLM", "build_masks", "build_model", "causal_lm_loss",
+__all__ = ["TeleFLMForCausalLM", "build_masks", "build_model", "causal_lm_loss", "chunked_lm_loss",
            "init_state_dict", "init_tensor", "param_init_std", "scale_logits", "seeded_generator"]
 
 
@@ -217,6 +217,86 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100)
 
 
+LOSS_CHUNK_ROWS = 1024  # token rows of fp32 logits the chunked loss holds at once (1024 × 80k × 4 B = 0.33 GB)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``causal_lm_loss(scale_logits(config, h @ Wᵀ), labels)`` without the (tokens, V) logits.
+
+    Forward walks ``chunk`` token rows at a time: fp32 logits of the chunk, μP logit scale,
+    −inf on padded ids, log-sum-exp and the label's logit, and (when gradients are wanted)
+    the chunk's gradients right away: ``g = (softmax − onehot) · scale / n`` on kept rows,
+    ``∂h = g W``, ``∂W += gᵀ h`` (fp32). Backward only scales them by the incoming gradient.
+    Peak: one chunk of fp32 logits and an fp32 weight-sized ``∂W`` instead of the logits in
+    the model dtype, their fp32 copy, the log-softmax and its gradient (Liger/torchtune's
+    chunked cross-entropy). No host sync.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float,
+                valid: int | None, chunk: int) -> torch.Tensor:
+        rows, target = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        count = (target != -100).sum().clamp(min=1).float()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_rows = torch.empty_like(rows) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for start in range(0, rows.shape[0], chunk):
+            x, t = rows[start:start + chunk], target[start:start + chunk]
+            z = (x @ weight.t()).float()
+            if scale != 1.0:
+                z = z * scale
+            if valid is not None and valid < z.shape[-1]:
+                z[:, valid:] = float("-inf")
+            keep = t != -100
+            safe = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
+            lse = torch.logsumexp(z, dim=-1)
+            total += torch.where(keep, lse - z.gather(1, safe).squeeze(1), torch.zeros_like(lse)).sum()
+            if want_h or want_w:
+                g = torch.exp(z - lse.unsqueeze(1))
+                g.scatter_add_(1, safe, -torch.ones_like(lse).unsqueeze(1))
+                g = (g * (keep.float() * (scale / count)).unsqueeze(1)).to(h.dtype)
+                if want_h:
+                    grad_rows[start:start + chunk] = g @ weight
+                if want_w:
+                    grad_w += (g.t() @ x).float()
+        ctx.save_for_backward(grad_rows, grad_w)
+        ctx.shapes = (h.shape, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_rows, grad_w = ctx.saved_tensors
+        shape, wdtype = ctx.shapes
+        gh = None if grad_rows is None else (grad_rows * grad_out.to(grad_rows.dtype)).view(shape)
+        gw = None if grad_w is None else (grad_w * grad_out.float()).to(wdtype)
+        return gh, gw, None, None, None, None
+
+
+def chunked_lm_loss(config: ModelConfig, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    chunk: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """:class:`ChunkedLinearCrossEntropy` with ``config``'s μP logit scale and padded vocab."""
+    return ChunkedLinearCrossEntropy.apply(h, weight, labels, float(config.logit_scale),
+                                           config.valid_vocab_size, chunk)
+
+
+class LMHead(nn.Linear):
+    """``lm_head``: logits, or (given ``labels``) the loss straight from the hidden states.
+
+    Note: the loss runs inside this module's own forward so that ZeRO-3 has gathered its
+    weight (DeepSpeed gathers a module's parameters around the module's forward)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+        self.config = config
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """``h Wᵀ`` (unscaled, as ``nn.Linear``), or with ``labels`` the scaled, masked mean loss."""
+        if labels is None:
+            return super().forward(h)
+        return chunked_lm_loss(self.config, h, self.weight, labels)
+
+
 class TeleFLMForCausalLM(nn.Module):
     """Decoder plus untied ``lm_head``; ``forward`` returns fp32-able logits (B, T, V)."""
 
@@ -224,15 +304,18 @@ class TeleFLMForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = TeleFLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config)
         if config.growth_mask is not None and not _on_meta(self):
             self.set_growth_mask(config.growth_mask)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return scale_logits(self.config, self.lm_head(self.model(input_ids)))
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); with ``labels`` the mean loss instead, the (B, T, V) logits never
+        materialised (:class:`ChunkedLinearCrossEntropy`)."""
+        h = self.model(input_ids)
+        return scale_logits(self.config, self.lm_head(h)) if labels is None else self.lm_head(h, labels)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self(input_ids), labels)
+        return self(input_ids, labels)
 
     # ------------------------------------------------------------------ MSG masks
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:

@@ -48,6 +48,9 @@ def init_distributed(timeout: float | None = None) -> None:
     if on_cpu():
         ds_compat.skip_cpu_shm_build()
         backend = "gloo"
+    else:  # fp32 matmuls (fp32 stages, the fp32 logits of the loss) on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     extra = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}  # collective_timeout
     deepspeed.init_distributed(dist_backend=backend, verbose=False, **extra)
 
@@ -160,17 +163,47 @@ def set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr * group["lr_mult"]
 
 
-# ---------------------------------------------------------------------- activation checkpointing
-def checkpoint_layers(layers: list[DecoderLayer]) -> None:
-    """Recompute each decoder layer in the backward pass (``torch.utils.checkpoint``).
+# ---------------------------------------------------------------------- activation checkpointing, compile
+def checkpoint_layers(layers: list[DecoderLayer], every: int = 1) -> None:
+    """Recompute every ``every``-th decoder layer (0, k, 2k, …) in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant).
 
-    Note: the forward is replaced per instance, so parameter names stay the HF ones.
+    Note: the forward is replaced per instance, so parameter names stay the HF ones. No RNG
+    state is saved or restored (``preserve_rng_state=False``): the model has no dropout, and
+    saving it costs a device-RNG read per layer and step.
     """
+    for layer in layers[::every]:
+        plain = layer.forward
+        layer.forward = (lambda *a, _f=plain: checkpointed(_f, *a))
+
+
+def checkpointed(function: Any, *args: torch.Tensor) -> Any:
+    """``function(*args)`` recomputed in the backward pass, without RNG-state saving."""
     from torch.utils.checkpoint import checkpoint
 
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+COMPILE_BACKEND_ENV = "FLM_COMPILE_BACKEND"  # torch.compile backend (default inductor); tests use aot_eager
+
+
+def compile_on(ds: DeepSpeedCfg) -> bool:
+    """``deepspeed.compile``: auto = on for CUDA (and other accelerators), off for the CPU."""
+    choice = str(ds.compile).lower()
+    return not on_cpu() if choice == "auto" else choice == "true"
+
+
+def compile_layers(layers: list[nn.Module], backend: Any = None) -> None:
+    """``torch.compile`` each decoder layer in place (torchtitan's per-block compile: compile
+    time flat in depth; works under activation checkpointing, whose wrapper it traces).
+
+    Note: ``nn.Module.compile`` keeps the module, its parameter names and state dict; the MSG
+    masks are buffers ramped in place (growth.model.put_mask), so a ramp step does not
+    recompile. ``$FLM_COMPILE_BACKEND`` picks another backend (tests: ``aot_eager``, the same
+    graphs and autograd without inductor's C++ build on a CPU)."""
+    backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
     for layer in layers:
-        plain = layer.forward
-        layer.forward = (lambda *a, _f=plain: checkpoint(_f, *a, use_reentrant=False))
+        layer.compile(backend=backend)
 
 
 # ---------------------------------------------------------------------- plain engine (ZeRO 0-3)

@@ -41,7 +41,15 @@ from growth.model import (
     scale_logits,
 )
 from stages.engines import ds_compat, optim_state
-from stages.engines.common import DeepSpeedEngine, ds_config, make_optimizer
+from stages.engines.common import (
+    DeepSpeedEngine,
+    checkpoint_layers,
+    checkpointed,
+    compile_layers,
+    compile_on,
+    ds_config,
+    make_optimizer,
+)
 from stages.engines.protocol import Batch
 from stages.schema import DeepSpeedCfg, StageCfg
 
@@ -136,34 +144,39 @@ def pipe_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return causal_lm_loss(logits, labels)
 
 
-def checkpointed(function: Any, *args: torch.Tensor) -> Any:
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(function, *args, use_reentrant=False)
-
-
 PIPE_LAYERS = (EmbeddingPipe, DecoderLayerPipe, HeadPipe)  # spec 0, specs 1…L, spec L+1
 
 
-def build_pipeline_module(config: ModelConfig, num_stages: int | None, activation_checkpointing: bool = False,
+def build_pipeline_module(config: ModelConfig, num_stages: int | None, ds: DeepSpeedCfg | None = None,
                           layers: tuple[type[nn.Module], type[nn.Module], type[nn.Module]] = PIPE_LAYERS,
                           layer_args: tuple[Any, ...] = (), loss_fn: Any = pipe_loss, topology: Any = None):
     """The PipelineModule; each rank builds only its own stage's layers.
 
     ``layers`` (embedding, decoder layer, head classes, each built as ``cls(config,
     *layer_args)``), ``loss_fn`` and ``topology`` (DeepSpeed's ``ProcessTopology``; default:
-    pipe × data over ``num_stages``) let stages.engines.tensor_parallel.pipeline build its TP ranks."""
+    pipe × data over ``num_stages``) let stages.engines.tensor_parallel.pipeline build its TP ranks.
+    ``ds``: activation checkpointing (DeepSpeed's own, one layer per checkpoint; every k-th
+    layer: ``stages.engines.common.checkpoint_layers``) and per-layer ``torch.compile``."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
+    ds = ds or DeepSpeedCfg()
     embed, decoder, head = layers
     specs = [LayerSpec(embed, config, *layer_args)]
     specs += [LayerSpec(decoder, config, *layer_args) for _ in range(config.num_hidden_layers)]
     specs.append(LayerSpec(head, config, *layer_args))
-    return PipelineModule(layers=specs, num_stages=num_stages, topology=topology, loss_fn=loss_fn,
-                          partition_method="type:DecoderLayerPipe",  # a regex: TPDecoderLayerPipe matches
-                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
-                          activation_checkpoint_func=checkpointed,
-                          checkpointable_layers=[decoder.__name__])
+    every = ds.checkpoint_every if ds.activation_checkpointing else 0
+    module = PipelineModule(layers=specs, num_stages=num_stages, topology=topology, loss_fn=loss_fn,
+                            partition_method="type:DecoderLayerPipe",  # a regex: TPDecoderLayerPipe matches
+                            activation_checkpoint_interval=1 if every == 1 else 0,
+                            activation_checkpoint_func=checkpointed,
+                            checkpointable_layers=[decoder.__name__])
+    decoders = [m for m in module.children() if isinstance(m, DecoderLayerPipe)]
+    if every > 1:  # by spec index, so "every k-th" counts the model's layers, not this stage's
+        checkpoint_layers([m for name, m in module.named_children()
+                           if isinstance(m, DecoderLayerPipe) and (int(name) - 1) % every == 0])
+    if compile_on(ds):
+        compile_layers(decoders)
+    return module
 
 
 def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[str, Any] | None,
@@ -220,7 +233,7 @@ class PipeStageEngine(DeepSpeedEngine):
 
     # ------------------------------------------------------------------ what a TP subclass changes
     def build_module(self, config: ModelConfig, ds: DeepSpeedCfg) -> nn.Module:
-        return build_pipeline_module(config, ds.pipeline_stages, ds.activation_checkpointing)
+        return build_pipeline_module(config, ds.pipeline_stages, ds)
 
     def deepspeed_config(self, ds: DeepSpeedCfg, stage: StageCfg) -> dict[str, Any]:
         return ds_config(ds, stage, self.dp_world)

@@ -8,9 +8,16 @@ from typing import Any
 import torch
 
 from growth.config import ModelConfig
-from growth.model import TeleFLMForCausalLM, build_model, causal_lm_loss
+from growth.model import TeleFLMForCausalLM, build_model
 from stages.engines import optim_state
-from stages.engines.common import DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
+from stages.engines.common import (
+    DeepSpeedModule,
+    checkpoint_layers,
+    compile_layers,
+    compile_on,
+    ds_config,
+    make_optimizer,
+)
 from stages.engines.protocol import Batch
 from stages.schema import DeepSpeedCfg, StageCfg
 
@@ -26,7 +33,9 @@ class StageEngine(DeepSpeedModule):
 
         self.model = model
         if ds.activation_checkpointing:
-            checkpoint_layers(list(model.model.layers))
+            checkpoint_layers(list(model.model.layers), ds.checkpoint_every)
+        if compile_on(ds):
+            compile_layers(list(model.model.layers))
         self.dp_world = dist.get_world_size()
         self.dp_rank = dist.get_rank()
         named = list(model.named_parameters())
@@ -47,7 +56,7 @@ class StageEngine(DeepSpeedModule):
         # On the engine's device: with NCCL (GPU) a CPU tensor cannot be all-reduced.
         total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for i, (x, y) in enumerate(batches):
-            loss = causal_lm_loss(self.engine(x), y)
+            loss = self.engine(x, y)  # the chunked loss inside the model (growth.model.LMHead)
             self.engine.backward(loss)
             total += loss.detach().double()
             if i == len(batches) - 1:  # one all-reduce per step, before the update
@@ -62,7 +71,7 @@ class StageEngine(DeepSpeedModule):
     def eval_loss(self, batches: list[Batch]) -> float:
         """Every rank runs every batch (ZeRO-3 forwards are collective), so all agree."""
         self.engine.eval()
-        losses = [causal_lm_loss(self.engine(x), y) for x, y in batches]
+        losses = [self.engine(x, y) for x, y in batches]
         return float(torch.stack(losses).double().mean())
 
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:

@@ -154,7 +154,7 @@ class TPPipeStageEngine(PipeStageEngine):
         topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=self.tp, num_dp=world // (self.tp * pp))
         self.tp_rank = topology.get_coord(dist.get_rank()).model
         loss = VocabParallelLoss(shard_range(config.vocab_size, self.tp_rank, self.tp)[0], self.tp)
-        module = build_pipeline_module(config, None, ds.activation_checkpointing, layers=TP_PIPE_LAYERS,
+        module = build_pipeline_module(config, None, ds, layers=TP_PIPE_LAYERS,
                                        layer_args=(self.tp, self.tp_rank, self.sp), loss_fn=loss, topology=topology)
         group = module.mpu().get_slice_parallel_group()
         bind_tp_group(module, loss, group)

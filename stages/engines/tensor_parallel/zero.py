@@ -40,7 +40,14 @@ import torch.distributed as dist
 from growth.config import ModelConfig
 from growth.model import init_tensor
 from stages.engines import optim_state
-from stages.engines.common import DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
+from stages.engines.common import (
+    DeepSpeedModule,
+    checkpoint_layers,
+    compile_layers,
+    compile_on,
+    ds_config,
+    make_optimizer,
+)
 from stages.engines.protocol import Batch
 from stages.engines.tensor_parallel.io import gather_tensors, read_shards, seed_sliced_moments, tp_model
 from stages.engines.tensor_parallel.layers import (
@@ -123,7 +130,9 @@ class TPStageEngine(DeepSpeedModule):
 
         self.model, self.groups = model, groups
         if ds.activation_checkpointing:
-            checkpoint_layers(list(model.model.layers))
+            checkpoint_layers(list(model.model.layers), ds.checkpoint_every)
+        if compile_on(ds):
+            compile_layers(list(model.model.layers))
         for name, p in model.named_parameters():
             p.tensor_model_parallel = shard_dim(name) is not None and groups.tp > 1
         self.dp_world, self.dp_rank = groups.dp, groups.dp_rank
