@@ -4,7 +4,7 @@ Spec list (index = position in the list = DeepSpeed's ``layer_XX`` number)::
 
     0          EmbeddingPipe      embed_tokens (× input_mult, hidden mask)
     1 … L      DecoderLayerPipe   growth.model.DecoderLayer + its own RoPE tables
-    L + 1      HeadPipe           norm, lm_head (× logit scale, padded ids masked)
+    L + 1      HeadPipe           norm; its lm_head gives the loss (chunked, × logit scale, padded ids masked)
 
 The layers are the classes of growth.model (no second copy of the math), so MSG masks
 work the same way. The adapter (:data:`PIPE_KEYS`, :func:`pipe_to_hf`,
@@ -29,10 +29,10 @@ from flmcore.params import LAYER_PARAMS, LAYER_PREFIX
 from growth.config import ModelConfig
 from growth.model import (
     DecoderLayer,
+    LMHead,
     RMSNorm,
     TeleFLMModel,
     build_masks,
-    causal_lm_loss,
     embedding,
     init_tensor,
     put_layer_masks,
@@ -128,20 +128,32 @@ class DecoderLayerPipe(DecoderLayer):
 
 
 class HeadPipe(nn.Module):
-    """Spec L+1: final norm and lm_head → logits (B, T, V)."""
+    """Spec L+1: the final norm → normed hidden states (B, T, h); its ``lm_head``
+    (growth.model.LMHead) turns them into the loss in the pipe's ``loss_fn`` (:class:`HeadLoss`),
+    chunked, so the (B, T, V) logits are never held; :meth:`logits` gives them."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return scale_logits(self.config, self.lm_head(self.norm(h)))
+        return self.norm(h)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return scale_logits(self.config, self.lm_head(normed))
 
 
-def pipe_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return causal_lm_loss(logits, labels)
+class HeadLoss:
+    """The pipe ``loss_fn``: the head's chunked loss of the last stage's normed hidden states
+    (``head`` is bound once the PipelineModule built this rank's layers)."""
+
+    def __init__(self) -> None:
+        self.head: nn.Module | None = None
+
+    def __call__(self, normed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head.lm_head(normed, labels)
 
 
 PIPE_LAYERS = (EmbeddingPipe, DecoderLayerPipe, HeadPipe)  # spec 0, specs 1…L, spec L+1
@@ -149,12 +161,13 @@ PIPE_LAYERS = (EmbeddingPipe, DecoderLayerPipe, HeadPipe)  # spec 0, specs 1…L
 
 def build_pipeline_module(config: ModelConfig, num_stages: int | None, ds: DeepSpeedCfg | None = None,
                           layers: tuple[type[nn.Module], type[nn.Module], type[nn.Module]] = PIPE_LAYERS,
-                          layer_args: tuple[Any, ...] = (), loss_fn: Any = pipe_loss, topology: Any = None):
+                          layer_args: tuple[Any, ...] = (), topology: Any = None):
     """The PipelineModule; each rank builds only its own stage's layers.
 
     ``layers`` (embedding, decoder layer, head classes, each built as ``cls(config,
-    *layer_args)``), ``loss_fn`` and ``topology`` (DeepSpeed's ``ProcessTopology``; default:
-    pipe × data over ``num_stages``) let stages.engines.tensor_parallel.pipeline build its TP ranks.
+    *layer_args)``; the head's ``lm_head`` gives the loss, :class:`HeadLoss`) and ``topology``
+    (DeepSpeed's ``ProcessTopology``; default: pipe × data over ``num_stages``) let
+    stages.engines.tensor_parallel.pipeline build its TP ranks.
     ``ds``: activation checkpointing (DeepSpeed's own, one layer per checkpoint; every k-th
     layer: ``stages.engines.common.checkpoint_layers``) and per-layer ``torch.compile``."""
     from deepspeed.pipe import LayerSpec, PipelineModule
@@ -165,11 +178,13 @@ def build_pipeline_module(config: ModelConfig, num_stages: int | None, ds: DeepS
     specs += [LayerSpec(decoder, config, *layer_args) for _ in range(config.num_hidden_layers)]
     specs.append(LayerSpec(head, config, *layer_args))
     every = ds.checkpoint_every if ds.activation_checkpointing else 0
+    loss_fn = HeadLoss()
     module = PipelineModule(layers=specs, num_stages=num_stages, topology=topology, loss_fn=loss_fn,
                             partition_method="type:DecoderLayerPipe",  # a regex: TPDecoderLayerPipe matches
                             activation_checkpoint_interval=1 if every == 1 else 0,
                             activation_checkpoint_func=checkpointed,
                             checkpointable_layers=[decoder.__name__])
+    loss_fn.head = next((m for m in module.children() if isinstance(m, HeadPipe)), None)  # last stage only
     decoders = [m for m in module.children() if isinstance(m, DecoderLayerPipe)]
     if every > 1:  # by spec index, so "every k-th" counts the model's layers, not this stage's
         checkpoint_layers([m for name, m in module.named_children()

@@ -109,10 +109,12 @@ def test_pipeline_layers_compute_the_plain_model_with_masks():
     seq = pipe_sequential(config.replace(), state)
     set_pipe_growth_mask(seq, seq[0].config, config.growth_mask)
     x = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(seq[-1].logits(seq(x)), model(x), rtol=0, atol=0)
     set_pipe_growth_mask(seq, seq[0].config, None)
     model.set_growth_mask(None)
-    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(seq[-1].logits(seq(x)), model(x), rtol=0, atol=0)
+    y = torch.roll(x, -1, dims=1)  # the pipe's loss_fn: the head's chunked loss = the model's
+    torch.testing.assert_close(seq[-1].lm_head(seq(x), y), model.loss(x, y), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------- engine pieces

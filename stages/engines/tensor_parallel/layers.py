@@ -58,6 +58,7 @@ from growth.model import (
     put_layer_masks,
     put_mask,
 )
+from stages.engines.tensor_parallel.loss import vocab_parallel_chunked_loss
 from stages.layout import check_model_split
 
 # HF name suffix → dimension split across TP ranks (absent: replicated), from the parameter
@@ -281,18 +282,23 @@ class TPForCausalLM(nn.Module):
         self.config, self.group, self.tp, self.rank, self.sp = config, group, tp, rank, sp and tp > 1
         self.local = local_config(config, tp)
         self.model = TPModel(self.config, self.local, group, tp, rank, self.sp)
-        self.lm_head = nn.Linear(config.hidden_size, self.local.vocab_size, bias=False)
+        self.lm_head = TPLMHead(config, tp, self.model.vocab_start, self.sp, group)
 
     @property
     def vocab_start(self) -> int:
         return self.model.vocab_start
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_logits(self.config, self.lm_head, self.model(input_ids), self.vocab_start,
-                                     self.model.vocab_stop, self.group, self.tp, self.sp)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's logit columns; with ``labels`` the mean loss instead (vocab-parallel,
+        chunked: stages.engines.tensor_parallel.loss), the logits never materialised."""
+        h = self.model(input_ids)
+        if labels is not None:
+            return self.lm_head(h, labels)
+        return vocab_parallel_logits(self.config, self.lm_head, h, self.vocab_start, self.model.vocab_stop,
+                                     self.group, self.tp, self.sp)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(self(input_ids), labels, self.vocab_start, self.group, self.tp)
+        return self(input_ids, labels)
 
     # ------------------------------------------------------------------ MSG masks
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:
@@ -313,6 +319,23 @@ class TPForCausalLM(nn.Module):
         if self.config.growth_mask is None:
             raise GrowthMaskError("this model has no growth masks to ramp")
         self.set_growth_mask({**self.config.growth_mask, "c": float(c)})
+
+
+class TPLMHead(nn.Linear):
+    """A TP rank's ``lm_head`` rows: ``h Wᵀ`` (its logit columns, unscaled, as ``nn.Linear``),
+    or with ``labels`` the loss (stages.engines.tensor_parallel.loss, chunked, vocab-parallel)
+    inside this module's own forward, so ZeRO-3 has gathered the weight. ``group`` may be bound
+    after the grid exists (the TP pipeline)."""
+
+    def __init__(self, config: ModelConfig, tp: int, vocab_start: int, sp: bool = False, group: Any = None):
+        super().__init__(config.hidden_size, config.vocab_size // tp, bias=False)
+        self.config, self.tp, self.vocab_start, self.sp, self.group = config, tp, vocab_start, sp, group
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if labels is None:
+            return super().forward(h)
+        return vocab_parallel_chunked_loss(self.config, copy_to_tp(h, self.group, self.tp, self.sp), self.weight,
+                                           labels, self.vocab_start, self.group, self.tp)
 
 
 def vocab_parallel_logits(config: ModelConfig, lm_head: nn.Linear, h: torch.Tensor, vocab_start: int,

@@ -55,7 +55,6 @@ from stages.engines.tensor_parallel.layers import (
     all_reduce_norm_grads,
     shard,
     shard_dim,
-    vocab_parallel_cross_entropy,
 )
 from stages.schema import DeepSpeedCfg, StageCfg
 
@@ -142,9 +141,8 @@ class TPStageEngine(DeepSpeedModule):
             model=model, optimizer=self.optimizer_inner, config=self.ds_config, mpu=groups)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel cross-entropy of the engine's (vocab-split) logits."""
-        model = self.model
-        return vocab_parallel_cross_entropy(self.engine(x), y, model.vocab_start, model.group, model.tp)
+        """The vocab-parallel chunked loss, computed inside the model (stages.engines.tensor_parallel.loss)."""
+        return self.engine(x, y)
 
     def train_step(self, batches: list[Batch]) -> torch.Tensor:
         """As ``stages.engines.zero.StageEngine.train_step``: the loss averaged over the DP group
