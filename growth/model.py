@@ -253,9 +253,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             total += torch.where(keep, lse - z.gather(1, safe).squeeze(1), torch.zeros_like(lse)).sum()
             if want_h or want_w:
-                g = torch.exp(z - lse.unsqueeze(1))
+                g = z.sub_(lse.unsqueeze(1)).exp_()  # in place: one chunk-sized fp32 buffer
                 g.scatter_add_(1, safe, -torch.ones_like(lse).unsqueeze(1))
-                g = (g * (keep.float() * (scale / count)).unsqueeze(1)).to(h.dtype)
+                g = g.mul_((keep.float() * (scale / count)).unsqueeze(1)).to(h.dtype)
                 if want_h:
                     grad_rows[start:start + chunk] = g @ weight
                 if want_w:
@@ -268,8 +268,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         grad_rows, grad_w = ctx.saved_tensors
         shape, wdtype = ctx.shapes
-        gh = None if grad_rows is None else (grad_rows * grad_out.to(grad_rows.dtype)).view(shape)
-        gw = None if grad_w is None else (grad_w * grad_out.float()).to(wdtype)
+        # in place: these buffers are this function's own (no second weight-sized copy)
+        gh = None if grad_rows is None else grad_rows.mul_(grad_out.to(grad_rows.dtype)).view(shape)
+        gw = None if grad_w is None else grad_w.mul_(grad_out.float()).to(wdtype)
         return gh, gw, None, None, None, None
 
 
