@@ -177,9 +177,11 @@ def test_zero0_under_tp_matches_one_rank(runs):
         assert abs(rec["eval_loss_start"] - one["eval_loss_start"]) <= 1e-6 * one["eval_loss_start"]
         for a, b in zip(rec["losses"], one["losses"][:2], strict=True):
             assert abs(a - b) <= 1e-4 * abs(b), key
-        # ZeRO-0 clips in DeepSpeed's clip_grad_norm_: every stage and TP shard once, norms once
+        # ZeRO-0 clips in DeepSpeed's clip_grad_norm_: every stage and TP shard once, norms once.
+        # 2e-5: the second norm follows one (fused) AdamW step taken on TP shards vs whole
+        # tensors; measured 1.24e-5 for TP 2 × DP 2 with torch's fused AdamW, < 1e-5 with foreach
         for a, b in zip(rec["grad_norms"], one["grad_norms"][:2], strict=True):
-            assert abs(a - b) <= 1e-5 * b, key
+            assert abs(a - b) <= 2e-5 * b, key
 
 
 @pytest.mark.slow
