@@ -136,6 +136,14 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32(zero, pipeline):
     assert "data_types" not in fp32 and "communication_data_type" not in fp32  # fp32 runs: as before
 
 
+@pytest.mark.parametrize("field,value,needle", [("compile", "maybe", "must be one of auto, true, false"),
+                                                ("checkpoint_every", 0, "must be >= 1")])
+def test_compile_and_checkpoint_every_are_checked(field, value, needle):
+    with pytest.raises(ValueError, match=f"deepspeed.{field}' {needle}"):
+        ds_config(DeepSpeedCfg(**{field: value}), STAGE, 1)
+    assert ds_config(DeepSpeedCfg(compile="True", checkpoint_every=3), STAGE, 1)  # Hydra's `true` arrives as 'True'
+
+
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_zero0_bf16_is_refused_in_one_line(pipeline):
     """DeepSpeed 0.19 raises NotImplementedError on fp32 accumulation at ZeRO-0 (measured)."""
