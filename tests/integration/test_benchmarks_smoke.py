@@ -51,7 +51,7 @@ def test_train_throughput_smoke(capsys):
     assert result["benchmark"] == "train_throughput" and result["smoke"] is True
     assert result["ratio_vs_transformers"] > 0
     assert result["step0_loss_diff"] < 1e-4  # both sides compute the same loss
-    assert "compiled vs eager" in out and result["compiled_tokens_per_s"] > 0  # the compiled side ran too
+    assert "vs eager" in out and result["compiled_tokens_per_s"] > 0  # the compiled side ran too
 
 
 @pytest.mark.slow
