@@ -1,30 +1,30 @@
-"""One GPU stage check: train a ~1.3B Tele-FLM with DeepSpeed, measure MFU, then grow it.
+"""One lent GPU, at most 8 minutes: the training path's speed and numerics, phase by phase.
 
-Prepared for a lent H100/H200 (one GPU, ≤ 8 minutes in all). Phases, each timed:
+Phases (benchmarks/gpu_phases.py), each writing the JSON record ``$OUT/gpu_stage.json`` when
+it ends (``--out``; atomic, so a killed run leaves every finished phase on disk); an internal
+deadline (``--budget-s``, default 450 s) skips a phase, or an MFU variant, that would not fit:
 
-1. **train**: the 1.3B config below (Tele-FLM shape rules: head_dim 128, MHA, SwiGLU
-   f ≈ 2.7·h, untied, vocab 80,384, μP multipliers as the 52B) through the trainer itself
-   (``stages.rank.trainer.Trainer.train_step``: its ZeRO-1 engine, μP LR groups, schedule and
-   logging, the loss synced to the host every ``--log-every`` steps; bf16, torch AdamW, one
-   process — RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT are set here), random tokens;
-   ``--warmup`` steps, then ``--steps`` timed steps;
-2. **MFU** = ``flops_per_token`` × tokens/s ÷ the card's dense bf16 peak (H100 SXM and
-   H200: 989 TFLOP/s; H100 PCIe 756; A100 312; ``--peak-tflops`` otherwise). flops_per_token
-   is ``ModelConfig.flops_per_token``: 6 × non-embedding parameters (lm_head included) +
-   12·L·heads·head_dim·T for attention (PaLM's convention, no causal halving). Without
-   activation checkpointing MFU equals hardware FLOPs utilisation. Target ≥ 50 %;
-3. **export**: ``Trainer.finish`` (final eval, ``stages.rank.export.export_final`` → canonical
-   checkpoint (fp32) + Adam moments, summary.json), on the machine's disk (``--workdir``);
-4. **grow**: ``grow apply`` (the CLI, ``--workers N``) of that checkpoint into a ~2.3B
-   target (hidden 2048→2560, heads 16→20, FFN 5504→6880, layers 20→24; zero strategy),
-   bf16 weights, moments included; bytes and GB/s reported.
+1. **preflight**: torch/DeepSpeed/CUDA versions, the GPU, free disk and RAM, one 8192³ bf16
+   matmul (the measured peak);
+2. **mfu**: the ~1.3B model below through the trainer's engine (``Engine.train_step``: ZeRO-1,
+   bf16, fp32 gradient accumulation, chunked loss), CUDA-event timing of 20 steps after 3
+   warm-up steps with nothing else in the window (no saves, evals, logs or host reads);
+   eager vs compiled layers and fused vs foreach AdamW in this process; tokens/s, TFLOP/s,
+   MFU against 989 TFLOP/s and against the measured peak, peak memory, and the top kernels
+   of a 2-step profile. flops_per_token is ``ModelConfig.flops_per_token`` (6 × non-embedding
+   parameters with lm_head + 12·L·heads·head_dim·T, PaLM's convention);
+3. **parity**: bf16 vs fp32 (TF32 off) from one init of a ~0.22B model, 30 steps of a
+   learnable bigram stream: step-0 gap, max and final relative gap;
+4. **growth**: the parity pair grown on the GPU (wider, more heads, bigger FFN, deeper; zero
+   strategy; μP scale change), fp32: loss gap ≤ 1e-4;
+5. **grow_io**: export the 1.3B (weights + Adam moments, fp32), ``grow apply --workers 8`` to
+   ~2.3B (bf16 + moments), and the same bytes written with fsync on the same disk (the
+   floor); the grown output is deleted before the floor file is written (≤ ~40 GB at once).
 
-    python benchmarks/gpu_stage.py                  # on the GPU machine (see docs/benchmarks.md)
-    python benchmarks/gpu_stage.py --dry-run        # shapes, FLOPs, memory and disk plan; trains nothing
-    python benchmarks/gpu_stage.py --smoke          # CPU, tiny config, 2 steps, tiny grow (tests)
+    python benchmarks/gpu_stage.py --out $OUT         # on the GPU machine (docs/benchmarks.md)
+    python benchmarks/gpu_stage.py --smoke            # CPU, tiny models, every phase (the suite)
 
-The GPU machine has no DeepSpeed/pydantic/hjson: carry them as wheels (docs/benchmarks.md).
-The last line printed is a JSON object; ``mfu`` is null without a known peak (CPU).
+The last line printed is the record as one JSON object.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, emit_json, fmt_bytes, fmt_seconds, machine_info, print_machine, print_table
+import gpu_phases
+from _common import emit_json, machine_info, print_machine
 
+from flmcore.io import write_json_atomic
 from flmcore.process import free_port
 
 # ~1.3B Tele-FLM: 20 × 50.6M per layer + 2 × 80384 × 2048 embeddings = 1.34B parameters
@@ -48,264 +49,146 @@ MODEL_1B = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=20, 
                 mup_scale_factor=2048 / 512, max_position_embeddings=4096)
 GROWN_2B = dict(MODEL_1B, hidden_size=2560, intermediate_size=6880, num_hidden_layers=24,
                 num_attention_heads=20, mup_scale_factor=2560 / 512)
-# Tiny shapes for --smoke on a CPU (same code path).
-MODEL_SMOKE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                   head_dim=16, vocab_size=264, use_mup=True, input_mult=1.0, output_mult=1.0,
-                   mup_scale_factor=2.0, max_position_embeddings=512)
-GROWN_SMOKE = dict(MODEL_SMOKE, hidden_size=80, intermediate_size=220, num_hidden_layers=3,
-                   num_attention_heads=5, mup_scale_factor=2.5)
-# Dense bf16 peak FLOP/s by card name (NVIDIA data sheets; sparsity excluded).
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-             ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12)]
+PARITY = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=8,
+              head_dim=128, vocab_size=32768, use_mup=True, input_mult=1.0, output_mult=0.5,
+              mup_scale_factor=1024 / 512, max_position_embeddings=4096)
+GROWN_PARITY = dict(PARITY, hidden_size=1280, intermediate_size=3520, num_hidden_layers=16, num_attention_heads=10,
+                    mup_scale_factor=1280 / 512)
+# Tiny shapes for --smoke on a CPU (the same code path).
+SMOKE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+             vocab_size=264, use_mup=True, input_mult=1.0, output_mult=1.0, mup_scale_factor=2.0,
+             max_position_embeddings=512)
+GROWN_SMOKE = dict(SMOKE, hidden_size=80, intermediate_size=220, num_hidden_layers=3, num_attention_heads=5,
+                   mup_scale_factor=2.5)
+# Seconds each phase needs at most on an H100 (measured nowhere yet: the issue's budget split).
+ESTIMATES = {"preflight": 20, "mfu": 150, "mfu_variant": 50, "parity": 60, "growth": 30, "grow_io": 150}
+RECORD_NAME = "gpu_stage.json"
 
 
-def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device_name is None:
-        return None
-    for key, value in PEAK_BF16:
-        if key in device_name:
-            return value
-    return None
+class Record:
+    """The JSON record, rewritten atomically after every phase (and MFU variant)."""
+
+    def __init__(self, path: Path, head: dict[str, Any]):
+        self.path, self.data = path, {**head, "phases": {}}
+        self.write()
+
+    def update(self, phase: str, result: dict[str, Any]) -> None:
+        self.data["phases"][phase] = result
+        self.write()
+
+    def write(self) -> None:
+        write_json_atomic(self.path, self.data)
 
 
-# ---------------------------------------------------------------------- phases
+class Deadline:
+    def __init__(self, budget_s: float):
+        self.end = time.monotonic() + budget_s
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+class Context:
+    """What every phase reads: sizes, device, work directory, arguments, record, deadline."""
+
+    def __init__(self, args: argparse.Namespace, record: Record):
+        import torch
+
+        from growth.config import ModelConfig
+
+        self.args, self.record, self.deadline = args, record, Deadline(args.budget_s)
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = ModelConfig(**(SMOKE if args.smoke else MODEL_1B))
+        self.grown_model = ModelConfig(**(GROWN_SMOKE if args.smoke else GROWN_2B))
+        self.parity_model = ModelConfig(**(SMOKE if args.smoke else PARITY))
+        self.growth_pair = (self.parity_model, ModelConfig(**(GROWN_SMOKE if args.smoke else GROWN_PARITY)))
+        self.workdir = Path(args.workdir)
+        self.measured_peak: float | None = None
+
+    def estimate(self, phase: str) -> float:
+        return 0.0 if self.args.smoke else ESTIMATES[phase]
+
+
 def init_single_process() -> None:
-    """A one-rank process group (what torchrun would set up), then DeepSpeed's comm layer.
-
-    Note: on a GPU the group gets gloo for CPU tensors next to NCCL, so CPU-side
-    collectives (loss averaging, exports) work in one process as well.
-    """
+    """A one-rank process group (what torchrun would set up), then DeepSpeed's comm layer; on a
+    GPU gloo serves CPU tensors next to NCCL."""
     import torch
     import torch.distributed as dist
 
     from stages.engines.common import init_distributed
 
+    if dist.is_initialized():
+        return
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
         os.environ.setdefault(key, value)
-    if torch.cuda.is_available() and not dist.is_initialized():
+    if torch.cuda.is_available():
         torch.cuda.set_device(0)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     init_distributed()
 
 
-class RandomTokens:
-    """The trainer's data interface (``stages.rank.trainer.StageData``) over random token ids."""
-
-    def __init__(self, vocab: int, micro_batch: int, seq: int, grad_accum: int):
-        import torch
-
-        self.vocab, self.shape, self.grad_accum = vocab, (micro_batch, seq + 1), grad_accum
-        self.gen = torch.Generator().manual_seed(0)
-        self.eval = [self._one()]
-
-    def _one(self):
-        import torch
-
-        tokens = torch.randint(0, self.vocab, self.shape, generator=self.gen)
-        return tokens[:, :-1], tokens[:, 1:]
-
-    tokens_start = 0  # random tokens are no stream: nothing to continue or record
-
-    def batches(self, step: int):
-        return [self._one() for _ in range(self.grad_accum)]
-
-    def position(self, steps: int) -> dict:
-        return {}
+PHASES = [("preflight", gpu_phases.preflight), ("mfu", gpu_phases.mfu), ("parity", gpu_phases.parity),
+          ("growth", gpu_phases.growth_exactness), ("grow_io", gpu_phases.grow_io)]
 
 
-def make_trainer(config: Any, args: argparse.Namespace, stage_dir: Path) -> Any:
-    """A Trainer of one stage on random tokens: ``warmup + steps`` steps, no DeepSpeed saves."""
-    from growth.runs import StageDir
-    from stages.rank.trainer import Trainer
-    from stages.resolved import ResolvedStage
-    from stages.schema import DeepSpeedCfg, StageCfg, TrainConfig
-
-    stage = StageCfg(name="gpu_stage", steps=args.warmup + args.steps, micro_batch_size=args.micro_batch,
-                     grad_accum=args.grad_accum, seq_len=args.seq, lr=3e-4, warmup_steps=1, save_every=0,
-                     eval_batches=1, log_every=args.log_every)
-    ds = DeepSpeedCfg(zero_stage=1, precision=args.precision, activation_checkpointing=args.activation_checkpointing)
-    resolved = ResolvedStage(TrainConfig(stage=stage, deepspeed=ds, nproc=1, run_dir=str(stage_dir.parent)),
-                             stage_dir=str(StageDir(stage_dir).root), model_config=config.to_hf_dict())
-    data = RandomTokens(config.vocab_size, args.micro_batch, args.seq, args.grad_accum)
-    return Trainer(resolved, data=data)
-
-
-def train(config: Any, args: argparse.Namespace, stage_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """Build the trainer (fresh init, engine), run warmup + timed ``train_step``s; (trainer, timings)."""
-    import torch
-
-    t0 = time.perf_counter()
-    trainer = make_trainer(config, args, stage_dir)
-    t_engine = time.perf_counter() - t0
-    if args.compile:
-        trainer.engine.engine.compile()
-    cuda = torch.cuda.is_available()
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    t0 = time.perf_counter()
-    losses = [trainer.train_step() for _ in range(args.warmup)]
-    sync()
-    t_warmup = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    t0 = time.perf_counter()
-    losses += [trainer.train_step() for _ in range(args.steps)]
-    sync()
-    t_timed = time.perf_counter() - t0
-    losses_f = [float(v) for v in losses]
-    return trainer, {"engine_s": t_engine, "warmup_s": t_warmup, "timed_s": t_timed,
-                     "losses": losses_f, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+def run_phases(ctx: Context) -> None:
+    for name, phase in PHASES:
+        if ctx.deadline.left() < ctx.estimate(name):
+            ctx.record.update(name, {"skipped": f"deadline: {ctx.deadline.left():.0f} s left, needs "
+                                                f"~{ctx.estimate(name)} s"})
+            print(f"[{name}] skipped (deadline)", flush=True)
+            continue
+        init_single_process()  # once, before the first phase that runs
+        start = time.perf_counter()
+        try:
+            result = {**phase(ctx), "wall_s": time.perf_counter() - start}
+        except Exception as err:  # a failed phase is recorded; the next ones still run
+            result = {"error": f"{type(err).__name__}: {err}"[:800], "wall_s": time.perf_counter() - start}
+        if name == "preflight":
+            ctx.measured_peak = result.get("measured_peak_flops")
+        ctx.record.update(name, result)
+        print(f"[{name}] {time.perf_counter() - start:.1f} s: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+            if not isinstance(v, (dict, list)))[:400], flush=True)
 
 
-def export(trainer: Any) -> float:
-    start = time.perf_counter()
-    trainer.finish()
-    return time.perf_counter() - start
-
-
-def grow(src: Path, target: Any, out: Path, workers: int) -> dict[str, Any]:
-    """``grow apply`` as a user runs it, in a clean environment (no torchrun variables)."""
-    target_dir = out.parent / "grow_target"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target.save(target_dir)
-    exe = Path(sys.executable).parent / "grow"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "growth.cli"]
-    argv = [*cmd, "apply", "--from", str(src), "--to", str(target_dir / "config.json"), "--out", str(out),
-            "--dtype", "bfloat16", "--workers", str(workers), "--quiet"]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    start = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"grow apply failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
-    return {"seconds": seconds, "bytes_read": dir_bytes(src), "bytes_written": dir_bytes(out)}
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-# ---------------------------------------------------------------------- plan (no GPU needed)
-def plan(config: Any, grown: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    tokens = args.micro_batch * args.grad_accum * args.seq
-    _, states = estimate_zero2_model_states_mem_needs(config.params, 1, 1, cpu_offload=False)
-    return {
-        "params": config.params, "grown_params": grown.params, "flops_per_token": config.flops_per_token(args.seq),
-        "tokens_per_step": tokens, "model_states_bytes": states,
-        "export_bytes": config.params * 4 * 3,  # fp32 weights + exp_avg + exp_avg_sq
-        "grown_bytes": grown.params * (2 + 8),  # bf16 weights + fp32 moments
-    }
-
-
-# ---------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--out", default=os.environ.get("OUT") or ".", help="the record's directory (default $OUT)")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per micro step (default 4)")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro steps per optimizer step (default 4)")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro steps per optimizer step (default 2)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps (default 30)")
-    p.add_argument("--log-every", type=int, default=10,
-                   help="the trainer's stage.log_every: loss to the host every N steps (default 10)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
-    p.add_argument("--compile", action="store_true", help="torch.compile the engine's module first")
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, when the card is not known")
-    p.add_argument("--workdir", default="/tmp/gpu_stage", help="checkpoints go here (default /tmp/gpu_stage)")
+    p.add_argument("--budget-s", type=float, default=450, help="internal deadline in seconds (default 450)")
+    p.add_argument("--workdir", default=None, help="checkpoints go here (default a temp dir on the same disk)")
     p.add_argument("--grow-workers", type=int, default=8, help="grow apply --workers (default 8)")
-    p.add_argument("--no-grow", action="store_true", help="skip export and grow apply")
-    p.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir")
-    p.add_argument("--dry-run", action="store_true", help="print the plan only; trains nothing")
-    p.add_argument("--smoke", action="store_true", help="CPU-sized: tiny config, 2 steps, tiny grow")
+    p.add_argument("--smoke", action="store_true", help="CPU-sized: tiny models, every phase")
     args = p.parse_args(argv)
     if args.smoke:
-        args.micro_batch, args.grad_accum, args.seq, args.warmup, args.steps, args.log_every = 2, 1, 32, 1, 2, 1
-        args.grow_workers = 1
-        if args.workdir == "/tmp/gpu_stage":
-            import tempfile
-
-            args.workdir = tempfile.mkdtemp(prefix="gpu_stage-")
+        args.micro_batch, args.grad_accum, args.seq, args.warmup, args.steps, args.grow_workers = 2, 1, 32, 1, 2, 1
+        os.environ.setdefault("FLM_COMPILE_BACKEND", "aot_eager")  # no inductor C++ build on a CPU
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    import torch
-
-    from growth.config import ModelConfig
-
     info = machine_info()
     print_machine(info)
-    config = ModelConfig(**(MODEL_SMOKE if args.smoke else MODEL_1B))
-    grown = ModelConfig(**(GROWN_SMOKE if args.smoke else GROWN_2B))
-    p = plan(config, grown, args)
-    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    peak = peak_flops(device_name, args.peak_tflops)
-    print(f"model: hidden {config.hidden_size}, ffn {config.intermediate_size}, {config.num_hidden_layers} layers, "
-          f"{config.num_attention_heads} heads × {config.head_dim}, vocab {config.vocab_size}: "
-          f"{config.params / 1e9:.3f}B params; {p['flops_per_token'] / 1e9:.2f} GFLOP/token at seq {args.seq}")
-    print(f"step: {args.micro_batch} × {args.grad_accum} × {args.seq} = {p['tokens_per_step']:,} tokens; "
-          f"DeepSpeed ZeRO-1 {args.precision}, 1 {'GPU' if device_name else 'CPU process'}"
-          f"{' (' + device_name + ')' if device_name else ''}; model states ≈ {fmt_bytes(p['model_states_bytes'])} "
-          f"(estimate_zero2_model_states_mem_needs); peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown'}")
-    print(f"disk: export {fmt_bytes(p['export_bytes'])} (fp32 + Adam), grown {grown.params / 1e9:.3f}B → "
-          f"{fmt_bytes(p['grown_bytes'])} (bf16 + fp32 Adam) in {args.workdir}")
-    result: dict[str, Any] = {"benchmark": "gpu_stage", "device": device_name, "peak_flops": peak, **p,
-                              "precision": args.precision, "smoke": args.smoke, "dry_run": args.dry_run,
-                              "machine": info}
-    if args.dry_run:
-        print("dry run: nothing trained")
-        result["mfu"] = None
-        emit_json(result)
-        return result
-
-    init_single_process()
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_stage-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(workdir / "stage", ignore_errors=True)
-    trainer, t = train(config, args, workdir / "stage")
-    tokens_per_s = p["tokens_per_step"] * args.steps / t["timed_s"]
-    achieved = p["flops_per_token"] * tokens_per_s
-    mfu = achieved / peak if peak else None
-    rows = [["Trainer (init weights, deepspeed.initialize, eval)", fmt_seconds(t["engine_s"]), ""],
-            [f"warmup ({args.warmup} steps)", fmt_seconds(t["warmup_s"]), ""],
-            [f"timed ({args.steps} steps)", fmt_seconds(t["timed_s"]),
-             f"{tokens_per_s:,.0f} tok/s, {achieved / 1e12:.1f} TFLOP/s"
-             + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ", MFU n/a (no known peak)")]]
-    result.update(tokens_per_s=tokens_per_s, achieved_flops=achieved, mfu=mfu, train=t)
-    if not args.no_grow:
-        ckpt, grown_dir = trainer.layout.final, workdir / "grown"
-        shutil.rmtree(grown_dir, ignore_errors=True)
-        t_export = export(trainer)
-        rows.append(["export (fp32 + Adam)", fmt_seconds(t_export), fmt_bytes(dir_bytes(ckpt))])
-        g = grow(ckpt, grown, grown_dir, args.grow_workers)
-        moved = g["bytes_read"] + g["bytes_written"]
-        rows.append([f"grow apply ({args.grow_workers} workers)", fmt_seconds(g["seconds"]),
-                     f"read {fmt_bytes(g['bytes_read'])}, wrote {fmt_bytes(g['bytes_written'])}, "
-                     f"{moved / g['seconds'] / 1e9:.2f} GB/s"])
-        result.update(export_s=t_export, grow=g)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print_table(["phase", "time", "result"], rows, title="gpu stage")
-    if t["gpu_peak_bytes"]:
-        print(f"GPU peak allocated: {fmt_bytes(t['gpu_peak_bytes'])}")
-    print(f"losses (first, last): {t['losses'][0]:.4f}, {t['losses'][-1]:.4f}")
-    if mfu is not None:
-        print(f"MFU {mfu * 100:.1f}% ({'meets' if mfu >= 0.5 else 'misses'} the ≥ 50% target)")
-    emit_json(result)
-    return result
+    args.workdir = str(workdir)
+    record = Record(Path(args.out) / RECORD_NAME, {"benchmark": "gpu_stage", "smoke": args.smoke, "machine": info,
+                                                   "args": {k: v for k, v in vars(args).items()}})
+    try:
+        run_phases(Context(args, record))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    emit_json(record.data)
+    return record.data
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ warmup, and the median step time of each gives tokens/s; the ratio ours / transf
 is the number to watch (target ≥ 1.0).
 
 Both sides use PyTorch SDPA attention (transformers' default ``attn_implementation``),
-the same loss (fp32 cross entropy on the logits) and the same AdamW; transformers runs
+the same loss (fp32 cross entropy; ours chunked from the hidden states, as the stages train,
+growth.model.ChunkedLinearCrossEntropy) and the same AdamW; transformers runs
 with ``use_cache=False`` (no KV cache built in training), so the comparison is of the
 model code, not of options. Before timing, the first-step losses are compared (they must agree
 to ~1e-5: same function, same weights) — a benchmark of two different computations would
@@ -18,7 +19,11 @@ be meaningless.
     python benchmarks/train_throughput.py --smoke         # seconds, for the test suite
     python benchmarks/train_throughput.py --profile       # torch.profiler top ops of each side
 
-The last line printed is a JSON object; ``ratio_vs_transformers`` is ours / transformers.
+A third side, ``ours, compiled``, is our model with every decoder layer ``torch.compile``d
+(stages.engines.common.compile_layers, inductor; compile time falls in the warmup): CPU
+tokens/s compiled vs eager, side by side, with no target on a CPU.
+
+The last line printed is a JSON object; ``ratio_vs_transformers`` is ours (eager) / transformers.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from _common import alternate, emit_json, machine_info, median, print_machine, p
 
 from growth.config import ModelConfig
 from growth.model import build_model, causal_lm_loss
+from stages.engines.common import compile_layers
+
+COMPILED = "ours, compiled"
 
 
 def bench_config(args: argparse.Namespace) -> ModelConfig:
@@ -61,14 +69,14 @@ def hf_model(config: ModelConfig, state: dict[str, torch.Tensor]) -> torch.nn.Mo
 class Trainer:
     """One model, its AdamW, and a closure that runs one full training step."""
 
-    def __init__(self, model: torch.nn.Module, logits_of, ids: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, loss_of, ids: torch.Tensor, labels: torch.Tensor):
         self.model = model.train()
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-        self.logits_of, self.ids, self.labels = logits_of, ids, labels
+        self.loss_of, self.ids, self.labels = loss_of, ids, labels
         self.losses: list[float] = []
 
     def step(self) -> None:
-        loss = causal_lm_loss(self.logits_of(self.model, self.ids), self.labels)
+        loss = self.loss_of(self.model, self.ids, self.labels)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -84,10 +92,16 @@ def make_trainers(args: argparse.Namespace) -> tuple[ModelConfig, dict[str, Trai
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), generator=g)
     ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    return config, {
-        "ours": Trainer(ours, lambda m, x: m(x), ids, labels),
-        "transformers": Trainer(theirs, lambda m, x: m(input_ids=x, use_cache=False).logits, ids, labels),
+    trainers = {
+        "ours": Trainer(ours, lambda m, x, y: m.loss(x, y), ids, labels),  # the chunked loss, as the stages train
+        "transformers": Trainer(theirs, lambda m, x, y: causal_lm_loss(m(input_ids=x, use_cache=False).logits, y),
+                                ids, labels),
     }
+    if not args.no_compile:  # the same weights, every decoder layer compiled (deepspeed.compile=true)
+        compiled = build_model(config, {k: v.clone() for k, v in state.items()})
+        compile_layers(list(compiled.model.layers), backend=args.compile_backend)
+        trainers[COMPILED] = Trainer(compiled, lambda m, x, y: m.loss(x, y), ids, labels)
+    return config, trainers
 
 
 def profile(trainers: dict[str, Trainer], rows: int) -> None:
@@ -117,11 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all usable cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables instead of timing")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled-layers side")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and 2 steps: checks the script runs")
     args = p.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # aot_eager: the compiled path without inductor's C++ build (minutes on a CPU)
         args.hidden, args.ffn, args.layers, args.heads, args.vocab = 64, 160, 2, 4, 256
-        args.seq, args.batch, args.steps, args.warmup = 32, 2, 2, 1
+        args.seq, args.batch, args.steps, args.warmup, args.compile_backend = 32, 2, 2, 1, "aot_eager"
     return args
 
 
@@ -160,6 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 title=f"one training step, median of {args.steps} alternating runs after {args.warmup} warmup")
     print(f"\nratio ours / transformers: {ratio:.3f}× (target ≥ 1.0); median of per-round ratios {paired:.3f}×, "
           f"fastest steps {fastest:.3f}×; step-0 loss |diff| {loss_diff:.2e}")
+    compiled = result.get(COMPILED)
+    if compiled:  # no target on a CPU: inductor's CPU kernels are not what a GPU gets
+        print(f"CPU tokens/s compiled ({args.compile_backend}) vs eager: {compiled['tokens_per_s']:,.0f} vs "
+              f"{result['ours']['tokens_per_s']:,.0f} "
+              f"({compiled['tokens_per_s'] / result['ours']['tokens_per_s']:.3f}×, no target on CPU); step-0 loss "
+              f"|diff| {abs(first[COMPILED] - first['ours']):.2e}")
     if loss_diff > 1e-4:
         print("WARNING: the two models do not compute the same loss; the timing compares different work")
     out = {"benchmark": "train_throughput", "ratio_vs_transformers": round(ratio, 4),
@@ -168,6 +190,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "ours_step_s": result["ours"]["step_s"], "transformers_step_s": result["transformers"]["step_s"],
            "ratio_paired_median": round(paired, 4), "ratio_fastest": round(fastest, 4),
            "times_s": times, "step0_loss_diff": loss_diff, "tokens_per_step": tokens_per_step, "steps": args.steps,
+           "compiled_tokens_per_s": round(compiled["tokens_per_s"], 1) if compiled else None,
+           "compiled_vs_eager": (round(compiled["tokens_per_s"] / result["ours"]["tokens_per_s"], 4)
+                                 if compiled else None),
+           "compile_backend": args.compile_backend if compiled else None,
            "config": {"hidden": config.hidden_size, "ffn": config.intermediate_size,
                       "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
                       "vocab": config.vocab_size, "seq": args.seq, "batch": args.batch,

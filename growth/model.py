@@ -33,7 +33,7 @@ from flmcore.init import param_init_std, seeded_generator
 from flmcore.params import is_norm
 from growth.config import ModelConfig
 
-__all__ = ["TeleFLMForCausalLM", "build_masks", "build_model", "causal_lm_loss",
+__all__ = ["TeleFLMForCausalLM", "build_masks", "build_model", "causal_lm_loss", "chunked_lm_loss",
            "init_state_dict", "init_tensor", "param_init_std", "scale_logits", "seeded_generator"]
 
 
@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.mask: torch.Tensor | None = None  # MSG hidden mask, set by set_growth_mask
+        self.register_buffer("mask", None, persistent=False)  # MSG hidden mask, set by set_growth_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
-        self.head_mask: torch.Tensor | None = None  # (num_heads,) MSG head mask
+        self.register_buffer("head_mask", None, persistent=False)  # (num_heads,) MSG head mask
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -125,7 +125,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=False)
         self.up_proj = nn.Linear(h, f, bias=False)
         self.down_proj = nn.Linear(f, h, bias=False)
-        self.ffn_mask: torch.Tensor | None = None  # (f,) MSG FFN mask
+        self.register_buffer("ffn_mask", None, persistent=False)  # (f,) MSG FFN mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -141,8 +141,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.hidden_mask: torch.Tensor | None = None  # (h,) multiplies residual writes
-        self.layer_c: torch.Tensor | None = None  # scalar c for a layer added by MSG depth
+        self.register_buffer("hidden_mask", None, persistent=False)  # (h,) multiplies residual writes
+        self.register_buffer("layer_c", None, persistent=False)  # scalar c for a layer added by MSG depth
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(h), cos, sin)
@@ -181,7 +181,7 @@ class TeleFLMModel(nn.Module):
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.hidden_mask: torch.Tensor | None = None
+        self.register_buffer("hidden_mask", None, persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -217,6 +217,87 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100)
 
 
+LOSS_CHUNK_ROWS = 1024  # token rows of fp32 logits the chunked loss holds at once (1024 × 80k × 4 B = 0.33 GB)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``causal_lm_loss(scale_logits(config, h @ Wᵀ), labels)`` without the (tokens, V) logits.
+
+    Forward walks ``chunk`` token rows at a time: fp32 logits of the chunk, μP logit scale,
+    −inf on padded ids, log-sum-exp and the label's logit, and (when gradients are wanted)
+    the chunk's gradients right away: ``g = (softmax − onehot) · scale / n`` on kept rows,
+    ``∂h = g W``, ``∂W += gᵀ h`` (fp32). Backward only scales them by the incoming gradient.
+    Peak: one chunk of fp32 logits and an fp32 weight-sized ``∂W`` instead of the logits in
+    the model dtype, their fp32 copy, the log-softmax and its gradient (Liger/torchtune's
+    chunked cross-entropy). No host sync.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float,
+                valid: int | None, chunk: int) -> torch.Tensor:
+        rows, target = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        count = (target != -100).sum().clamp(min=1).float()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_rows = torch.empty_like(rows) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for start in range(0, rows.shape[0], chunk):
+            x, t = rows[start:start + chunk], target[start:start + chunk]
+            z = (x @ weight.t()).float()
+            if scale != 1.0:
+                z = z * scale
+            if valid is not None and valid < z.shape[-1]:
+                z[:, valid:] = float("-inf")
+            keep = t != -100
+            safe = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
+            lse = torch.logsumexp(z, dim=-1)
+            total += torch.where(keep, lse - z.gather(1, safe).squeeze(1), torch.zeros_like(lse)).sum()
+            if want_h or want_w:
+                g = z.sub_(lse.unsqueeze(1)).exp_()  # in place: one chunk-sized fp32 buffer
+                g.scatter_add_(1, safe, -torch.ones_like(lse).unsqueeze(1))
+                g = g.mul_((keep.float() * (scale / count)).unsqueeze(1)).to(h.dtype)
+                if want_h:
+                    grad_rows[start:start + chunk] = g @ weight
+                if want_w:
+                    grad_w += (g.t() @ x).float()
+        ctx.save_for_backward(grad_rows, grad_w)
+        ctx.shapes = (h.shape, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_rows, grad_w = ctx.saved_tensors
+        shape, wdtype = ctx.shapes
+        # in place: these buffers are this function's own (no second weight-sized copy)
+        gh = None if grad_rows is None else grad_rows.mul_(grad_out.to(grad_rows.dtype)).view(shape)
+        gw = None if grad_w is None else grad_w.mul_(grad_out.float()).to(wdtype)
+        return gh, gw, None, None, None, None
+
+
+def chunked_lm_loss(config: ModelConfig, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    chunk: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """:class:`ChunkedLinearCrossEntropy` with ``config``'s μP logit scale and padded vocab."""
+    return ChunkedLinearCrossEntropy.apply(h, weight, labels, float(config.logit_scale),
+                                           config.valid_vocab_size, chunk)
+
+
+class LMHead(nn.Linear):
+    """``lm_head``: logits, or (given ``labels``) the loss straight from the hidden states.
+
+    Note: the loss runs inside this module's own forward so that ZeRO-3 has gathered its
+    weight (DeepSpeed gathers a module's parameters around the module's forward)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+        self.config = config
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """``h Wᵀ`` (unscaled, as ``nn.Linear``), or with ``labels`` the scaled, masked mean loss."""
+        if labels is None:
+            return super().forward(h)
+        return chunked_lm_loss(self.config, h, self.weight, labels)
+
+
 class TeleFLMForCausalLM(nn.Module):
     """Decoder plus untied ``lm_head``; ``forward`` returns fp32-able logits (B, T, V)."""
 
@@ -224,15 +305,18 @@ class TeleFLMForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = TeleFLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config)
         if config.growth_mask is not None and not _on_meta(self):
             self.set_growth_mask(config.growth_mask)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return scale_logits(self.config, self.lm_head(self.model(input_ids)))
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); with ``labels`` the mean loss instead, the (B, T, V) logits never
+        materialised (:class:`ChunkedLinearCrossEntropy`)."""
+        h = self.model(input_ids)
+        return scale_logits(self.config, self.lm_head(h)) if labels is None else self.lm_head(h, labels)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self(input_ids), labels)
+        return self(input_ids, labels)
 
     # ------------------------------------------------------------------ MSG masks
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:
@@ -244,15 +328,10 @@ class TeleFLMForCausalLM(nn.Module):
         self.config = self.model.config = self.config.replace(growth_mask=record)  # validates
         device = self.lm_head.weight.device
         masks = build_masks(self.config, device)
-        self.model.hidden_mask = masks["hidden"]
-        self.model.norm.mask = masks["hidden"]
+        put_mask(self.model, "hidden_mask", masks["hidden"])
+        put_mask(self.model.norm, "mask", masks["hidden"])
         for i, layer in enumerate(self.model.layers):
-            layer.hidden_mask = masks["hidden"]
-            layer.input_layernorm.mask = masks["hidden"]
-            layer.post_attention_layernorm.mask = masks["hidden"]
-            layer.self_attn.head_mask = masks["heads"]
-            layer.mlp.ffn_mask = masks["ffn"]
-            layer.layer_c = masks["c"] if i in masks["new_layers"] else None
+            put_layer_masks(layer, masks, masks["heads"], masks["ffn"], i in masks["new_layers"])
 
     @property
     def growth_c(self) -> float | None:
@@ -282,7 +361,7 @@ def build_masks(config: ModelConfig, device: torch.device | str) -> dict[str, An
     if record is None:
         return out
     c = float(record["c"])
-    out["c"] = torch.tensor(c, device=device)
+    out["c"] = torch.full((), c, device=device)  # a fill kernel: no host-to-device copy (no sync)
 
     def vec(full: int, old: int | None) -> torch.Tensor | None:
         if old is None or old >= full:
@@ -298,6 +377,30 @@ def build_masks(config: ModelConfig, device: torch.device | str) -> dict[str, An
         out["heads"] = vec(config.num_attention_heads, kv_old * config.num_key_value_groups)
     out["new_layers"] = set(record.get("new_layers") or [])
     return out
+
+
+def put_mask(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Set MSG mask buffer ``name`` of ``module``: in place when one of the same shape is
+    installed (a ramp step: the buffer keeps its identity, so a compiled layer is not
+    recompiled and a ``.to()``-moved copy is updated where it is), else (install, remove)
+    the buffer itself. No host sync: ``copy_`` between tensors of one device."""
+    current = getattr(module, name)
+    if current is not None and value is not None and current.shape == value.shape:
+        with torch.no_grad():
+            current.copy_(value)
+    else:
+        setattr(module, name, value)
+
+
+def put_layer_masks(layer: DecoderLayer, masks: dict[str, Any], heads: torch.Tensor | None,
+                    ffn: torch.Tensor | None, new_layer: bool) -> None:
+    """One decoder layer's MSG masks (``heads``/``ffn``: this rank's slices under TP)."""
+    for module, name in ((layer, "hidden_mask"), (layer.input_layernorm, "mask"),
+                         (layer.post_attention_layernorm, "mask")):
+        put_mask(module, name, masks["hidden"])
+    put_mask(layer.self_attn, "head_mask", heads)
+    put_mask(layer.mlp, "ffn_mask", ffn)
+    put_mask(layer, "layer_c", masks["c"] if new_layer else None)
 
 
 def _on_meta(module: nn.Module) -> bool:

@@ -178,7 +178,13 @@ class DeepSpeedCfg:
     pipeline_stages: int = 2  # pipeline degree; divides nproc × nnodes
     precision: Precision = Precision.fp32
     gradient_clipping: float = setting(1.0, resume=MAY_CHANGE)  # global gradient-norm clip (0 = off)
-    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    activation_checkpointing: bool = False  # recompute decoder layers in the backward pass
+    # with activation_checkpointing: recompute every k-th decoder layer (1 = all; 2 = half the
+    # recompute for the activations of the other half kept)
+    checkpoint_every: int = 1
+    # torch.compile each decoder layer (torchtitan's per-block compile): auto = on for CUDA,
+    # off for CPU (inductor's compile time outweighs a CPU stage's gain); true | false
+    compile: str = setting("auto", resume=MAY_CHANGE)
     # --- tensor parallelism (stages.engines.tensor_parallel; the dry run: stages.launch.dry_run) ---
     tensor_parallel: int = 1  # Megatron-style TP degree; data parallel = ranks / (TP × pipeline)
     sequence_parallel: bool = False  # with TP > 1: norms/residuals split along the sequence (seq_len % TP == 0)

@@ -25,6 +25,8 @@ from stages.schema import (
 )
 from stages.script_text import check_config_text
 
+COMPILE_CHOICES = ("auto", "true", "false")  # deepspeed.compile (stages.engines.common.compile_on)
+
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Every range and cross-field rule of a stage config, once; returns ``cfg``.
@@ -98,6 +100,16 @@ def check_deepspeed(ds: DeepSpeedCfg, world: int | None) -> None:
                                f"got {ds.precision!r}") from None
     if not 0 <= ds.zero_stage <= 3:
         raise StageConfigError(f"field 'deepspeed.zero_stage' must be 0..3, got {ds.zero_stage}")
+    if str(ds.compile).lower() not in COMPILE_CHOICES:
+        raise StageConfigError(f"field 'deepspeed.compile' must be one of {', '.join(COMPILE_CHOICES)}, "
+                               f"got {ds.compile!r}")
+    if ds.checkpoint_every < 1:
+        raise StageConfigError(f"field 'deepspeed.checkpoint_every' must be >= 1 (1 = every layer), "
+                               f"got {ds.checkpoint_every}")
+    if ds.zero_stage == 0 and Precision(ds.precision) == Precision.bf16:
+        raise StageConfigError("field 'deepspeed.zero_stage' is 0 with deepspeed.precision=bf16: DeepSpeed 0.19 "
+                               "accumulates ZeRO-0 bf16 gradients in bf16 only (fp32 accumulation needs ZeRO >= 1); "
+                               "use deepspeed.zero_stage=1 or precision fp32")
     if not ds.pipeline:
         return
     if ds.zero_stage > 1:

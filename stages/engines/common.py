@@ -48,6 +48,9 @@ def init_distributed(timeout: float | None = None) -> None:
     if on_cpu():
         ds_compat.skip_cpu_shm_build()
         backend = "gloo"
+    else:  # fp32 matmuls (fp32 stages, the fp32 logits of the loss) on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     extra = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}  # collective_timeout
     deepspeed.init_distributed(dist_backend=backend, verbose=False, **extra)
 
@@ -59,21 +62,42 @@ def device() -> torch.device:
 
 
 # ---------------------------------------------------------------------- config
+DS_CONFIG_NAME = "ds_config.json"  # RUN_DIR/<stage>/ds_config.json: the exact dict DeepSpeed got (rank 0)
+
+
 def ds_config(ds: DeepSpeedCfg, stage: StageCfg, dp_world: int) -> dict[str, Any]:
-    """The DeepSpeed config dict of a stage (layout rules: ``stages.validate.check_deepspeed``)."""
+    """The DeepSpeed config dict of a stage (layout rules: ``stages.validate.check_deepspeed``).
+
+    Note: in bf16 the masters stay fp32 and gradients accumulate and reduce in fp32, as in
+    Megatron and torchtitan: ``data_types.grad_accum_dtype = fp32`` (ZeRO-1 then runs DeepSpeed's
+    ``BF16_Optimizer`` with fp32 gradient buffers; ZeRO-2/3 keep fp32
+    gradient partitions) and ``communication_data_type = fp32`` (DeepSpeed would otherwise
+    cast the gradients to bf16 for the all-reduce / reduce-scatter). ZeRO-0 in bf16 is
+    refused by ``check_deepspeed``: DeepSpeed 0.19 raises on fp32 accumulation there. The
+    pipeline (and TP × PP) does not get fp32 accumulation yet: DeepSpeed's ``BF16_Optimizer``
+    under a pipeline grid clips with a per-stage gradient norm (measured: 0.386 instead of
+    0.533 on the 2-stage tiny model under TP 2), so it keeps DeepSpeed's ZeRO-1 optimizer
+    (fp32 masters, bf16 accumulation within a step, fp32 reduction).
+    """
     check_deepspeed(ds, world=None)
     mbs, accum = stage.micro_batch_size, stage.grad_accum
-    return {
+    bf16 = ds.precision == Precision.bf16
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": accum,
         "train_batch_size": mbs * accum * dp_world,
         "gradient_clipping": float(ds.gradient_clipping),
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == Precision.bf16},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW, see make_optimizer
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        config["communication_data_type"] = "fp32"
+        if not ds.pipeline:  # see the Note: the pipeline keeps DeepSpeed's bf16 ZeRO-1 optimizer
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 # ---------------------------------------------------------------------- optimizer
@@ -93,15 +117,36 @@ def param_groups(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
             for (mult, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
 
 
+def fused_adamw_supported(device: torch.device | str) -> bool:
+    """Whether torch's fused AdamW kernel runs on ``device`` (CUDA; CPU since torch 2.4)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return torch.device(device).type in _get_fused_kernels_supported_devices()
+
+
 class SkippableAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` whose next ``step()`` can be dropped (``on_nonfinite=skip``).
+    """``torch.optim.AdamW`` whose next update can be dropped without a host sync.
+
+    :meth:`drop_if` takes a 0-d device tensor (1 = drop). With the fused kernel it becomes
+    torch's ``found_inf`` (the GradScaler seam: the kernel leaves weights and moments as they
+    were and the ``step`` count is stepped back, all on the device); without it (a device
+    torch has no fused AdamW for) the flag is read on the host, as before.
 
     Note: DeepSpeed's ZeRO wrappers call this inner step and then copy its fp32 (master)
     weights back into the module; a dropped step leaves both, and the moments and step
     count, exactly as they were. ZeRO-0 in fp32 has no overflow check of its own.
     """
 
-    skip_next = False  # set by StageEngine.train_step for the update it decided to drop
+    skip_next = False  # host-side fallback of drop_if (no fused kernel)
+
+    def drop_if(self, flag: torch.Tensor | None) -> None:
+        """Drop the next ``step()`` where ``flag`` (0-d, on the device) is non-zero; None: keep it."""
+        if flag is None:
+            self.found_inf, self.skip_next = None, False
+        elif all(group["fused"] for group in self.param_groups):
+            self.found_inf = flag.float()
+        else:
+            self.skip_next = bool(flag)  # a host sync (no fused AdamW on this device)
 
     def step(self, closure=None):  # noqa: D102
         if self.skip_next:
@@ -111,9 +156,11 @@ class SkippableAdamW(torch.optim.AdamW):
 
 def make_optimizer(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
                    stage: StageCfg) -> torch.optim.AdamW:
-    """A plain ``torch.optim.AdamW`` (DeepSpeed's fused/CPU Adam need compiled ops)."""
+    """A plain ``torch.optim.AdamW``, fused where torch has the kernel for the parameters'
+    device (DeepSpeed's FusedAdam/CPUAdam need compiled ops); ``step`` state on the device."""
+    device = named[0][1].device if named else torch.device("cpu")
     return SkippableAdamW(param_groups(named, config, stage.weight_decay), lr=stage.lr,
-                          betas=tuple(stage.betas), eps=stage.eps)
+                          betas=tuple(stage.betas), eps=stage.eps, fused=fused_adamw_supported(device) or None)
 
 
 def set_lr(optimizer: Any, lr: float) -> None:
@@ -121,17 +168,47 @@ def set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr * group["lr_mult"]
 
 
-# ---------------------------------------------------------------------- activation checkpointing
-def checkpoint_layers(layers: list[DecoderLayer]) -> None:
-    """Recompute each decoder layer in the backward pass (``torch.utils.checkpoint``).
+# ---------------------------------------------------------------------- activation checkpointing, compile
+def checkpoint_layers(layers: list[DecoderLayer], every: int = 1) -> None:
+    """Recompute every ``every``-th decoder layer (0, k, 2k, …) in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant).
 
-    Note: the forward is replaced per instance, so parameter names stay the HF ones.
+    Note: the forward is replaced per instance, so parameter names stay the HF ones. No RNG
+    state is saved or restored (``preserve_rng_state=False``): the model has no dropout, and
+    saving it costs a device-RNG read per layer and step.
     """
+    for layer in layers[::every]:
+        plain = layer.forward
+        layer.forward = (lambda *a, _f=plain: checkpointed(_f, *a))
+
+
+def checkpointed(function: Any, *args: torch.Tensor) -> Any:
+    """``function(*args)`` recomputed in the backward pass, without RNG-state saving."""
     from torch.utils.checkpoint import checkpoint
 
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+COMPILE_BACKEND_ENV = "FLM_COMPILE_BACKEND"  # torch.compile backend (default inductor); tests use aot_eager
+
+
+def compile_on(ds: DeepSpeedCfg) -> bool:
+    """``deepspeed.compile``: auto = on for CUDA (and other accelerators), off for the CPU."""
+    choice = str(ds.compile).lower()
+    return not on_cpu() if choice == "auto" else choice == "true"
+
+
+def compile_layers(layers: list[nn.Module], backend: Any = None) -> None:
+    """``torch.compile`` each decoder layer in place (torchtitan's per-block compile: compile
+    time flat in depth; works under activation checkpointing, whose wrapper it traces).
+
+    Note: ``nn.Module.compile`` keeps the module, its parameter names and state dict; the MSG
+    masks are buffers ramped in place (growth.model.put_mask), so a ramp step does not
+    recompile. ``$FLM_COMPILE_BACKEND`` picks another backend (tests: ``aot_eager``, the same
+    graphs and autograd without inductor's C++ build on a CPU)."""
+    backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
     for layer in layers:
-        plain = layer.forward
-        layer.forward = (lambda *a, _f=plain: checkpoint(_f, *a, use_reentrant=False))
+        layer.compile(backend=backend)
 
 
 # ---------------------------------------------------------------------- plain engine (ZeRO 0-3)
@@ -141,7 +218,6 @@ class DeepSpeedEngine:
     ``stages.engines.protocol.Engine``."""
 
     skip_nonfinite = False  # on_nonfinite=skip (set by the trainer; validate: ZeRO engine only)
-    skipped = False  # the last train_step dropped its update (its loss was NaN/inf)
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)

@@ -45,11 +45,14 @@ def _state_targets(opt: Any) -> list[torch.Tensor]:
 
 def create_adam_state(opt: Any, step: int, only_missing: bool = False) -> None:
     """Zero moments and Adam step ``step`` on every flat partition (torch AdamW layout)."""
-    state = base_optimizer(opt).state
+    inner = base_optimizer(opt)
+    state = inner.state
+    fused = all(group.get("fused") for group in inner.param_groups)
     for t in _state_targets(opt):
         if only_missing and "exp_avg" in state.get(t, {}):
             continue
-        state[t] = {"step": torch.tensor(float(step), dtype=torch.float32),
+        # fused AdamW keeps ``step`` on the parameter's device (as torch's own lazy init does)
+        state[t] = {"step": torch.tensor(float(step), dtype=torch.float32, device=t.device if fused else "cpu"),
                     "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
     relink(opt)
 

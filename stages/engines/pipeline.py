@@ -4,7 +4,7 @@ Spec list (index = position in the list = DeepSpeed's ``layer_XX`` number)::
 
     0          EmbeddingPipe      embed_tokens (× input_mult, hidden mask)
     1 … L      DecoderLayerPipe   growth.model.DecoderLayer + its own RoPE tables
-    L + 1      HeadPipe           norm, lm_head (× logit scale, padded ids masked)
+    L + 1      HeadPipe           norm; its lm_head gives the loss (chunked, × logit scale, padded ids masked)
 
 The layers are the classes of growth.model (no second copy of the math), so MSG masks
 work the same way. The adapter (:data:`PIPE_KEYS`, :func:`pipe_to_hf`,
@@ -29,17 +29,27 @@ from flmcore.params import LAYER_PARAMS, LAYER_PREFIX
 from growth.config import ModelConfig
 from growth.model import (
     DecoderLayer,
+    LMHead,
     RMSNorm,
     TeleFLMModel,
     build_masks,
-    causal_lm_loss,
     embedding,
     init_tensor,
+    put_layer_masks,
+    put_mask,
     rope_cos_sin,
     scale_logits,
 )
 from stages.engines import ds_compat, optim_state
-from stages.engines.common import DeepSpeedEngine, ds_config, make_optimizer
+from stages.engines.common import (
+    DeepSpeedEngine,
+    checkpoint_layers,
+    checkpointed,
+    compile_layers,
+    compile_on,
+    ds_config,
+    make_optimizer,
+)
 from stages.engines.protocol import Batch
 from stages.schema import DeepSpeedCfg, StageCfg
 
@@ -99,7 +109,7 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
-        self.hidden_mask: torch.Tensor | None = None
+        self.register_buffer("hidden_mask", None, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return TeleFLMModel.embed(self, input_ids)  # the plain model's own code path
@@ -118,50 +128,70 @@ class DecoderLayerPipe(DecoderLayer):
 
 
 class HeadPipe(nn.Module):
-    """Spec L+1: final norm and lm_head → logits (B, T, V)."""
+    """Spec L+1: the final norm → normed hidden states (B, T, h); its ``lm_head``
+    (growth.model.LMHead) turns them into the loss in the pipe's ``loss_fn`` (:class:`HeadLoss`),
+    chunked, so the (B, T, V) logits are never held; :meth:`logits` gives them."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return scale_logits(self.config, self.lm_head(self.norm(h)))
+        return self.norm(h)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return scale_logits(self.config, self.lm_head(normed))
 
 
-def pipe_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return causal_lm_loss(logits, labels)
+class HeadLoss:
+    """The pipe ``loss_fn``: the head's chunked loss of the last stage's normed hidden states
+    (``head`` is bound once the PipelineModule built this rank's layers)."""
 
+    def __init__(self) -> None:
+        self.head: nn.Module | None = None
 
-def checkpointed(function: Any, *args: torch.Tensor) -> Any:
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(function, *args, use_reentrant=False)
+    def __call__(self, normed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head.lm_head(normed, labels)
 
 
 PIPE_LAYERS = (EmbeddingPipe, DecoderLayerPipe, HeadPipe)  # spec 0, specs 1…L, spec L+1
 
 
-def build_pipeline_module(config: ModelConfig, num_stages: int | None, activation_checkpointing: bool = False,
+def build_pipeline_module(config: ModelConfig, num_stages: int | None, ds: DeepSpeedCfg | None = None,
                           layers: tuple[type[nn.Module], type[nn.Module], type[nn.Module]] = PIPE_LAYERS,
-                          layer_args: tuple[Any, ...] = (), loss_fn: Any = pipe_loss, topology: Any = None):
+                          layer_args: tuple[Any, ...] = (), topology: Any = None):
     """The PipelineModule; each rank builds only its own stage's layers.
 
     ``layers`` (embedding, decoder layer, head classes, each built as ``cls(config,
-    *layer_args)``), ``loss_fn`` and ``topology`` (DeepSpeed's ``ProcessTopology``; default:
-    pipe × data over ``num_stages``) let stages.engines.tensor_parallel.pipeline build its TP ranks."""
+    *layer_args)``; the head's ``lm_head`` gives the loss, :class:`HeadLoss`) and ``topology``
+    (DeepSpeed's ``ProcessTopology``; default: pipe × data over ``num_stages``) let
+    stages.engines.tensor_parallel.pipeline build its TP ranks.
+    ``ds``: activation checkpointing (DeepSpeed's own, one layer per checkpoint; every k-th
+    layer: ``stages.engines.common.checkpoint_layers``) and per-layer ``torch.compile``."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
+    ds = ds or DeepSpeedCfg()
     embed, decoder, head = layers
     specs = [LayerSpec(embed, config, *layer_args)]
     specs += [LayerSpec(decoder, config, *layer_args) for _ in range(config.num_hidden_layers)]
     specs.append(LayerSpec(head, config, *layer_args))
-    return PipelineModule(layers=specs, num_stages=num_stages, topology=topology, loss_fn=loss_fn,
-                          partition_method="type:DecoderLayerPipe",  # a regex: TPDecoderLayerPipe matches
-                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
-                          activation_checkpoint_func=checkpointed,
-                          checkpointable_layers=[decoder.__name__])
+    every = ds.checkpoint_every if ds.activation_checkpointing else 0
+    loss_fn = HeadLoss()
+    module = PipelineModule(layers=specs, num_stages=num_stages, topology=topology, loss_fn=loss_fn,
+                            partition_method="type:DecoderLayerPipe",  # a regex: TPDecoderLayerPipe matches
+                            activation_checkpoint_interval=1 if every == 1 else 0,
+                            activation_checkpoint_func=checkpointed,
+                            checkpointable_layers=[decoder.__name__])
+    loss_fn.head = next((m for m in module.children() if isinstance(m, HeadPipe)), None)  # last stage only
+    decoders = [m for m in module.children() if isinstance(m, DecoderLayerPipe)]
+    if every > 1:  # by spec index, so "every k-th" counts the model's layers, not this stage's
+        checkpoint_layers([m for name, m in module.named_children()
+                           if isinstance(m, DecoderLayerPipe) and (int(name) - 1) % every == 0])
+    if compile_on(ds):
+        compile_layers(decoders)
+    return module
 
 
 def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[str, Any] | None,
@@ -180,16 +210,11 @@ def set_pipe_growth_mask(module: nn.Module, config: ModelConfig, record: dict[st
             continue
         idx = int(name)
         if isinstance(layer, EmbeddingPipe):
-            layer.hidden_mask = masks["hidden"]
+            put_mask(layer, "hidden_mask", masks["hidden"])
         elif isinstance(layer, HeadPipe):
-            layer.norm.mask = masks["hidden"]
+            put_mask(layer.norm, "mask", masks["hidden"])
         elif isinstance(layer, DecoderLayerPipe) and 1 <= idx <= num_layers:
-            layer.hidden_mask = masks["hidden"]
-            layer.input_layernorm.mask = masks["hidden"]
-            layer.post_attention_layernorm.mask = masks["hidden"]
-            layer.self_attn.head_mask = cut(masks["heads"])
-            layer.mlp.ffn_mask = cut(masks["ffn"])
-            layer.layer_c = masks["c"] if idx - 1 in masks["new_layers"] else None
+            put_layer_masks(layer, masks, cut(masks["heads"]), cut(masks["ffn"]), idx - 1 in masks["new_layers"])
     return config
 
 
@@ -216,13 +241,14 @@ class PipeStageEngine(DeepSpeedEngine):
             p.tensor_model_parallel = self.counts_in_grad_norm(hf)
         optimizer = make_optimizer(list(self.module.named_parameters()), config, stage)
         self.dp_world = self.module.mpu().get_data_parallel_world_size()
+        self.ds_config = self.deepspeed_config(ds, stage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=self.deepspeed_config(ds, stage))
+            model=self.module, optimizer=optimizer, config=self.ds_config)
         self.dp_rank = ds_compat.pipe_dp_rank(self.engine)
 
     # ------------------------------------------------------------------ what a TP subclass changes
     def build_module(self, config: ModelConfig, ds: DeepSpeedCfg) -> nn.Module:
-        return build_pipeline_module(config, ds.pipeline_stages, ds.activation_checkpointing)
+        return build_pipeline_module(config, ds.pipeline_stages, ds)
 
     def deepspeed_config(self, ds: DeepSpeedCfg, stage: StageCfg) -> dict[str, Any]:
         return ds_config(ds, stage, self.dp_world)

@@ -27,7 +27,7 @@ class Engine(Protocol):
     dp_rank: int  # data-parallel position: which rows of a global batch this rank trains on
     dp_world: int
     skip_nonfinite: bool  # on_nonfinite=skip: drop an update whose loss is NaN/inf (ZeRO engine only)
-    skipped: bool  # the last train_step dropped its update
+    ds_config: dict[str, Any]  # the exact config dict handed to deepspeed.initialize
 
     @property
     def zero_stage(self) -> int: ...

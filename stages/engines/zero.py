@@ -8,9 +8,16 @@ from typing import Any
 import torch
 
 from growth.config import ModelConfig
-from growth.model import TeleFLMForCausalLM, build_model, causal_lm_loss
+from growth.model import TeleFLMForCausalLM, build_model
 from stages.engines import optim_state
-from stages.engines.common import DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
+from stages.engines.common import (
+    DeepSpeedModule,
+    checkpoint_layers,
+    compile_layers,
+    compile_on,
+    ds_config,
+    make_optimizer,
+)
 from stages.engines.protocol import Batch
 from stages.schema import DeepSpeedCfg, StageCfg
 
@@ -26,43 +33,45 @@ class StageEngine(DeepSpeedModule):
 
         self.model = model
         if ds.activation_checkpointing:
-            checkpoint_layers(list(model.model.layers))
+            checkpoint_layers(list(model.model.layers), ds.checkpoint_every)
+        if compile_on(ds):
+            compile_layers(list(model.model.layers))
         self.dp_world = dist.get_world_size()
         self.dp_rank = dist.get_rank()
         named = list(model.named_parameters())
         self.adam = make_optimizer(named, model.config, stage)  # the torch optimizer inside DeepSpeed's
+        self.ds_config = ds_config(ds, stage, self.dp_world)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.adam, config=ds_config(ds, stage, self.dp_world))
+            model=model, optimizer=self.adam, config=self.ds_config)
 
     def train_step(self, batches: list[Batch]) -> torch.Tensor:
-        """With ``skip_nonfinite`` the step's loss is summed over the ranks BEFORE the last
-        micro batch's ``engine.step()`` (the one that updates), so every rank sees the same
-        NaN/inf and drops the same update; DeepSpeed still zeroes the gradients."""
+        """The step's loss is summed over the ranks BEFORE the last micro batch's
+        ``engine.step()`` (the one that updates), so every rank sees the same NaN/inf and drops
+        the same update (``SkippableAdamW.drop_if``: on the device with the fused kernel, no
+        host sync); DeepSpeed still zeroes the gradients. A NaN is never applied to the
+        weights, under ``on_nonfinite`` stop or skip; the trainer reads the flag at log steps."""
         import torch.distributed as dist
 
         self.engine.train()
         # On the engine's device: with NCCL (GPU) a CPU tensor cannot be all-reduced.
         total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        self.skipped = False
         for i, (x, y) in enumerate(batches):
-            loss = causal_lm_loss(self.engine(x.to(self.engine.device)), y.to(self.engine.device))
+            loss = self.engine(x, y)  # the chunked loss inside the model (growth.model.LMHead)
             self.engine.backward(loss)
             total += loss.detach().double()
             if i == len(batches) - 1:  # one all-reduce per step, before the update
                 total /= len(batches)
                 dist.all_reduce(total)
-                self.skipped = self.skip_nonfinite and not bool(torch.isfinite(total))  # a host sync (skip only)
-                self.adam.skip_next = self.skipped
+                self.adam.drop_if(~torch.isfinite(total))
             self.engine.step()
-        self.adam.skip_next = False
+        self.adam.drop_if(None)
         return total / self.dp_world
 
     @torch.no_grad()
     def eval_loss(self, batches: list[Batch]) -> float:
         """Every rank runs every batch (ZeRO-3 forwards are collective), so all agree."""
         self.engine.eval()
-        losses = [causal_lm_loss(self.engine(x.to(self.engine.device)), y.to(self.engine.device))
-                  for x, y in batches]
+        losses = [self.engine(x, y) for x, y in batches]
         return float(torch.stack(losses).double().mean())
 
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:

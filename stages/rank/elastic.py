@@ -11,9 +11,13 @@
   resume the tag's files must be exactly the sealed ones, each with its sealed digest (a
   file overwritten in place, copied from another tag, deleted or added is caught). An
   unsound newest tag is skipped for the newest sound one, with one warning line.
-- The loss of every step is checked on every rank (one tiny all-reduce) before any
-  checkpoint of that step is written; a NaN/inf stops the stage on all ranks with a
-  message naming the step, and the last good checkpoint stays the newest sound one. A
+- The loss of every step is checked on every rank before any checkpoint of that step is
+  written: each step keeps a device flag, and at log, eval and save steps one all-reduce
+  and one host read check them all (:func:`finite_flags`; no host sync on the other
+  steps). The ZeRO and TP engines drop a non-finite step's update on the device (fused
+  AdamW's ``found_inf``), so a NaN never reaches the weights; a NaN/inf stops the stage on
+  all ranks with a message naming the first such step, and the last good checkpoint stays
+  the newest sound one. A
   restarted group finds the stop record (``STAGE_DIR/.nonfinite``) and stops again
   instead of training into the same NaN.
 - ``on_nonfinite=skip`` instead drops that step's update on every rank (the ZeRO engine
@@ -110,21 +114,28 @@ def unseal(ds_dir: Path, tag: str) -> None:
 
 
 # ---------------------------------------------------------------------- non-finite losses
-def check_finite(loss: Any, step: int, stage_dir: Path, rank: int, ds_dir: Path,
-                 saved_step: int) -> None:
-    """Collective: raise NonFiniteLossError on every rank if any rank's loss of ``step`` is NaN/inf.
+def finite_flags(flags: list[Any]) -> list[bool]:
+    """Collective: which of the steps since the last check had a finite loss on EVERY rank.
+
+    ``flags`` are 0-d device tensors (1 = finite) kept since the last check: one all-reduce
+    and one host sync for all of them (the trainer calls this at log, eval and save steps)."""
+    import torch
+    import torch.distributed as dist
+
+    if not flags:
+        return []
+    stacked = torch.stack([f.float() for f in flags])
+    if dist.is_initialized():
+        dist.all_reduce(stacked, op=dist.ReduceOp.MIN)
+    return [v > 0 for v in stacked.tolist()]  # the host sync
+
+
+def stop_nonfinite(step: int, stage_dir: Path, rank: int, ds_dir: Path, saved_step: int) -> None:
+    """Collective: stop the stage on every rank for the non-finite loss of ``step``.
 
     The checkpoint of the step before (if one was written right after the update that
     produced this loss) holds the weights that gave it, so it is unsealed too.
     """
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.isfinite(loss.detach().float()).float().reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if bool(flag.item()):
-        return
     if rank == 0 and saved_step == step - 1:
         unseal(ds_dir, tag_of(saved_step))
     good = [t.name for t in tags(ds_dir) if (t / SEAL_NAME).is_file()]  # the resume checks the digests

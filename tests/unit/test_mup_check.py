@@ -48,7 +48,10 @@ def test_coordinate_check_tiny_widths(info):
     assert set(mup) == set(coord.KINDS) and set(mup["logits"]["delta"]) == {"32", "64", "128"}
 
 
-@pytest.mark.skipif(not reference.available(), reason="microsoft's mup is not installed: pip install --no-deps \"mup>=1.0\" (README, .ci/run)")
+_NO_MUP = "microsoft's mup is not installed: pip install --no-deps \"mup>=1.0\" (README, .ci/run)"
+
+
+@pytest.mark.skipif(not reference.available(), reason=_NO_MUP)
 def test_mup_package_reference_is_flat_too(info):
     spec = coord.CoordSpec(widths=TINY_WIDTHS, steps=2, seeds=(1,), regime="few")
     ref = coord.slopes(coord.coord_check(get_flavor("tiny-s1"), spec, info, True, build=reference.build))

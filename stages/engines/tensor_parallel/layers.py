@@ -55,7 +55,10 @@ from growth.model import (
     build_masks,
     causal_lm_loss,
     embedding,
+    put_layer_masks,
+    put_mask,
 )
+from stages.engines.tensor_parallel.loss import vocab_parallel_chunked_loss
 from stages.layout import check_model_split
 
 # HF name suffix → dimension split across TP ranks (absent: replicated), from the parameter
@@ -265,7 +268,7 @@ class TPModel(TeleFLMModel):
         self.embed_tokens = embedding(local.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(tp_decoder_layer(local, group, tp, sp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.hidden_mask: torch.Tensor | None = None
+        self.register_buffer("hidden_mask", None, persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return tp_embed(self, input_ids)
@@ -279,18 +282,23 @@ class TPForCausalLM(nn.Module):
         self.config, self.group, self.tp, self.rank, self.sp = config, group, tp, rank, sp and tp > 1
         self.local = local_config(config, tp)
         self.model = TPModel(self.config, self.local, group, tp, rank, self.sp)
-        self.lm_head = nn.Linear(config.hidden_size, self.local.vocab_size, bias=False)
+        self.lm_head = TPLMHead(config, tp, self.model.vocab_start, self.sp, group)
 
     @property
     def vocab_start(self) -> int:
         return self.model.vocab_start
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_logits(self.config, self.lm_head, self.model(input_ids), self.vocab_start,
-                                     self.model.vocab_stop, self.group, self.tp, self.sp)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's logit columns; with ``labels`` the mean loss instead (vocab-parallel,
+        chunked: stages.engines.tensor_parallel.loss), the logits never materialised."""
+        h = self.model(input_ids)
+        if labels is not None:
+            return self.lm_head(h, labels)
+        return vocab_parallel_logits(self.config, self.lm_head, h, self.vocab_start, self.model.vocab_stop,
+                                     self.group, self.tp, self.sp)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(self(input_ids), labels, self.vocab_start, self.group, self.tp)
+        return self(input_ids, labels)
 
     # ------------------------------------------------------------------ MSG masks
     def set_growth_mask(self, record: dict[str, Any] | None) -> None:
@@ -302,18 +310,32 @@ class TPForCausalLM(nn.Module):
         masks = build_masks(self.config, self.lm_head.weight.device)
         heads = slice_mask(masks["heads"], self.rank, self.tp)
         ffn = slice_mask(masks["ffn"], self.rank, self.tp)
-        self.model.hidden_mask = self.model.norm.mask = masks["hidden"]
+        put_mask(self.model, "hidden_mask", masks["hidden"])
+        put_mask(self.model.norm, "mask", masks["hidden"])
         for i, layer in enumerate(self.model.layers):
-            layer.hidden_mask = masks["hidden"]
-            layer.input_layernorm.mask = layer.post_attention_layernorm.mask = masks["hidden"]
-            layer.self_attn.head_mask = heads
-            layer.mlp.ffn_mask = ffn
-            layer.layer_c = masks["c"] if i in masks["new_layers"] else None
+            put_layer_masks(layer, masks, heads, ffn, i in masks["new_layers"])
 
     def set_growth_c(self, c: float) -> None:
         if self.config.growth_mask is None:
             raise GrowthMaskError("this model has no growth masks to ramp")
         self.set_growth_mask({**self.config.growth_mask, "c": float(c)})
+
+
+class TPLMHead(nn.Linear):
+    """A TP rank's ``lm_head`` rows: ``h Wᵀ`` (its logit columns, unscaled, as ``nn.Linear``),
+    or with ``labels`` the loss (stages.engines.tensor_parallel.loss, chunked, vocab-parallel)
+    inside this module's own forward, so ZeRO-3 has gathered the weight. ``group`` may be bound
+    after the grid exists (the TP pipeline)."""
+
+    def __init__(self, config: ModelConfig, tp: int, vocab_start: int, sp: bool = False, group: Any = None):
+        super().__init__(config.hidden_size, config.vocab_size // tp, bias=False)
+        self.config, self.tp, self.vocab_start, self.sp, self.group = config, tp, vocab_start, sp, group
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if labels is None:
+            return super().forward(h)
+        return vocab_parallel_chunked_loss(self.config, copy_to_tp(h, self.group, self.tp, self.sp), self.weight,
+                                           labels, self.vocab_start, self.group, self.tp)
 
 
 def vocab_parallel_logits(config: ModelConfig, lm_head: nn.Linear, h: torch.Tensor, vocab_start: int,
@@ -364,4 +386,5 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
     picked = reduce_from_tp(torch.where(mine, picked, torch.zeros_like(picked)), group, tp)
     keep = target != -100
     losses = torch.log(sum_exp) - picked
-    return losses[keep].sum() / keep.sum().clamp(min=1)
+    # torch.where, not losses[keep]: boolean indexing has a data-dependent shape (a host sync)
+    return torch.where(keep, losses, torch.zeros_like(losses)).sum() / keep.sum().clamp(min=1)

@@ -11,8 +11,9 @@ builds its grid from that topology and every group used here is the grid's own:
   group; the clipped norm counts split parameters (``tensor_model_parallel = True``) on every
   TP rank and replicated ones (norms) on TP rank 0 only, summed over the ranks of one
   replica (pipe × model, the grid's model-parallel group);
-- the loss is the vocab-parallel cross-entropy on the last stage (every TP rank holds the
-  same value), averaged over data-parallel replicas and broadcast along the pipe by DeepSpeed.
+- the loss is the vocab-parallel chunked cross-entropy on the last stage (``TPLMHead``, every
+  TP rank holds the same value), averaged over data-parallel replicas and broadcast along the
+  pipe by DeepSpeed.
 
 Each spec is the TP version of stages.engines.pipeline's (same math as stages.engines.tensor_parallel.layers):
 :class:`TPEmbeddingPipe` (vocab rows ``1/tp``, all-reduced), :class:`TPDecoderLayerPipe`
@@ -51,6 +52,7 @@ from stages.engines.tensor_parallel.io import gather_shard, read_shards
 from stages.engines.tensor_parallel.layers import (
     TPMLP,
     TPAttention,
+    TPLMHead,
     all_reduce_norm_grads,
     local_config,
     shard,
@@ -58,7 +60,6 @@ from stages.engines.tensor_parallel.layers import (
     shard_range,
     slice_mask,
     tp_embed,
-    vocab_parallel_cross_entropy,
     vocab_parallel_logits,
 )
 from stages.layout import LayoutError
@@ -74,7 +75,7 @@ class TPEmbeddingPipe(EmbeddingPipe):
         self.config, self.tp, self.sp, self.group = config, tp, sp, None
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
         self.embed_tokens = embedding(config.vocab_size // tp, config.hidden_size)
-        self.hidden_mask: torch.Tensor | None = None
+        self.register_buffer("hidden_mask", None, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return tp_embed(self, input_ids)  # the TP model's own code path
@@ -96,40 +97,30 @@ class TPDecoderLayerPipe(DecoderLayerPipe):
 
 
 class TPHeadPipe(HeadPipe):
-    """Spec L+1: final norm (replicated) and this rank's ``lm_head`` rows → its logit columns."""
+    """Spec L+1: final norm (replicated) → normed hidden states; this rank's ``lm_head`` rows
+    (``TPLMHead``) give the vocab-parallel chunked loss in the pipe's ``loss_fn``."""
 
     def __init__(self, config: ModelConfig, tp: int, rank: int, sp: bool = False):
         nn.Module.__init__(self)
         self.config, self.tp, self.sp, self.group = config, tp, sp, None
         self.vocab_start, self.vocab_stop = shard_range(config.vocab_size, rank, tp)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size // tp, bias=False)
+        self.lm_head = TPLMHead(config, tp, self.vocab_start, sp)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_logits(self.config, self.lm_head, self.norm(h), self.vocab_start, self.vocab_stop,
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_logits(self.config, self.lm_head, normed, self.vocab_start, self.vocab_stop,
                                      self.group, self.tp, self.sp)
 
 
-class VocabParallelLoss:
-    """The pipe ``loss_fn``: mean cross-entropy of vocab-split logits over the TP group."""
-
-    def __init__(self, vocab_start: int, tp: int):
-        self.vocab_start, self.tp, self.group = vocab_start, tp, None
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.group, self.tp)
-
-
 TP_PIPE_LAYERS = (TPEmbeddingPipe, TPDecoderLayerPipe, TPHeadPipe)
-_GROUP_HOLDERS = (TPEmbeddingPipe, TPHeadPipe, TPAttention, TPMLP)
+_GROUP_HOLDERS = (TPEmbeddingPipe, TPHeadPipe, TPAttention, TPMLP, TPLMHead)
 
 
-def bind_tp_group(module: nn.Module, loss: VocabParallelLoss, group: Any) -> None:
-    """Hand the grid's TP group to every layer (and the loss) that communicates over it."""
+def bind_tp_group(module: nn.Module, group: Any) -> None:
+    """Hand the grid's TP group to every layer that communicates over it (the loss included)."""
     for m in module.modules():
         if isinstance(m, _GROUP_HOLDERS):
             m.group = group
-    loss.group = group
 
 
 # ---------------------------------------------------------------------- engine
@@ -153,11 +144,10 @@ class TPPipeStageEngine(PipeStageEngine):
                               f"{world} ranks; pick degrees whose product divides {world}")
         topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=self.tp, num_dp=world // (self.tp * pp))
         self.tp_rank = topology.get_coord(dist.get_rank()).model
-        loss = VocabParallelLoss(shard_range(config.vocab_size, self.tp_rank, self.tp)[0], self.tp)
-        module = build_pipeline_module(config, None, ds.activation_checkpointing, layers=TP_PIPE_LAYERS,
-                                       layer_args=(self.tp, self.tp_rank, self.sp), loss_fn=loss, topology=topology)
+        module = build_pipeline_module(config, None, ds, layers=TP_PIPE_LAYERS,
+                                       layer_args=(self.tp, self.tp_rank, self.sp), topology=topology)
         group = module.mpu().get_slice_parallel_group()
-        bind_tp_group(module, loss, group)
+        bind_tp_group(module, group)
         if self.sp:
             all_reduce_norm_grads(module, group)
         return module

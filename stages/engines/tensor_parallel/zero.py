@@ -40,7 +40,14 @@ import torch.distributed as dist
 from growth.config import ModelConfig
 from growth.model import init_tensor
 from stages.engines import optim_state
-from stages.engines.common import DeepSpeedModule, checkpoint_layers, ds_config, make_optimizer
+from stages.engines.common import (
+    DeepSpeedModule,
+    checkpoint_layers,
+    compile_layers,
+    compile_on,
+    ds_config,
+    make_optimizer,
+)
 from stages.engines.protocol import Batch
 from stages.engines.tensor_parallel.io import gather_tensors, read_shards, seed_sliced_moments, tp_model
 from stages.engines.tensor_parallel.layers import (
@@ -48,7 +55,6 @@ from stages.engines.tensor_parallel.layers import (
     all_reduce_norm_grads,
     shard,
     shard_dim,
-    vocab_parallel_cross_entropy,
 )
 from stages.schema import DeepSpeedCfg, StageCfg
 
@@ -123,30 +129,36 @@ class TPStageEngine(DeepSpeedModule):
 
         self.model, self.groups = model, groups
         if ds.activation_checkpointing:
-            checkpoint_layers(list(model.model.layers))
+            checkpoint_layers(list(model.model.layers), ds.checkpoint_every)
+        if compile_on(ds):
+            compile_layers(list(model.model.layers))
         for name, p in model.named_parameters():
             p.tensor_model_parallel = shard_dim(name) is not None and groups.tp > 1
         self.dp_world, self.dp_rank = groups.dp, groups.dp_rank
-        optimizer = make_optimizer(list(model.named_parameters()), model.config, stage)
+        self.optimizer_inner = make_optimizer(list(model.named_parameters()), model.config, stage)
+        self.ds_config = ds_config(ds, stage, self.dp_world)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(ds, stage, self.dp_world), mpu=groups)
+            model=model, optimizer=self.optimizer_inner, config=self.ds_config, mpu=groups)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel cross-entropy of the engine's (vocab-split) logits."""
-        dev, model = self.engine.device, self.model
-        return vocab_parallel_cross_entropy(self.engine(x.to(dev)), y.to(dev), model.vocab_start,
-                                            model.group, model.tp)
+        """The vocab-parallel chunked loss, computed inside the model (stages.engines.tensor_parallel.loss)."""
+        return self.engine(x, y)
 
     def train_step(self, batches: list[Batch]) -> torch.Tensor:
+        """As ``stages.engines.zero.StageEngine.train_step``: the loss averaged over the DP group
+        before the last micro batch's update, a non-finite one dropped on the device."""
         self.engine.train()
         total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             loss = self._loss(x, y)
             self.engine.backward(loss)
-            self.engine.step()
             total += loss.detach().double()
-        total /= len(batches)
-        dist.all_reduce(total, group=self.groups.dp_group)  # TP ranks already agree
+            if i == len(batches) - 1:
+                total /= len(batches)
+                dist.all_reduce(total, group=self.groups.dp_group)  # TP ranks already agree
+                self.optimizer_inner.drop_if(~torch.isfinite(total))
+            self.engine.step()
+        self.optimizer_inner.drop_if(None)
         return total / self.dp_world
 
     @torch.no_grad()
