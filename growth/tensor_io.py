@@ -126,11 +126,12 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
 
 
 def read_exact(fh: BinaryIO, offset: int, out: memoryview, path: Path, what: str) -> None:
-    """Fill ``out`` with the bytes at ``offset``: exactly ``len(out)`` of them or an error."""
-    fh.seek(offset)
+    """Fill ``out`` with the bytes at ``offset``: exactly ``len(out)`` of them or an error.
+    Positional reads (pread): threads sharing ``fh`` never move each other's offset."""
+    fd = fh.fileno()
     got = 0
     while got < len(out):
-        n = fh.readinto(out[got:])
+        n = os.preadv(fd, [out[got:]], offset + got)
         if not n:
             raise CheckpointError(f"{path}: {what} is cut short ({got} of {len(out)} bytes; "
                                   f"file changed while reading?)")

@@ -53,7 +53,9 @@ def run_workers(request: ApplyRequest, world: int, finish: bool = True) -> int:
     counts = [0] * world
     with open_staging(job) as writer:
         reset_claims(job.staging)
-        threads = [threading.Thread(target=lambda r=r: counts.__setitem__(r, write_shards(job, r, world)))
+        # each worker its own job (its own source readers), as each process has
+        jobs = [job] + [prepare(request, check_out=False) for _ in range(world - 1)]
+        threads = [threading.Thread(target=lambda r=r: counts.__setitem__(r, write_shards(jobs[r], r, world)))
                    for r in range(world)]
         for t in threads:
             t.start()
