@@ -384,8 +384,18 @@ def test_ctrl_c_during_worker_start_up_is_one_line(tmp_path, s1):
                             env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+
+    def spawned_workers() -> int:
+        """Children that are spawned workers (multiprocessing's resource tracker is a child too)."""
+        count = 0
+        for pid in children.read_text().split():
+            try:
+                count += b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                pass
+        return count
     deadline = time.monotonic() + 60
-    while len(children.read_text().split()) < 2:  # the spawned workers exist: they are starting
+    while spawned_workers() < 2:  # both spawned workers exist: they are starting
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGINT)
