@@ -63,12 +63,11 @@ from growth.checkpoint import (
     open_moments,
     plan_shards,
     shard_file_names,
-    staging_dir,
     torch_dtype,
 )
 from growth.config import CONFIG_NAME, ModelConfig, resolve_config
 from growth.pipeline import CHUNK, DEPTH
-from growth.shardwork import ShardTask, ShardWorker, complete_shards, write_items
+from growth.shardwork import ShardTask, ShardWorker, StagedJob, complete_shards, write_items
 from growth.tensor_io import TensorSource, nbytes_of
 from operators import GrowthPlan, GrowthSpec, make_plan
 from operators.plan import CHUNK_ELEMENTS
@@ -94,25 +93,13 @@ class ApplyRequest:
 
 
 @dataclass
-class ApplyJob:
+class ApplyJob(StagedJob):
     request: ApplyRequest
     reader: CheckpointReader
     plan: GrowthPlan
     dtype: torch.dtype
     tasks: list[ShardTask]
     moments: dict[str, CheckpointReader] = field(default_factory=dict)
-
-    @property
-    def out(self) -> Path:
-        return Path(self.request.out)
-
-    @property
-    def staging(self) -> Path:
-        return staging_dir(self.out)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tasks)
 
     def worker(self, log: Callable[[str], None] | None = None) -> ShardWriter:
         return ShardWriter(self, log)

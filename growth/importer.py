@@ -55,13 +55,12 @@ from growth.checkpoint import (
     confined,
     plan_entries,
     read_history,
-    staging_dir,
     torch_dtype,
 )
 from growth.config import CONFIG_NAME, ConfigError, ModelConfig
 from growth.import_source import Source, TensorInfo, canonical
 from growth.parallel import check_workers, run_job
-from growth.shardwork import ShardTask, ShardWorker, complete_shards
+from growth.shardwork import ShardTask, ShardWorker, StagedJob, complete_shards
 
 log = logging.getLogger(__name__)
 
@@ -330,23 +329,11 @@ def source_label(source: Source, name: str, kind: str) -> str:
 
 
 @dataclass
-class ImportJob:
+class ImportJob(StagedJob):
     request: ImportRequest
     source: Source
     dtype: torch.dtype
     tasks: list[ShardTask]
-
-    @property
-    def out(self) -> Path:
-        return Path(self.request.out)
-
-    @property
-    def staging(self) -> Path:
-        return staging_dir(self.out)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tasks)
 
     def worker(self, log: Callable[[str], None] | None = None) -> ImportWorker:
         return ImportWorker(self.source)

@@ -244,8 +244,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.shape[0], chunk):
             x, t = rows[start:start + chunk], target[start:start + chunk]
             z = (x @ weight.t()).float()
-            if scale != 1.0:
-                z = z * scale
+            z = z * scale if scale != 1.0 else z
             if valid is not None and valid < z.shape[-1]:
                 z[:, valid:] = float("-inf")
             keep = t != -100
@@ -253,9 +252,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             total += torch.where(keep, lse - z.gather(1, safe).squeeze(1), torch.zeros_like(lse)).sum()
             if want_h or want_w:
-                g = z.sub_(lse.unsqueeze(1)).exp_()  # in place: one chunk-sized fp32 buffer
-                g.scatter_add_(1, safe, -torch.ones_like(lse).unsqueeze(1))
-                g = g.mul_((keep.float() * (scale / count)).unsqueeze(1)).to(h.dtype)
+                g = chunk_logit_grad(z, lse, safe, torch.ones_like(lse), keep, scale / count, h.dtype)
                 if want_h:
                     grad_rows[start:start + chunk] = g @ weight
                 if want_w:
@@ -264,14 +261,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.shapes = (h.shape, weight.dtype)
         return total / count
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        grad_rows, grad_w = ctx.saved_tensors
-        shape, wdtype = ctx.shapes
-        # in place: these buffers are this function's own (no second weight-sized copy)
-        gh = None if grad_rows is None else grad_rows.mul_(grad_out.to(grad_rows.dtype)).view(shape)
-        gw = None if grad_w is None else grad_w.mul_(grad_out.float()).to(wdtype)
-        return gh, gw, None, None, None, None
+    backward = staticmethod(lambda ctx, grad_out: (*chunked_loss_backward(ctx, grad_out), None, None, None, None))
+
+
+def chunk_logit_grad(z: torch.Tensor, lse: torch.Tensor, safe: torch.Tensor, hit: torch.Tensor,
+                     keep: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(softmax(z) − onehot) · factor`` on kept rows, in ``dtype``, in ``z``'s buffer;
+    ``hit`` (per row) is 1 where this part of the vocab holds the label."""
+    g = z.sub_(lse.unsqueeze(1)).exp_().scatter_add_(1, safe, -hit.unsqueeze(1))
+    return g.mul_((keep.float() * factor).unsqueeze(1)).to(dtype)
+
+
+def chunked_loss_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients forward computed, scaled in place by ``grad_out`` (no second copy)."""
+    (grad_rows, grad_w), (shape, wdtype) = ctx.saved_tensors, ctx.shapes
+    gh = None if grad_rows is None else grad_rows.mul_(grad_out.to(grad_rows.dtype)).view(shape)
+    return gh, None if grad_w is None else grad_w.mul_(grad_out.float()).to(wdtype)
 
 
 def chunked_lm_loss(config: ModelConfig, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

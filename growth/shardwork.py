@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from growth.checkpoint.writer import staging_dir
 from growth.pipeline import add_profile
 from growth.tensor_io import (
     CheckpointError,
@@ -58,6 +60,26 @@ class ShardTask:
     @property
     def nbytes(self) -> int:
         return sum(nbytes_of(s, d) for _, s, d in self.entries)
+
+
+class StagedJob:
+    """What apply's and import's jobs share: the output, its staging dir, the bytes to write
+    (a dataclass with ``request`` and ``tasks`` mixes this in)."""
+
+    request: Any
+    tasks: list[ShardTask]
+
+    @property
+    def out(self) -> Path:
+        return Path(self.request.out)
+
+    @property
+    def staging(self) -> Path:
+        return staging_dir(self.out)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tasks)
 
 
 class ShardWorker:

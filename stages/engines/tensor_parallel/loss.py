@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from growth.config import ModelConfig
-from growth.model import LOSS_CHUNK_ROWS, chunked_lm_loss
+from growth.model import LOSS_CHUNK_ROWS, chunk_logit_grad, chunked_lm_loss, chunked_loss_backward
 
 
 class VocabParallelChunkedCE(torch.autograd.Function):
@@ -53,9 +53,7 @@ class VocabParallelChunkedCE(torch.autograd.Function):
             dist.all_reduce(picked, group=group)
             total += torch.where(keep, lse - picked, torch.zeros_like(lse)).sum()
             if want_h or want_w:
-                g = z.sub_(lse.unsqueeze(1)).exp_()  # in place: one chunk-sized fp32 buffer
-                g.scatter_add_(1, safe, -mine.float().unsqueeze(1))
-                g = g.mul_((keep.float() * (scale / count)).unsqueeze(1)).to(h.dtype)
+                g = chunk_logit_grad(z, lse, safe, mine.float(), keep, scale / count, h.dtype)
                 if want_h:
                     grad_rows[first:first + chunk] = g @ weight
                 if want_w:
@@ -66,12 +64,7 @@ class VocabParallelChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        grad_rows, grad_w = ctx.saved_tensors
-        shape, wdtype = ctx.shapes
-        # in place: these buffers are this function's own (no second weight-sized copy)
-        gh = None if grad_rows is None else grad_rows.mul_(grad_out.to(grad_rows.dtype)).view(shape)
-        gw = None if grad_w is None else grad_w.mul_(grad_out.float()).to(wdtype)
-        return gh, gw, None, None, None, None, None, None
+        return (*chunked_loss_backward(ctx, grad_out), None, None, None, None, None, None)
 
 
 def vocab_parallel_chunked_loss(config: ModelConfig, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
