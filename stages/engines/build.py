@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from growth.config import ModelConfig
-from stages.engines import optim_state
+from stages.engines import ds_compat, optim_state
 from stages.engines.pipeline import PipeStageEngine
 from stages.engines.protocol import Engine
 from stages.engines.tensor_parallel.pipeline import build_tp_pipe
@@ -29,8 +29,10 @@ def build_engine(config: ModelConfig, weights: dict[str, torch.Tensor], ds: Deep
     ==================  ==========================  ==========================================
 
     Note: in bf16 DeepSpeed builds its fp32 masters from the bf16-cast module; they are set
-    here from the fp32 start tensors instead (once, for every layout).
+    here from the fp32 start tensors instead (once, for every layout). DeepSpeed's per-step
+    gradient-norm checks are moved onto the device first (``ds_compat.DeviceGradCheck``).
     """
+    ds_compat.DeviceGradCheck.install()
     if ds.tensor_parallel > 1:
         build = build_tp_pipe if ds.pipeline else build_tp
         eng, masters = build(config, weights, ds, stage, init)

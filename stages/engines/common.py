@@ -94,6 +94,10 @@ def ds_config(ds: DeepSpeedCfg, stage: StageCfg, dp_world: int) -> dict[str, Any
         "wall_clock_breakdown": False,
     }
     if bf16:
+        # the overflow check DeepSpeed adds for bf16 (a host read per step) is replaced by the
+        # clip's norm check, kept on the device (ds_compat.DeviceGradCheck); without clipping
+        # there is no norm to check, so DeepSpeed keeps its own
+        config["bf16"]["check_grad_overflow"] = not ds.gradient_clipping
         config["communication_data_type"] = "fp32"
         if not ds.pipeline:  # see the Note: the pipeline keeps DeepSpeed's bf16 ZeRO-1 optimizer
             config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -132,26 +136,45 @@ class SkippableAdamW(torch.optim.AdamW):
     were and the ``step`` count is stepped back, all on the device); without it (a device
     torch has no fused AdamW for) the flag is read on the host, as before.
 
+    A step is also dropped where the DeepSpeed wrapper around it found the gradient norm
+    NaN or inf (``ds_compat.DeviceGradCheck.flag``, kept on the device instead of DeepSpeed's
+    host read).
+
     Note: DeepSpeed's ZeRO wrappers call this inner step and then copy its fp32 (master)
     weights back into the module; a dropped step leaves both, and the moments and step
     count, exactly as they were. ZeRO-0 in fp32 has no overflow check of its own.
     """
 
     skip_next = False  # host-side fallback of drop_if (no fused kernel)
+    found_inf: torch.Tensor | None = None  # drop_if's flag, as torch's fused step reads it
 
     def drop_if(self, flag: torch.Tensor | None) -> None:
         """Drop the next ``step()`` where ``flag`` (0-d, on the device) is non-zero; None: keep it."""
         if flag is None:
             self.found_inf, self.skip_next = None, False
-        elif all(group["fused"] for group in self.param_groups):
+        elif self.fused:
             self.found_inf = flag.float()
         else:
             self.skip_next = bool(flag)  # a host sync (no fused AdamW on this device)
 
+    @property
+    def fused(self) -> bool:
+        return all(group["fused"] for group in self.param_groups)
+
     def step(self, closure=None):  # noqa: D102
+        from stages.engines.ds_compat import DeviceGradCheck
+
+        wrapper_flag, dropped = DeviceGradCheck.flag, self.found_inf
+        if wrapper_flag is not None and self.fused:  # torch's fused kernel reads self.found_inf
+            self.found_inf = wrapper_flag if dropped is None else torch.maximum(dropped, wrapper_flag)
+        elif wrapper_flag is not None and bool(wrapper_flag):  # a host sync (no fused AdamW)
+            return None
         if self.skip_next:
             return None
-        return super().step(closure)
+        try:
+            return super().step(closure)
+        finally:
+            self.found_inf = dropped
 
 
 def make_optimizer(named: list[tuple[str, nn.Parameter]], config: ModelConfig,
@@ -189,7 +212,7 @@ def checkpointed(function: Any, *args: torch.Tensor) -> Any:
     return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
 
 
-COMPILE_BACKEND_ENV = "FLM_COMPILE_BACKEND"  # torch.compile backend (default inductor); tests use aot_eager
+COMPILE_BACKEND_ENV = "FLM_COMPILE_BACKEND"  # torch.compile backend (default inductor); smoke runs: aot_eager
 
 
 def compile_on(ds: DeepSpeedCfg) -> bool:
@@ -204,8 +227,8 @@ def compile_layers(layers: list[nn.Module], backend: Any = None) -> None:
 
     Note: ``nn.Module.compile`` keeps the module, its parameter names and state dict; the MSG
     masks are buffers ramped in place (growth.model.put_mask), so a ramp step does not
-    recompile. ``$FLM_COMPILE_BACKEND`` picks another backend (tests: ``aot_eager``, the same
-    graphs and autograd without inductor's C++ build on a CPU)."""
+    recompile. ``$FLM_COMPILE_BACKEND`` picks another backend (the benchmarks' ``--smoke``:
+    ``aot_eager``, the same graphs and autograd without inductor's C++ build on a CPU)."""
     backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
     for layer in layers:
         layer.compile(backend=backend)

@@ -19,6 +19,9 @@ attribute / call                               class (module)                   
 ``_zero2_merge_trainable_params``,             module deepspeed.utils.zero_to_fp32          0.19.8
 ``_zero3_merge_trainable_params`` (called only  (merge ZeRO flat partitions of the Adam
 by ``growth.ds_import.zero_merge_moments``)    moments into per-parameter tensors)
+``is_invalid_grad_norm``,                      modules zero/stage_1_and_2, zero/stage3,     0.19.8
+``clip_tensors_by_global_norm`` (replaced by   runtime/bf16_optimizer
+``DeviceGradCheck``: no host sync per step)
 ``torch.load(weights_only=False)`` calls       TorchCheckpointEngine.load, engine            0.19.8
 (replaced by ``flmcore.safe_load.load``         ``_get_all_zero_checkpoint_state_dicts``,
 while a checkpoint is loaded)                  utils/zero_to_fp32 (grow import)
@@ -174,6 +177,62 @@ def update_lp_params(opt: Any) -> None:
             for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
                 for lp, hp in zip(lp_group, hp_group, strict=True):
                     lp.copy_(hp)
+
+
+# ---------------------------------------------------------------------- gradient checks on the device
+GRAD_CHECK_MODULES = ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
+                      "deepspeed.runtime.bf16_optimizer")
+
+
+class DeviceGradCheck:
+    """DeepSpeed's ZeRO-1/2/3 and bf16 wrappers check the gradient norm on the host in every
+    ``step()`` (``is_invalid_grad_norm``: a ``bool()`` of a device tensor; the bf16 wrapper's
+    clip also compares its coefficient on the host): a GPU sync per step. :func:`install`
+    replaces both names in those modules: the check keeps its flag (1 = the norm was NaN, inf
+    or DeepSpeed's negative sentinel) on the device and answers "valid"; the clip scales by
+    ``min(1, max_norm / norm)`` on the device (bit-equal: ×1.0 where DeepSpeed skipped).
+
+    The update is still never applied with such a norm: ``SkippableAdamW.step`` (the torch
+    optimizer every wrapper calls after its check, in the same ``step()``) drops it through
+    the fused kernel's ``found_inf`` on the device, or reads the flag on the host where torch
+    has no fused AdamW (what DeepSpeed did). Each wrapper step checks before its inner steps,
+    so :attr:`flag` always belongs to the step in progress (``make_optimizer`` clears it).
+    """
+
+    flag: torch.Tensor | None = None
+
+    @classmethod
+    def is_invalid_grad_norm(cls, norm: Any) -> bool:
+        if not torch.is_tensor(norm):
+            from deepspeed.runtime.utils import is_invalid_grad_norm
+
+            return is_invalid_grad_norm(norm)
+        cls.flag = (~torch.isfinite(norm) | (norm < 0)).any().float().reshape(())
+        return False
+
+    @staticmethod
+    def clip_tensors_by_global_norm(input_tensors: list[torch.Tensor], max_norm: float = 1.0,
+                                    global_norm: Any = None, mpu: Any = None, eps: float = 1e-6) -> Any:
+        from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+        if global_norm is None:
+            global_norm = get_global_norm_of_tensors(input_tensors, mpu=mpu)
+        coef = (max_norm / (global_norm + eps)).clamp(0.0, 1.0)  # 0 for the -1 sentinel (dropped)
+        for tensor in input_tensors:
+            tensor.detach().mul_(coef)
+        return global_norm
+
+    @classmethod
+    def install(cls) -> None:
+        """Replace the checks in DeepSpeed's wrapper modules (idempotent); clear the flag."""
+        import importlib
+
+        cls.flag = None
+        for name in GRAD_CHECK_MODULES:
+            module = importlib.import_module(name)
+            module.is_invalid_grad_norm = cls.is_invalid_grad_norm
+            if hasattr(module, "clip_tensors_by_global_norm"):
+                module.clip_tensors_by_global_norm = cls.clip_tensors_by_global_norm
 
 
 # ---------------------------------------------------------------------- pipeline engine
