@@ -66,16 +66,15 @@ def masked_config() -> dict:
 
 
 def test_no_host_sync_outside_log_steps():
-    """ZeRO-0 fp32, one rank: nothing at all reads a tensor on the host on steps 1, 2, 4, 5
-    (log steps 3 and 6), while the mask ramp moves c every step and batches are prefetched.
-
-    Note: DeepSpeed's ZeRO-1/2/3 and BF16 wrappers check the gradient norm on the host inside
-    their own ``step()`` (``deepspeed.runtime.utils.is_invalid_grad_norm``); ZeRO-0 has no
-    wrapper, so this counts the trainer, the engine, the model and the mask ramp alone."""
+    """The 2-stage pipeline in bf16 (2 ranks): nothing at all reads a tensor on the host on
+    steps 1, 2, 4, 5 (log steps 3 and 6), while the mask ramp moves c every step and batches
+    are prefetched: the trainer, the engine, the model, the mask ramp, DeepSpeed's pipeline
+    schedule and its optimizer wrapper (whose gradient-norm check ``ds_compat.DeviceGradCheck``
+    keeps on the device; the ZeRO engines: the test below)."""
     stage_dir = new_stage_dir("sync-count")
-    path = write_stage_config(stage_dir, data_info(), zero=0, model_config=masked_config(), steps=6, log_every=3,
-                              save_every=0, ramp_steps=5, grad_accum=2, micro_batch_size=2)
-    proc = subprocess.run(torchrun_argv(path, 1, ["tests.workers.sync_count_worker"]), env=_env(), cwd=REPO,
+    path = write_stage_config(stage_dir, data_info(), pipeline=True, precision="bf16", model_config=masked_config(),
+                              steps=6, log_every=3, save_every=0, ramp_steps=5, grad_accum=2, micro_batch_size=2)
+    proc = subprocess.run(torchrun_argv(path, 2, ["tests.workers.sync_count_worker"]), env=_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads((stage_dir / SYNCS_NAME).read_text())

@@ -52,11 +52,11 @@ class SyncCountingTrainer(Trainer):
         calls: list[str] = []
         with counted_syncs(calls):
             loss = super().train_step()
-        record = self.layout.root / SYNCS_NAME
-        seen = json.loads(record.read_text()) if record.is_file() else {}
-        logged = self.step % max(1, self.stage.log_every) == 0 or self.done
-        seen[str(self.step)] = {"calls": calls, "log_step": logged}
-        if self.rank == 0:
+        if self.rank == 0:  # the only reader and writer of the record
+            record = self.layout.root / SYNCS_NAME
+            seen = json.loads(record.read_text()) if record.is_file() else {}
+            logged = self.step % max(1, self.stage.log_every) == 0 or self.done
+            seen[str(self.step)] = {"calls": calls, "log_step": logged}
             record.write_text(json.dumps(seen))
         return loss
 
