@@ -44,6 +44,7 @@ def init_distributed(timeout: float | None = None) -> None:
     ds_compat.check_version(deepspeed.__version__)
     deepspeed.utils.logger.setLevel(LOG_LEVEL)
     ds_compat.skip_muon_import()  # the optimizer is AdamW: no Muon kernels to compile (stages.engines.ds_compat)
+    ds_compat.skip_bf16_memory_reports()  # a gc.collect() and a print per param group while BF16_Optimizer is built
     backend = None
     if on_cpu():
         ds_compat.skip_cpu_shm_build()
