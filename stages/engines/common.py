@@ -44,6 +44,7 @@ def init_distributed(timeout: float | None = None) -> None:
     ds_compat.check_version(deepspeed.__version__)
     deepspeed.utils.logger.setLevel(LOG_LEVEL)
     ds_compat.skip_muon_import()  # the optimizer is AdamW: no Muon kernels to compile (stages.engines.ds_compat)
+    ds_compat.skip_bf16_memory_reports()  # a gc.collect() and a print per param group while BF16_Optimizer is built
     backend = None
     if on_cpu():
         ds_compat.skip_cpu_shm_build()
@@ -69,15 +70,20 @@ def ds_config(ds: DeepSpeedCfg, stage: StageCfg, dp_world: int) -> dict[str, Any
     """The DeepSpeed config dict of a stage (layout rules: ``stages.validate.check_deepspeed``).
 
     Note: in bf16 the masters stay fp32 and gradients accumulate and reduce in fp32, as in
-    Megatron and torchtitan: ``data_types.grad_accum_dtype = fp32`` (ZeRO-1 then runs DeepSpeed's
-    ``BF16_Optimizer`` with fp32 gradient buffers; ZeRO-2/3 keep fp32
-    gradient partitions) and ``communication_data_type = fp32`` (DeepSpeed would otherwise
-    cast the gradients to bf16 for the all-reduce / reduce-scatter). ZeRO-0 in bf16 is
-    refused by ``check_deepspeed``: DeepSpeed 0.19 raises on fp32 accumulation there. The
-    pipeline (and TP × PP) does not get fp32 accumulation yet: DeepSpeed's ``BF16_Optimizer``
-    under a pipeline grid clips with a per-stage gradient norm (measured: 0.386 instead of
-    0.533 on the 2-stage tiny model under TP 2), so it keeps DeepSpeed's ZeRO-1 optimizer
-    (fp32 masters, bf16 accumulation within a step, fp32 reduction).
+    Megatron and torchtitan, in every engine: ``data_types.grad_accum_dtype = fp32`` (ZeRO-1,
+    the pipeline and TP × PP then run DeepSpeed's ``BF16_Optimizer`` with fp32 gradient
+    buffers; ZeRO-2/3 keep fp32 gradient partitions) and ``communication_data_type = fp32``
+    (DeepSpeed would otherwise cast the gradients to bf16 for the all-reduce /
+    reduce-scatter). ZeRO-0 in bf16 is refused by ``check_deepspeed``: DeepSpeed 0.19 raises
+    on fp32 accumulation there. The pipeline also sets ``bf16.immediate_grad_update``: each
+    parameter's bf16 gradient is added to its fp32 buffer as soon as autograd has accumulated
+    it. Without it the last stage lost ``lm_head``'s gradient: the pipe's ``loss_fn`` uses
+    ``lm_head`` outside the PipelineModule's forward, so its gradient exists before the
+    backward reaches the module's output, where DeepSpeed's backward-prologue hook
+    (``BF16_Optimizer.backward_prologue`` → ``clear_lp_grads``) zeroes it; the epilogue then
+    adds zeros to the fp32 buffer (measured on the tiny 2-stage model: clip norm 0.386 instead
+    of 0.533 = sqrt(0.533² − 0.367²), 0.367 being ``lm_head``'s gradient norm, and
+    ``lm_head`` never trained).
     """
     check_deepspeed(ds, world=None)
     mbs, accum = stage.micro_batch_size, stage.grad_accum
@@ -99,8 +105,9 @@ def ds_config(ds: DeepSpeedCfg, stage: StageCfg, dp_world: int) -> dict[str, Any
         # there is no norm to check, so DeepSpeed keeps its own
         config["bf16"]["check_grad_overflow"] = not ds.gradient_clipping
         config["communication_data_type"] = "fp32"
-        if not ds.pipeline:  # see the Note: the pipeline keeps DeepSpeed's bf16 ZeRO-1 optimizer
-            config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        if ds.pipeline:  # see the Note: lm_head's gradient reaches the fp32 buffer
+            config["bf16"]["immediate_grad_update"] = True
     return config
 
 

@@ -147,7 +147,11 @@ class HeadPipe(nn.Module):
 
 class HeadLoss:
     """The pipe ``loss_fn``: the head's chunked loss of the last stage's normed hidden states
-    (``head`` is bound once the PipelineModule built this rank's layers)."""
+    (``head`` is bound once the PipelineModule built this rank's layers).
+
+    Note: ``lm_head`` is used here, outside the PipelineModule's forward; in bf16 its gradient
+    reaches DeepSpeed's fp32 buffer only with ``bf16.immediate_grad_update``
+    (``stages.engines.common.ds_config``)."""
 
     def __init__(self) -> None:
         self.head: nn.Module | None = None

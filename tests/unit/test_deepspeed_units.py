@@ -130,13 +130,15 @@ def test_ds_config_sizes_and_refusals():
 
 @pytest.mark.parametrize("zero,pipeline", [(1, False), (2, False), (3, False), (1, True)])
 def test_bf16_accumulates_and_reduces_gradients_in_fp32(zero, pipeline):
-    """fp32 reduction everywhere; fp32 accumulation except in the pipeline (DeepSpeed's
-    BF16_Optimizer clips there with a per-stage norm: stages.engines.common.ds_config)."""
+    """fp32 accumulation and reduction in every engine; the pipeline folds each gradient into
+    its fp32 buffer at once (its loss_fn's lm_head: stages.engines.common.ds_config's Note)."""
     cfg = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="bf16"), STAGE, dp_world=2)
     assert cfg["communication_data_type"] == "fp32"
-    assert cfg.get("data_types") == (None if pipeline else {"grad_accum_dtype": "fp32"})
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert cfg["bf16"] == ({"enabled": True, "immediate_grad_update": True} if pipeline else {"enabled": True})
     fp32 = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="fp32"), STAGE, dp_world=2)
     assert "data_types" not in fp32 and "communication_data_type" not in fp32  # fp32 runs: as before
+    assert fp32["bf16"] == {"enabled": False}
 
 
 @pytest.mark.parametrize("field,value,needle", [("compile", "maybe", "must be one of auto, true, false"),

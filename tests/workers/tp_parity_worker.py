@@ -7,8 +7,9 @@ that one 4-rank launch runs every TP layout after a single start-up:
 batches keyed by the data-parallel rank). ``pipe``: TP 2 × PP 2 inside DeepSpeed's pipeline vs
 1 rank (batches not keyed by rank; with ``TP > 1`` also Adam seeding, resume, ZeRO-0, sequence
 parallelism and bf16 under TP (the last two also under ZeRO-3), and the plain pipeline under
-ZeRO-0). Both start from ``OUT/start``; every engine comes from ``stages.engines.build.build_engine``. Rank 0 writes
-``OUT/<phase>-record-tp<TP>.json`` and the exports ``OUT/<phase>-final-tp<TP>``.
+ZeRO-0 and in bf16). Both start from ``OUT/start``; every engine comes from
+``stages.engines.build.build_engine``. Rank 0 writes ``OUT/<phase>-record-tp<TP>.json`` and the
+exports ``OUT/<phase>-final-tp<TP>``.
 """
 
 from __future__ import annotations
@@ -142,13 +143,21 @@ def layer_input_tokens(eng: Any) -> list[int]:
     return seen
 
 
+def numerics(eng: Any) -> dict[str, Any]:
+    """What DeepSpeed was handed and built: its optimizer wrapper, the ``data_types`` and ``bf16``
+    sections of the config, and the dtypes of BF16_Optimizer's flat gradient buffers."""
+    buffers = getattr(eng.optimizer, "fp32_groups_gradients_flat", [])
+    return {"optimizer": type(eng.optimizer).__name__, "data_types": eng.ds_config.get("data_types"),
+            "bf16_config": eng.ds_config["bf16"], "grad_buffers": sorted({str(t.dtype) for t in buffers})}
+
+
 def pipe_train(eng: Any, steps: int, out: str | None = None, save_at: int | None = None) -> dict[str, Any]:
     eng.set_growth_mask(MASK)
     tokens = layer_input_tokens(eng)
     evals = [batch("eval", i) for i in range(2)]
     record = {"engine": type(eng).__name__, "dp_world": eng.dp_world, "zero_stage": eng.zero_stage,
               "dtype": str(next(p for _, p in eng.named_params()).dtype),
-              "eval_loss_start": eng.eval_loss(evals), "losses": [], "grad_norms": []}
+              "eval_loss_start": eng.eval_loss(evals), "losses": [], "grad_norms": [], **numerics(eng)}
     for i in range(steps):
         loss, norm = pipe_step(eng, i)
         record["losses"].append(loss)
@@ -189,6 +198,8 @@ def pipe_phase(out: str, tp: int, steps: int) -> None:
         record["bf16_pipe"] = pipe_train(engine(start, tp, zero=1, pipe=True, precision="bf16"), steps)
         record["bf16_dp"] = pipe_train(engine(start, tp, zero=1, precision="bf16"), steps)
         record["bf16_dp3"] = pipe_train(engine(start, tp, zero=3, precision="bf16"), steps)  # ... and under ZeRO-3
+        # ... and the plain bf16 pipeline, PP 2 × DP 2 (both replicas see the 1-rank rows)
+        record["bf16_plain_pipe"] = pipe_train(engine(start, 1, zero=1, pipe=True, precision="bf16"), steps)
     else:
         record["bf16"] = pipe_train(engine(start, tp, zero=1, precision="bf16"), steps)
     save_record(out, f"pipe-record-tp{tp}.json", record, seeded)
