@@ -165,18 +165,26 @@ def ignoring_sigint() -> Iterator[None]:
     blocked signal mask survives fork and exec, so children started here never see SIGINT
     (the coordinator stops them with SIGTERM), while a Ctrl-C that arrives meanwhile stays
     pending here and is raised as KeyboardInterrupt as soon as the block is lifted.
+
+    A process that inherited SIGINT ignored (a background job ``grow ... &`` of a
+    non-interactive shell) keeps ignoring it here too, as everywhere else in the run:
+    catching it during this window alone would stop such a run only on a Ctrl-C that
+    lands while its workers start.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    old = signal.getsignal(signal.SIGINT)
     caught: list[int] = []  # a Ctrl-C taken by another thread must not interrupt a start
-    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    if callable(old):
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        signal.signal(signal.SIGINT, old)
+        if callable(old):
+            signal.signal(signal.SIGINT, old)
     if caught:
         raise KeyboardInterrupt
 
