@@ -72,7 +72,7 @@ SUPPORTED_TEXT = "deepspeed>=0.19,<0.20"
 FLAT_PARTITIONS = (
     "single_partition_of_fp32_groups",  # DeepSpeedZeroOptimizer (ZeRO-1/2)
     "fp32_partitioned_groups_flat",  # DeepSpeedZeroOptimizer_Stage3
-    "fp32_groups_flat_partition",  # BF16_Optimizer (ZeRO-0 + bf16)
+    "fp32_groups_flat_partition",  # BF16_Optimizer (bf16 with fp32 accumulation: ZeRO-1, the pipeline, TP × PP)
 )
 
 
