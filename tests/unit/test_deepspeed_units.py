@@ -135,7 +135,12 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32(zero, pipeline):
     cfg = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="bf16"), STAGE, dp_world=2)
     assert cfg["communication_data_type"] == "fp32"
     assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
-    assert cfg["bf16"] == ({"enabled": True, "immediate_grad_update": True} if pipeline else {"enabled": True})
+    # with clipping the gradient-norm check runs on the device (ds_compat.DeviceGradCheck), not DeepSpeed's
+    want = {"enabled": True, "check_grad_overflow": False, **({"immediate_grad_update": True} if pipeline else {})}
+    assert cfg["bf16"] == want
+    unclipped = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="bf16", gradient_clipping=0.0),
+                          STAGE, dp_world=2)
+    assert unclipped["bf16"]["check_grad_overflow"] is True  # no norm to check: DeepSpeed keeps its own
     fp32 = ds_config(DeepSpeedCfg(zero_stage=zero, pipeline=pipeline, precision="fp32"), STAGE, dp_world=2)
     assert "data_types" not in fp32 and "communication_data_type" not in fp32  # fp32 runs: as before
     assert fp32["bf16"] == {"enabled": False}
