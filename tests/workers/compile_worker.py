@@ -10,18 +10,16 @@ graphs dynamo compiled in each run.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 from growth.checkpoint import CheckpointReader
 from stages.engines.build import build_engine
 from stages.engines.common import init_distributed, set_lr
 from stages.schema import DeepSpeedCfg
-from tests.workers.tp_parity_worker import MASK, STAGE, batch
+from tests.workers.tp_parity_worker import MASK, STAGE, batch, finish, save_record
 
 LAYOUTS = {"zero1": dict(zero_stage=1), "pipe": dict(zero_stage=1, pipeline=True), "tp2": dict(zero_stage=1,
                                                                                        tensor_parallel=2)}
@@ -62,13 +60,8 @@ def main() -> None:
         compiled = train(layout, True, os.path.join(out, "start"), steps)
         record[layout] = {"eager": eager, "compiled": compiled, "graphs_eager": graphs_eager,
                           "graphs_compiled": counters["stats"]["unique_graphs"] - before - graphs_eager}
-    if dist.get_rank() == 0:
-        with open(os.path.join(out, "compile-record.json"), "w") as fh:
-            json.dump(record, fh)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    save_record(out, "compile-record.json", record)
+    finish()
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ Rank 0 writes ``OUT/engine-syncs.json``: ``{layout: {"calls": {step: [...]}, "lo
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from growth.checkpoint import CheckpointReader
 from stages.engines import ds_compat, optim_state
@@ -27,7 +25,7 @@ from stages.engines.build import build_engine
 from stages.engines.common import init_distributed, set_lr
 from stages.schema import DeepSpeedCfg
 from tests.workers.sync_count_worker import counted_syncs
-from tests.workers.tp_parity_worker import STAGE, batch
+from tests.workers.tp_parity_worker import STAGE, batch, finish, save_record
 
 LAYOUTS = {"zero1": 1, "zero2": 2, "zero3": 3}
 STEPS, POISONED = 6, 3
@@ -85,13 +83,8 @@ def main() -> None:
     out = sys.argv[1]
     init_distributed()
     record = {layout: train(os.path.join(out, "start"), zero) for layout, zero in LAYOUTS.items()}
-    if dist.get_rank() == 0:
-        with open(os.path.join(out, "engine-syncs.json"), "w") as fh:
-            json.dump(record, fh)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    save_record(out, "engine-syncs.json", record)
+    finish()
 
 
 if __name__ == "__main__":

@@ -214,6 +214,11 @@ def main() -> None:
     record_clip_norms()
     for phase in phases:
         PHASES[phase](out, tp, steps)
+    finish()
+
+
+def finish() -> None:
+    """Leave the process group together and exit at once (no interpreter teardown)."""
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
