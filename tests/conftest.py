@@ -19,6 +19,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,25 @@ def run_grow(*args: str | os.PathLike, cwd: str | os.PathLike | None = None,
                           env=_env(), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def kill_grow_mid_job(args: list[str], seconds: str, out: Path, shards: int, epoch: str) -> list[str]:
+    """Run ``grow ARGS`` slowed by ``seconds`` per shard (tests.workers.grow_slow), SIGKILL it
+    once ``shards`` shards sit in ``out``'s staging folder; the shard names left there."""
+    from growth.checkpoint import staging_dir
+
+    proc = subprocess.Popen([sys.executable, "-m", "tests.workers.grow_slow", seconds, *args], cwd=REPO,
+                            env={**_env(), "SOURCE_DATE_EPOCH": epoch}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    staging = staging_dir(out)
+    deadline = time.monotonic() + 60
+    while len(list(staging.glob("model-*.safetensors"))) < shards:
+        assert proc.poll() is None, f"{args[0]} finished before it could be killed"
+        assert time.monotonic() < deadline, f"{args[0]} made no progress"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return sorted(p.name for p in staging.glob("model-*.safetensors"))
 
 
 def grow_in_process(capsys: pytest.CaptureFixture, *args: str | os.PathLike) -> tuple[int, str, str]:

@@ -4,10 +4,8 @@ optimizer moments. Tiny fp32 models; everything runs in a few seconds."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from growth.checkpoint import OPTIMIZER_DIR, CheckpointReader, load_model, save_
 from growth.config import ModelConfig, get_flavor
 from growth.init import init_checkpoint
 from growth.model import init_state_dict
-from tests.conftest import REPO, _env, tree_hashes
+from tests.conftest import REPO, _env, kill_grow_mid_job, tree_hashes
 from tests.conftest import grow_in_process as grow
 
 EPOCH = "1700000000"  # SOURCE_DATE_EPOCH: growth.json's event time, for byte comparisons
@@ -89,19 +87,10 @@ def test_teleflm_export_folds_mup_and_crops_vocab(tmp_path, capsys, s1):
 def test_resume_after_sigkill_is_byte_identical(tmp_path, capsys, s1, epoch):
     out = tmp_path / "out"
     args = ["apply", "--from", str(s1), "--to", "tiny-s2", "--out", str(out), "--max-shard-size", "20KB"]
-    env = {**_env(), "SOURCE_DATE_EPOCH": EPOCH}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.workers.grow_slow", "0.1", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kept = kill_grow_mid_job(args, "0.1", out, 5, EPOCH)
     staging = staging_dir(out)
-    deadline = time.monotonic() + 60
-    while len(list(staging.glob("model-*.safetensors"))) < 5:
-        assert proc.poll() is None, "apply finished before it could be killed"
-        assert time.monotonic() < deadline, "apply made no progress"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list(staging.glob("model-*.safetensors")))
-    total = int(next(staging.glob("model-*.safetensors")).name.split("-of-")[1].split(".")[0])
+    done = len(kept)
+    total = int(kept[0].split("-of-")[1].split(".")[0])
     assert 5 <= done < total and not out.exists()
     rc, _, err = grow(capsys, *args)  # the same command resumes
     assert rc == 0, err

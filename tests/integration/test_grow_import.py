@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from growth.checkpoint import CheckpointReader, lock_path, open_moments, staging_dir
 from growth.cli import main
-from tests.conftest import REPO, _env, assert_one_line_error
+from tests.conftest import REPO, _env, assert_one_line_error, kill_grow_mid_job
 
 transformers = pytest.importorskip("transformers")
 
@@ -193,8 +193,6 @@ def test_import_workers_identical_and_single_bin(tmp_path, capsys, monkeypatch):
 def test_import_resumes_after_sigkill_byte_identical(tmp_path, capsys, monkeypatch):
     """An import SIGKILLed once 4 shards are staged: the same command keeps them (writes only
     the rest) and the output equals an uninterrupted import's, byte for byte."""
-    import signal
-    import time
 
     from growth import shardwork
     from tests.conftest import tree_hashes
@@ -202,18 +200,8 @@ def test_import_resumes_after_sigkill_byte_identical(tmp_path, capsys, monkeypat
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     src = write_release(tmp_path / "rel", release_weights(2), shards=3)
     args = ["import", str(src), "--out", str(tmp_path / "out"), "--max-shard-size", "20KB"]
-    env = {**_env(), "SOURCE_DATE_EPOCH": "1700000000"}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.workers.grow_slow", "0.2", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kept = set(kill_grow_mid_job(args, "0.2", tmp_path / "out", 4, "1700000000"))
     staging = staging_dir(tmp_path / "out")
-    deadline = time.monotonic() + 60
-    while len(list(staging.glob("model-*.safetensors"))) < 4:
-        assert proc.poll() is None, "import finished before it could be killed"
-        assert time.monotonic() < deadline, "import made no progress"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    kept = {p.name for p in staging.glob("model-*.safetensors")}
     total = int(next(iter(kept)).split("-of-")[1].split(".")[0])
     assert 4 <= len(kept) < total and not (tmp_path / "out").exists()
     written: list[str] = []
